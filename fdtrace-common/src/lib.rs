@@ -1,0 +1,140 @@
+//! Wire types shared by fdtrace's kernel probes and its userspace.
+//!
+//! Everything that crosses the ring buffer is `#[repr(C)]`, fixed width and size-asserted, so
+//! the kernel side and the decoder cannot disagree silently. Userspace decodes records field by
+//! field from bytes (see `fdtrace::decode`); nothing is transmuted.
+#![no_std]
+
+pub mod syscalls;
+
+/// Names of maps, programs and globals, shared so they are never spelled twice.
+pub mod names {
+    /// `HashMap<u32 tgid, Traced>`: the processes being traced. Checked first by every program.
+    pub const MAP_TRACED: &str = "FDT_TRACED";
+    /// The ring buffer all records go through.
+    pub const MAP_EVENTS: &str = "FDT_EVENTS";
+    /// `PerCpuArray<u64>` of [`crate::Counter`]s.
+    pub const MAP_COUNTERS: &str = "FDT_COUNTERS";
+    /// `PerCpuArray<StackedRecord>`: where a stack-bearing record is assembled before output.
+    pub const MAP_SCRATCH: &str = "FDT_SCRATCH";
+    /// Global `u32`: bytes of user stack to copy per stack-bearing record (0 turns capture off).
+    pub const GLOBAL_STACK_BYTES: &str = "FDT_STACK_BYTES";
+    /// Global `u32`: 1 to add forked children to the traced set, 0 to leave them untraced.
+    pub const GLOBAL_FOLLOW: &str = "FDT_FOLLOW";
+
+    /// raw_tracepoint on `sys_exit`: every descriptor change and every EMFILE/ENFILE.
+    pub const PROG_SYS_EXIT: &str = "fdt_sys_exit";
+    /// tracepoint `sched/sched_process_fork`: follows children in the kernel.
+    pub const PROG_FORK: &str = "fdt_fork";
+    /// tracepoint `sched/sched_process_exit`: a process's last thread leaves.
+    pub const PROG_EXIT: &str = "fdt_exit";
+    /// tracepoint `sched/sched_process_exec`: a process runs a new program.
+    pub const PROG_EXEC: &str = "fdt_exec";
+}
+
+/// Record kinds, the first field of every record.
+pub mod kind {
+    /// A syscall that changed descriptors without creating one (close, close_range, exec,
+    /// F_SETFD, FIOCLEX): [`super::RecordHeader`] only.
+    pub const SYSCALL: u32 = 1;
+    /// A descriptor creation or an EMFILE/ENFILE failure: [`super::StackedRecord`], cut after
+    /// `stack.stack_len` bytes of stack.
+    pub const STACKED: u32 = 2;
+    /// A traced process forked (threads are not reported): header, `args[0]` child pid,
+    /// `args[1]` clone flags.
+    pub const FORK: u32 = 3;
+    /// A traced process's last thread exited.
+    pub const EXIT: u32 = 4;
+    /// A traced process executed a new program: laid out as a stacked record with no stack,
+    /// the new `comm` in `args[0..2]` and the executable's path in `aux`.
+    pub const EXEC: u32 = 5;
+}
+
+/// Per-CPU counters the probes keep; userspace sums them across CPUs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A record could not be reserved in the ring buffer: the event is lost.
+    RingFull = 0,
+    /// The user stack could not be read even after clamping to its page.
+    StackReadFailed = 1,
+    /// The stack copy was shortened to the end of sp's page because the full read failed.
+    StackClamped = 2,
+    /// A path, address or descriptor pair could not be read from user memory.
+    AuxReadFailed = 3,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTERS: u32 = 4;
+
+/// Value of the traced-process map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traced {
+    /// Bounds of the main thread's stack mapping, when userspace knows them (0, 0 otherwise).
+    /// A copy from sp is clamped to `stack_hi` so it does not fault past the top.
+    pub stack_lo: u64,
+    pub stack_hi: u64,
+}
+const _: () = assert!(size_of::<Traced>() == 16);
+
+/// The start of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// The x86_64 syscall number (0 for fork and exit records).
+    pub nr: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// `bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    /// The syscall's return value.
+    pub ret: i64,
+    /// The syscall's arguments as the registers held them.
+    pub args: [u64; 6],
+}
+const _: () = assert!(size_of::<RecordHeader>() == 80);
+
+/// Registers and sizes for unwinding, after the header in a stacked record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackHeader {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Bytes of stack copied from `sp`, following `aux`.
+    pub stack_len: u32,
+    /// Meaningful bytes of `aux`.
+    pub aux_len: u32,
+}
+const _: () = assert!(size_of::<StackHeader>() == 32);
+
+/// Bytes for a path (opens), a socket address (accept) or a descriptor pair (pipe, socketpair).
+pub const AUX_MAX: usize = 256;
+/// The largest user stack copy a record can carry.
+pub const STACK_MAX: usize = 16384;
+/// The default stack copy: 4 KiB costs about 0.8 us per creation here (PLATFORM.md) and
+/// covers the native frames of typical C, Rust and CPython call chains.
+pub const STACK_DEFAULT: u32 = 4096;
+
+/// A descriptor creation or failure with everything needed to unwind its user stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackedRecord {
+    pub header: RecordHeader,
+    pub stack: StackHeader,
+    pub aux: [u8; AUX_MAX],
+    pub bytes: [u8; STACK_MAX],
+}
+/// Bytes before the stack copy in a stacked record.
+pub const STACKED_FIXED: usize = size_of::<RecordHeader>() + size_of::<StackHeader>() + AUX_MAX;
+const _: () = assert!(size_of::<StackedRecord>() == STACKED_FIXED + STACK_MAX);
+const _: () = assert!(STACKED_FIXED == 368);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), Copy, no padding (the size asserts above pin the layout).
+    unsafe impl aya::Pod for super::Traced {}
+}

@@ -1,0 +1,399 @@
+//! fdtrace's kernel probes.
+//!
+//! One raw tracepoint on `sys_exit` sees every syscall's result with the caller's registers
+//! still in `pt_regs`, so one program records every descriptor creation, every drop and every
+//! EMFILE/ENFILE from any syscall; PLATFORM.md has the measurements behind that choice. Two sched
+//! tracepoints follow forks and exits. Every program checks the traced-process map first.
+#![no_std]
+#![no_main]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand the context over by value"
+)]
+
+mod maps;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::pt_regs,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_kernel_str,
+            bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str, bpf_task_pt_regs,
+        },
+    },
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use fdtrace_common::{
+    AUX_MAX, Counter, RecordHeader, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced,
+    kind,
+    syscalls::{self, Action, Aux},
+};
+use maps::{SCRATCH, TRACED, count, emit_header, emit_scratch};
+
+/// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
+#[unsafe(no_mangle)]
+static FDT_STACK_BYTES: u32 = fdtrace_common::STACK_DEFAULT;
+
+/// Whether forked children are traced; set by userspace at load time.
+#[unsafe(no_mangle)]
+static FDT_FOLLOW: u32 = 1;
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[inline(always)]
+fn current() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn fdt_sys_exit(ctx: RawTracePointContext) -> i32 {
+    match try_sys_exit(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), ()> {
+    let (tgid, tid) = current();
+    // SAFETY: a lookup; the value is copied out at once.
+    let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
+        return Ok(());
+    };
+    let regs_ptr: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    // SAFETY: arg 0 of sys_exit is the task's saved user registers.
+    let regs = unsafe { bpf_probe_read_kernel(regs_ptr) }.map_err(|_| ())?;
+    let nr = regs.orig_rax as u32;
+    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+    let header = RecordHeader {
+        kind: kind::SYSCALL,
+        nr,
+        tgid,
+        tid,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ret,
+        args,
+    };
+
+    if ret == -syscalls::EMFILE || ret == -syscalls::ENFILE {
+        return emit_stacked(header, &regs, &traced, Aux::None);
+    }
+    match syscalls::action(nr) {
+        Action::Create(aux) if ret >= 0 => {
+            let mut header = header;
+            if nr == syscalls::OPENAT2 {
+                // openat2's flags are in struct open_how (its first u64), not in a register.
+                // SAFETY: a user pointer the kernel has just read the same struct through.
+                header.args[4] = unsafe { bpf_probe_read_user(args[2] as *const u64) }.unwrap_or(0);
+            }
+            emit_stacked(header, &regs, &traced, aux)
+        }
+        Action::Depends if ret >= 0 => match syscalls::depends(nr, &args) {
+            Some(true) => emit_stacked(header, &regs, &traced, Aux::None),
+            Some(false) if nr == syscalls::SETRLIMIT || nr == syscalls::PRLIMIT64 => {
+                emit_limit(header)
+            }
+            Some(false) => emit_header(&header),
+            None => Ok(()),
+        },
+        // close drops the descriptor whatever it returns, except when it was not open.
+        Action::Change if nr == syscalls::CLOSE && ret != -syscalls::EBADF => emit_header(&header),
+        Action::Change if nr != syscalls::CLOSE && ret == 0 => emit_header(&header),
+        // Failed creations and changes, and syscalls that do neither.
+        Action::Create(_) | Action::Depends | Action::Change | Action::Ignore => Ok(()),
+    }
+}
+
+/// A new RLIMIT_NOFILE, read from the caller's struct rlimit while it is still there.
+#[inline(always)]
+fn emit_limit(mut header: RecordHeader) -> Result<(), ()> {
+    let ptr = if header.nr == syscalls::SETRLIMIT {
+        header.args[1]
+    } else {
+        header.args[2]
+    };
+    // SAFETY: a user pointer the kernel has just read the same struct through.
+    let limit = unsafe { bpf_probe_read_user(ptr as *const [u64; 2]) }.map_err(|_| ())?;
+    header.args[4] = limit[0];
+    header.args[5] = limit[1];
+    emit_header(&header)
+}
+
+/// Assembles a stacked record in the per-CPU scratch buffer and outputs the used part of it.
+#[inline(always)]
+fn emit_stacked(header: RecordHeader, regs: &pt_regs, traced: &Traced, aux: Aux) -> Result<(), ()> {
+    let rec = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: the scratch slot is this CPU's and programs do not nest on one CPU here.
+    let rec: &mut StackedRecord = unsafe { &mut *rec };
+    rec.header = header;
+    rec.header.kind = kind::STACKED;
+    let aux_len = read_aux(rec, aux);
+    let stack_len = copy_stack(rec, regs, traced);
+    rec.stack = StackHeader {
+        ip: regs.rip,
+        sp: regs.rsp,
+        bp: regs.rbp,
+        stack_len: stack_len as u32,
+        aux_len,
+    };
+    emit_scratch(rec, STACKED_FIXED + stack_len)
+}
+
+/// Copies the extra facts of a creation into `rec.aux`; returns how many bytes are meaningful.
+#[inline(always)]
+fn read_aux(rec: &mut StackedRecord, aux: Aux) -> u32 {
+    let args = rec.header.args;
+    let read = match aux {
+        Aux::None => return 0,
+        Aux::Path(n) => {
+            let src = args[n & 3] as *const u8;
+            // SAFETY: the helper checks the user pointer and bounds the copy by AUX_MAX.
+            let r = unsafe {
+                bpf_probe_read_user_str(rec.aux.as_mut_ptr().cast(), AUX_MAX as u32, src.cast())
+            };
+            if r > 0 { Ok(r as u32 - 1) } else { Err(()) }
+        }
+        Aux::PeerAddr => read_peer(rec, args[1], args[2]),
+        Aux::FdPair(n) => {
+            // SAFETY: a user pointer the kernel just wrote two ints through.
+            unsafe { bpf_probe_read_user(args[n & 3] as *const [i32; 2]) }
+                .map(|pair| {
+                    rec.aux[..8].copy_from_slice(&pair_bytes(pair));
+                    8
+                })
+                .map_err(|_| ())
+        }
+    };
+    read.unwrap_or_else(|()| {
+        count(Counter::AuxReadFailed);
+        0
+    })
+}
+
+#[inline(always)]
+fn pair_bytes(pair: [i32; 2]) -> [u8; 8] {
+    let a = pair[0].to_ne_bytes();
+    let b = pair[1].to_ne_bytes();
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
+/// The peer address accept wrote through `addr`, `*addrlen` bytes long (none when NULL).
+#[inline(always)]
+fn read_peer(rec: &mut StackedRecord, addr: u64, addrlen: u64) -> Result<u32, ()> {
+    if addr == 0 || addrlen == 0 {
+        return Ok(0);
+    }
+    // SAFETY: user pointers the kernel just wrote through.
+    let len = unsafe { bpf_probe_read_user(addrlen as *const u32) }.map_err(|_| ())?;
+    // sockaddr_in6 is 28 bytes; unix socket paths need up to 110.
+    let len = if len as usize > 112 { 112 } else { len };
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: bounded by the aux buffer.
+    let r = unsafe { read_user_raw(rec.aux.as_mut_ptr().cast(), len, addr as *const _) };
+    if r == 0 { Ok(len) } else { Err(()) }
+}
+
+/// Copies up to FDT_STACK_BYTES of user stack from sp into `rec.bytes`; returns the length.
+///
+/// bpf_probe_read_user fails whole if any page of the range is missing, so the copy is clamped
+/// to the end of the stack mapping when userspace told us where it is, and retried up to the
+/// end of sp's page when it still fails (thread stacks, whose bounds we do not know).
+#[inline(always)]
+fn copy_stack(rec: &mut StackedRecord, regs: &pt_regs, traced: &Traced) -> usize {
+    // SAFETY: a global written only by the loader.
+    let want = u64::from(unsafe { core::ptr::read_volatile(&raw const FDT_STACK_BYTES) });
+    let sp = regs.rsp;
+    let mut len = if want > STACK_MAX as u64 {
+        STACK_MAX as u64
+    } else {
+        want
+    };
+    if traced.stack_lo <= sp && sp < traced.stack_hi && traced.stack_hi - sp < len {
+        len = traced.stack_hi - sp;
+    }
+    if len == 0 {
+        return 0;
+    }
+    if read_stack(rec, sp, len) {
+        return len as usize;
+    }
+    let to_page_end = 4096 - (sp & 4095);
+    if to_page_end < len && read_stack(rec, sp, to_page_end) {
+        count(Counter::StackClamped);
+        return to_page_end as usize;
+    }
+    count(Counter::StackReadFailed);
+    0
+}
+
+#[inline(always)]
+fn read_stack(rec: &mut StackedRecord, sp: u64, len: u64) -> bool {
+    // The mask restates the bound for the verifier: len <= STACK_MAX already holds.
+    let len = (len as u32) & (STACK_MAX as u32 * 2 - 1);
+    if len > STACK_MAX as u32 {
+        return false;
+    }
+    // SAFETY: the destination is the scratch buffer, at least len bytes long.
+    unsafe { read_user_raw(rec.bytes.as_mut_ptr().cast(), len, sp as *const _) == 0 }
+}
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn fdt_fork(ctx: TracePointContext) -> u32 {
+    match try_fork(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// Runs in the parent during copy_process, before the child can run: the child is added to the
+/// traced set here so not one of its syscalls is missed.
+fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
+    let (tgid, tid) = current();
+    // SAFETY: a lookup; the value is copied out at once.
+    let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
+        return Ok(());
+    };
+    // Offsets from events/sched/sched_process_fork/format.
+    // SAFETY: reads inside the tracepoint record.
+    let child: i32 = unsafe { ctx.read_at(20) }.map_err(|_| ())?;
+    let (nr, flags) = clone_flags();
+    // SAFETY: a global written only by the loader.
+    let follow = unsafe { core::ptr::read_volatile(&raw const FDT_FOLLOW) };
+    if flags & CLONE_THREAD != 0 || follow == 0 {
+        return Ok(());
+    }
+    TRACED.insert(child as u32, traced, 0).map_err(|_| ())?;
+    emit_header(&RecordHeader {
+        kind: kind::FORK,
+        nr,
+        tgid,
+        tid,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ret: i64::from(child),
+        args: [child as u64, flags, 0, 0, 0, 0],
+    })
+}
+
+/// The syscall and clone flags of the fork in progress, from the parent's saved registers.
+#[inline(always)]
+fn clone_flags() -> (u32, u64) {
+    // SAFETY: the helpers return the current task and its user registers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // SAFETY: a kernel pointer from the helper above.
+    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs) }) else {
+        return (0, 0);
+    };
+    let nr = regs.orig_rax as u32;
+    let flags = match nr {
+        syscalls::CLONE => regs.rdi,
+        // struct clone_args starts with the u64 flags.
+        // SAFETY: a user pointer the kernel has just read.
+        syscalls::CLONE3 => unsafe { bpf_probe_read_user(regs.rdi as *const u64) }.unwrap_or(0),
+        _ => 0,
+    };
+    (nr, flags)
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn fdt_exec(ctx: TracePointContext) -> u32 {
+    match try_exec(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// Runs after the point of no return of a successful execve, in the process itself: its
+/// close-on-exec descriptors are gone. Carries the new comm and the executable's path, which
+/// a short-lived process no longer has in /proc by the time userspace looks.
+fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
+    let (tgid, tid) = current();
+    // SAFETY: a lookup.
+    if unsafe { TRACED.get(tgid) }.is_none() {
+        return Ok(());
+    }
+    let rec = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch slot.
+    let rec: &mut StackedRecord = unsafe { &mut *rec };
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&comm[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(b)
+    };
+    rec.header = RecordHeader {
+        kind: kind::EXEC,
+        nr: syscalls::EXECVE,
+        tgid,
+        tid,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ret: 0,
+        args: [word(0), word(1), 0, 0, 0, 0],
+    };
+    // filename is a __data_loc at offset 8 (events/sched/sched_process_exec/format): the low
+    // 16 bits are its offset from the record start.
+    // SAFETY: a read inside the tracepoint record.
+    let loc: u32 = unsafe { ctx.read_at(8) }.map_err(|_| ())?;
+    let src = (ctx.as_ptr() as usize + (loc & 0xffff) as usize) as *const u8;
+    // SAFETY: the helper bounds the copy by AUX_MAX.
+    let r = unsafe {
+        bpf_probe_read_kernel_str(rec.aux.as_mut_ptr().cast(), AUX_MAX as u32, src.cast())
+    };
+    let aux_len = if r > 0 { r as u32 - 1 } else { 0 };
+    rec.stack = StackHeader {
+        ip: 0,
+        sp: 0,
+        bp: 0,
+        stack_len: 0,
+        aux_len,
+    };
+    emit_scratch(rec, STACKED_FIXED)
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn fdt_exit(ctx: TracePointContext) -> u32 {
+    match try_exit(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
+    let (tgid, tid) = current();
+    // SAFETY: a lookup.
+    if unsafe { TRACED.get(tgid) }.is_none() {
+        return Ok(());
+    }
+    // Offset of group_dead in events/sched/sched_process_exit/format: the last thread is leaving.
+    // SAFETY: a read inside the tracepoint record.
+    let group_dead: u8 = unsafe { ctx.read_at(32) }.map_err(|_| ())?;
+    if group_dead == 0 {
+        return Ok(());
+    }
+    let _ = TRACED.remove(tgid);
+    emit_header(&RecordHeader {
+        kind: kind::EXIT,
+        nr: 0,
+        tgid,
+        tid,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ret: 0,
+        args: [0; 6],
+    })
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

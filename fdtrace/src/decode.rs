@@ -1,0 +1,185 @@
+//! Ring buffer records → [`Record`]s, read field by field with the layout from fdtrace-common.
+
+use bytes::Buf as _;
+use fdtrace_common::{AUX_MAX, RecordHeader, STACKED_FIXED, StackHeader, kind};
+use thiserror::Error;
+
+/// A record as the probes wrote it, with the stack copy still raw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub header: RecordHeader,
+    /// Present on descriptor creations and EMFILE/ENFILE failures.
+    pub stack: Option<StackCapture>,
+    /// Path, peer address or descriptor pair, by syscall (see `fdtrace_common::syscalls::Aux`).
+    pub aux: Vec<u8>,
+}
+
+/// The user registers at the syscall and a copy of the stack from `sp` upwards.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackCapture {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("record kind {0} is unknown")]
+    UnknownKind(u32),
+    #[error("stacked record claims {claimed} bytes but carries {len}")]
+    BadLength { claimed: usize, len: usize },
+}
+
+const HEADER: usize = size_of::<RecordHeader>();
+
+pub fn decode(mut buf: &[u8]) -> Result<Record, DecodeError> {
+    let len = buf.len();
+    if len < HEADER {
+        return Err(DecodeError::Short(len));
+    }
+    let header = RecordHeader {
+        kind: buf.get_u32_ne(),
+        nr: buf.get_u32_ne(),
+        tgid: buf.get_u32_ne(),
+        tid: buf.get_u32_ne(),
+        ts_ns: buf.get_u64_ne(),
+        ret: buf.get_i64_ne(),
+        args: std::array::from_fn(|_| buf.get_u64_ne()),
+    };
+    match header.kind {
+        kind::SYSCALL | kind::FORK | kind::EXIT => Ok(Record {
+            header,
+            stack: None,
+            aux: Vec::new(),
+        }),
+        kind::STACKED | kind::EXEC => {
+            if len < STACKED_FIXED {
+                return Err(DecodeError::BadLength {
+                    claimed: STACKED_FIXED,
+                    len,
+                });
+            }
+            let regs = StackHeader {
+                ip: buf.get_u64_ne(),
+                sp: buf.get_u64_ne(),
+                bp: buf.get_u64_ne(),
+                stack_len: buf.get_u32_ne(),
+                aux_len: buf.get_u32_ne(),
+            };
+            let claimed = STACKED_FIXED + regs.stack_len as usize;
+            if len < claimed {
+                return Err(DecodeError::BadLength { claimed, len });
+            }
+            let aux = buf[..(regs.aux_len as usize).min(AUX_MAX)].to_vec();
+            buf.advance(AUX_MAX);
+            let bytes = buf[..regs.stack_len as usize].to_vec();
+            let stack = (header.kind == kind::STACKED).then_some(StackCapture {
+                ip: regs.ip,
+                sp: regs.sp,
+                bp: regs.bp,
+                bytes,
+            });
+            Ok(Record { header, stack, aux })
+        }
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+/// The inverse of [`decode`], for tests and synthetic sources.
+pub fn encode(record: &Record) -> Vec<u8> {
+    let h = &record.header;
+    let mut out = Vec::with_capacity(STACKED_FIXED);
+    for v in [h.kind, h.nr, h.tgid, h.tid] {
+        out.extend_from_slice(&v.to_ne_bytes());
+    }
+    out.extend_from_slice(&h.ts_ns.to_ne_bytes());
+    out.extend_from_slice(&h.ret.to_ne_bytes());
+    for a in h.args {
+        out.extend_from_slice(&a.to_ne_bytes());
+    }
+    let empty = StackCapture::default();
+    let stack = match (&record.stack, h.kind) {
+        (Some(stack), _) => Some(stack),
+        (None, kind::EXEC) => Some(&empty),
+        (None, _) => None,
+    };
+    if let Some(stack) = stack {
+        for v in [stack.ip, stack.sp, stack.bp] {
+            out.extend_from_slice(&v.to_ne_bytes());
+        }
+        out.extend_from_slice(&(stack.bytes.len() as u32).to_ne_bytes());
+        out.extend_from_slice(&(record.aux.len() as u32).to_ne_bytes());
+        let mut aux = [0u8; AUX_MAX];
+        aux[..record.aux.len()].copy_from_slice(&record.aux);
+        out.extend_from_slice(&aux);
+        out.extend_from_slice(&stack.bytes);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: u32) -> RecordHeader {
+        RecordHeader {
+            kind,
+            nr: 257,
+            tgid: 10,
+            tid: 11,
+            ts_ns: 99,
+            ret: 3,
+            args: [1, 2, 3, 4, 5, 6],
+        }
+    }
+
+    #[test]
+    fn stacked_round_trips() {
+        let rec = Record {
+            header: header(kind::STACKED),
+            stack: Some(StackCapture {
+                ip: 1,
+                sp: 2,
+                bp: 3,
+                bytes: vec![7; 40],
+            }),
+            aux: b"/etc/hostname".to_vec(),
+        };
+        assert_eq!(decode(&encode(&rec)).unwrap(), rec);
+    }
+
+    #[test]
+    fn header_only_round_trips() {
+        let rec = Record {
+            header: header(kind::SYSCALL),
+            stack: None,
+            aux: vec![],
+        };
+        assert_eq!(encode(&rec).len(), HEADER);
+        assert_eq!(decode(&encode(&rec)).unwrap(), rec);
+    }
+
+    #[test]
+    fn truncated_and_unknown_are_refused() {
+        assert_eq!(decode(&[0; 10]), Err(DecodeError::Short(10)));
+        let mut rec = Record {
+            header: header(kind::STACKED),
+            stack: Some(StackCapture {
+                bytes: vec![1; 64],
+                ..Default::default()
+            }),
+            aux: vec![],
+        };
+        let bytes = encode(&rec);
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::BadLength { .. })
+        ));
+        rec.header.kind = 77;
+        rec.stack = None;
+        assert_eq!(decode(&encode(&rec)), Err(DecodeError::UnknownKind(77)));
+    }
+}

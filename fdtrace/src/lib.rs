@@ -1,0 +1,19 @@
+//! fdtrace: which call sites hold a process's file descriptors, which keep growing, and what
+//! filled the table when a syscall failed with EMFILE.
+//!
+//! The pipeline (DESIGN.md): [`probe`] → [`decode`] → [`tracer`] (stacks via [`stack`]) →
+//! [`model`] → views ([`report`]); [`session`] runs it live.
+
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod launch;
+pub mod mmap_events;
+pub mod model;
+pub mod probe;
+pub mod procfs;
+pub mod report;
+pub mod session;
+pub mod signals;
+pub mod stack;
+pub mod tracer;

@@ -1,0 +1,1051 @@
+//! The descriptor model: per-process tables, call sites, incidents and limits.
+//!
+//! Pure state fed by [`Event`]s in time order, from the live probes or a recording alike. No
+//! aya, no terminal, no file I/O: correctness lives here and is tested with synthetic events.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+pub type Pid = u32;
+/// An interned, unwound stack; [`NO_STACK`] where none was captured.
+pub type StackId = u32;
+pub const NO_STACK: StackId = 0;
+pub type SiteId = usize;
+type TableId = u32;
+
+/// What a descriptor refers to (DESIGN.md's list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FdKind {
+    File,
+    Socket,
+    Pipe,
+    Eventfd,
+    Epoll,
+    Timerfd,
+    Signalfd,
+    Inotify,
+    Fanotify,
+    Memfd,
+    Pidfd,
+    #[serde(rename = "io_uring")]
+    IoUring,
+    Bpf,
+    Perf,
+    Userfaultfd,
+    Other,
+}
+
+impl FdKind {
+    pub const ALL: [FdKind; 16] = [
+        FdKind::File,
+        FdKind::Socket,
+        FdKind::Pipe,
+        FdKind::Eventfd,
+        FdKind::Epoll,
+        FdKind::Timerfd,
+        FdKind::Signalfd,
+        FdKind::Inotify,
+        FdKind::Fanotify,
+        FdKind::Memfd,
+        FdKind::Pidfd,
+        FdKind::IoUring,
+        FdKind::Bpf,
+        FdKind::Perf,
+        FdKind::Userfaultfd,
+        FdKind::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FdKind::File => "file",
+            FdKind::Socket => "socket",
+            FdKind::Pipe => "pipe",
+            FdKind::Eventfd => "eventfd",
+            FdKind::Epoll => "epoll",
+            FdKind::Timerfd => "timerfd",
+            FdKind::Signalfd => "signalfd",
+            FdKind::Inotify => "inotify",
+            FdKind::Fanotify => "fanotify",
+            FdKind::Memfd => "memfd",
+            FdKind::Pidfd => "pidfd",
+            FdKind::IoUring => "io_uring",
+            FdKind::Bpf => "bpf",
+            FdKind::Perf => "perf",
+            FdKind::Userfaultfd => "userfaultfd",
+            FdKind::Other => "other",
+        }
+    }
+}
+
+/// RLIMIT_NOFILE; `u64::MAX` is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// A descriptor as it appears: by creation, in /proc at attach, or at reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewFd {
+    pub fd: i32,
+    pub kind: FdKind,
+    pub target: Arc<str>,
+    pub cloexec: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Errno {
+    #[serde(rename = "EMFILE")]
+    Emfile,
+    #[serde(rename = "ENFILE")]
+    Enfile,
+}
+
+impl Errno {
+    pub fn name(self) -> &'static str {
+        match self {
+            Errno::Emfile => "EMFILE",
+            Errno::Enfile => "ENFILE",
+        }
+    }
+}
+
+/// Who a process is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub ppid: Pid,
+    pub comm: String,
+    pub exe: String,
+    pub limit: Limit,
+}
+
+/// Everything the model consumes. Times are CLOCK_MONOTONIC nanoseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// Tracing began for a process that already had these descriptors.
+    Attached {
+        pid: Pid,
+        ts: u64,
+        info: ProcessInfo,
+        fds: Vec<NewFd>,
+    },
+    /// A syscall created descriptors (two for pipes and socketpairs).
+    Opened {
+        pid: Pid,
+        tid: u32,
+        ts: u64,
+        syscall: u32,
+        fds: Vec<NewFd>,
+        stack: StackId,
+    },
+    /// dup, dup2, dup3, F_DUPFD: `to` now refers to what `from` does; an open `to` was closed.
+    Duplicated {
+        pid: Pid,
+        tid: u32,
+        ts: u64,
+        syscall: u32,
+        from: i32,
+        to: i32,
+        cloexec: bool,
+        stack: StackId,
+    },
+    /// pidfd_getfd: `to` is a copy of descriptor `remote_fd` of the process `pidfd` refers to.
+    Fetched {
+        pid: Pid,
+        tid: u32,
+        ts: u64,
+        pidfd: i32,
+        remote_fd: i32,
+        to: i32,
+        stack: StackId,
+    },
+    Closed {
+        pid: Pid,
+        ts: u64,
+        fd: i32,
+    },
+    /// close_range; with `cloexec_only` the range is only marked close-on-exec.
+    ClosedRange {
+        pid: Pid,
+        ts: u64,
+        first: u32,
+        last: u32,
+        cloexec_only: bool,
+        unshare: bool,
+    },
+    CloexecSet {
+        pid: Pid,
+        fd: i32,
+        cloexec: bool,
+    },
+    /// A successful execve: close-on-exec descriptors are gone, the process has a new image.
+    Exec {
+        pid: Pid,
+        ts: u64,
+        info: ProcessInfo,
+    },
+    /// A traced process forked; `shares_table` for CLONE_FILES. The child starts as a copy of
+    /// its parent (program, limit, descriptors).
+    Forked {
+        parent: Pid,
+        child: Pid,
+        ts: u64,
+        shares_table: bool,
+    },
+    Exited {
+        pid: Pid,
+        ts: u64,
+        code: Option<i32>,
+    },
+    /// A syscall failed with EMFILE or ENFILE.
+    Failed {
+        pid: Pid,
+        tid: u32,
+        ts: u64,
+        syscall: u32,
+        errno: Errno,
+        stack: StackId,
+    },
+    LimitChanged {
+        pid: Pid,
+        limit: Limit,
+    },
+    /// What /proc/PID/fd listed; differences that persist across two listings are corrected.
+    Reconciled {
+        pid: Pid,
+        ts: u64,
+        fds: Vec<NewFd>,
+    },
+    /// The probes could not deliver this many records.
+    Lost {
+        count: u64,
+    },
+    /// Time passes: samples for growth rates are taken on these.
+    Tick {
+        ts: u64,
+    },
+}
+
+/// One open descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenFd {
+    pub kind: FdKind,
+    pub target: Arc<str>,
+    pub site: SiteId,
+    pub opened_ns: u64,
+    pub cloexec: bool,
+}
+
+/// Where a call site's descriptors came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Created while traced, with a stack.
+    Traced,
+    /// Open before tracing began.
+    Inherited,
+    /// Found in /proc but never seen created (SCM_RIGHTS, io_uring, lost events).
+    Reconciled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SiteKey {
+    pid: Pid,
+    stack: StackId,
+    kind: FdKind,
+    origin: Origin,
+}
+
+/// Descriptors of one process created by one stack.
+#[derive(Clone, Debug)]
+pub struct CallSite {
+    pub pid: Pid,
+    pub stack: StackId,
+    pub kind: FdKind,
+    pub origin: Origin,
+    pub open: u64,
+    pub opened: u64,
+    pub closed: u64,
+    /// Lifetimes of closed descriptors, microseconds.
+    pub lifetimes: Histogram<u64>,
+    /// A few distinct recent targets, for display.
+    pub targets: VecDeque<Arc<str>>,
+    /// (ts, open) every tick, for the growth rate.
+    samples: VecDeque<(u64, u64)>,
+}
+
+const MAX_TARGETS: usize = 5;
+/// Growth is fitted over this many one-second samples.
+const GROWTH_WINDOW: usize = 30;
+
+impl CallSite {
+    /// Net descriptors gained per minute over the recent window.
+    pub fn growth_per_min(&self) -> f64 {
+        growth_per_min(&self.samples)
+    }
+
+    fn note_target(&mut self, target: &Arc<str>) {
+        if self.targets.iter().any(|t| t == target) {
+            return;
+        }
+        if self.targets.len() == MAX_TARGETS {
+            self.targets.pop_front();
+        }
+        self.targets.push_back(target.clone());
+    }
+
+    /// Lifetime percentile of closed descriptors in milliseconds.
+    pub fn lifetime_ms(&self, quantile: f64) -> Option<f64> {
+        (!self.lifetimes.is_empty())
+            .then(|| self.lifetimes.value_at_quantile(quantile) as f64 / 1000.0)
+    }
+}
+
+/// An EMFILE/ENFILE failure and who held the table at that instant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub ts: u64,
+    pub pid: Pid,
+    pub tid: u32,
+    pub syscall: u32,
+    pub errno: Errno,
+    pub open_fds: u64,
+    pub limit: u64,
+    pub stack: StackId,
+    /// (site, descriptors it held), most first.
+    pub blame: Vec<(SiteId, u64)>,
+}
+
+/// A traced process.
+#[derive(Clone, Debug)]
+pub struct Process {
+    pub pid: Pid,
+    pub info: ProcessInfo,
+    table: TableId,
+    pub peak_open: u64,
+    pub started_ns: u64,
+    /// Set when the process exits, with the table as it was at that moment.
+    pub exit: Option<ProcessExit>,
+    samples: VecDeque<(u64, u64)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessExit {
+    pub ts: u64,
+    pub code: Option<i32>,
+    pub open_at_exit: BTreeMap<i32, OpenFd>,
+}
+
+impl Process {
+    pub fn alive(&self) -> bool {
+        self.exit.is_none()
+    }
+
+    pub fn growth_per_min(&self) -> f64 {
+        growth_per_min(&self.samples)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct FdTable {
+    fds: BTreeMap<i32, OpenFd>,
+    /// Processes using this table (more than one with CLONE_FILES).
+    users: u32,
+}
+
+/// Discrepancies seen by the last reconciliation, corrected if the next one sees them again.
+#[derive(Clone, Debug, Default)]
+struct Suspects {
+    missing: Vec<(i32, FdKind)>,
+    unknown: Vec<(i32, FdKind)>,
+}
+
+/// Counts of corrections made to keep the tables true.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Corrections {
+    /// Descriptors /proc listed that no event created.
+    pub added: u64,
+    /// Descriptors the table held that /proc no longer listed.
+    pub removed: u64,
+    /// Creations that returned a number the table thought was still open.
+    pub reused: u64,
+}
+
+/// Incidents kept with their full blame; later ones are only counted.
+pub const MAX_INCIDENTS: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct Model {
+    pub processes: BTreeMap<Pid, Process>,
+    tables: HashMap<TableId, FdTable>,
+    next_table: TableId,
+    pub sites: Vec<CallSite>,
+    site_index: HashMap<SiteKey, SiteId>,
+    sites_of: HashMap<Pid, Vec<SiteId>>,
+    pub incidents: Vec<Incident>,
+    pub incidents_total: u64,
+    pub dropped: u64,
+    pub corrections: Corrections,
+    suspects: HashMap<Pid, Suspects>,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+impl Model {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn apply(&mut self, event: &Event) {
+        if let Some(ts) = event_ts(event) {
+            if self.first_ns == 0 {
+                self.first_ns = ts;
+            }
+            self.last_ns = self.last_ns.max(ts);
+        }
+        match event {
+            Event::Attached { pid, ts, info, fds } => self.attach(*pid, *ts, info, fds),
+            Event::Opened {
+                pid,
+                ts,
+                fds,
+                stack,
+                ..
+            } => {
+                for new in fds {
+                    self.open(*pid, *ts, new, *stack, Origin::Traced);
+                }
+            }
+            Event::Duplicated {
+                pid,
+                ts,
+                from,
+                to,
+                cloexec,
+                stack,
+                ..
+            } => {
+                self.duplicate(*pid, *ts, *from, *to, *cloexec, *stack);
+            }
+            Event::Fetched {
+                pid,
+                ts,
+                pidfd,
+                remote_fd,
+                to,
+                stack,
+                ..
+            } => {
+                self.fetch(*pid, *ts, *pidfd, *remote_fd, *to, *stack);
+            }
+            Event::Closed { pid, ts, fd } => {
+                self.close(*pid, *ts, *fd);
+            }
+            Event::ClosedRange {
+                pid,
+                ts,
+                first,
+                last,
+                cloexec_only,
+                unshare,
+            } => {
+                self.close_range(*pid, *ts, *first, *last, *cloexec_only, *unshare);
+            }
+            Event::CloexecSet { pid, fd, cloexec } => {
+                if let Some(open) = self.table_mut(*pid).and_then(|t| t.fds.get_mut(fd)) {
+                    open.cloexec = *cloexec;
+                }
+            }
+            Event::Exec { pid, ts, info } => self.exec(*pid, *ts, info),
+            Event::Forked {
+                parent,
+                child,
+                ts,
+                shares_table,
+            } => {
+                self.fork(*parent, *child, *ts, *shares_table);
+            }
+            Event::Exited { pid, ts, code } => self.exit(*pid, *ts, *code),
+            Event::Failed {
+                pid,
+                tid,
+                ts,
+                syscall,
+                errno,
+                stack,
+            } => {
+                self.fail(*pid, *tid, *ts, *syscall, *errno, *stack);
+            }
+            Event::LimitChanged { pid, limit } => {
+                if let Some(p) = self.processes.get_mut(pid) {
+                    p.info.limit = *limit;
+                }
+            }
+            Event::Reconciled { pid, ts, fds } => self.reconcile(*pid, *ts, fds),
+            Event::Lost { count } => self.dropped += count,
+            Event::Tick { ts } => self.tick(*ts),
+        }
+    }
+
+    fn attach(&mut self, pid: Pid, ts: u64, info: &ProcessInfo, fds: &[NewFd]) {
+        if self.processes.get(&pid).is_some_and(Process::alive) {
+            return;
+        }
+        let table = self.new_table();
+        self.processes
+            .insert(pid, Process::new(pid, info.clone(), table, ts));
+        for new in fds {
+            self.open(pid, ts, new, NO_STACK, Origin::Inherited);
+        }
+    }
+
+    fn new_table(&mut self) -> TableId {
+        self.next_table += 1;
+        self.tables.insert(
+            self.next_table,
+            FdTable {
+                fds: BTreeMap::new(),
+                users: 1,
+            },
+        );
+        self.next_table
+    }
+
+    /// Makes sure a process exists: events can name a process seen for the first time (a
+    /// fork record lost to a full ring).
+    fn ensure(&mut self, pid: Pid, ts: u64) {
+        if !self.processes.contains_key(&pid) {
+            let table = self.new_table();
+            self.processes
+                .insert(pid, Process::new(pid, ProcessInfo::default(), table, ts));
+        }
+    }
+
+    fn table_mut(&mut self, pid: Pid) -> Option<&mut FdTable> {
+        let id = self.processes.get(&pid).filter(|p| p.alive())?.table;
+        self.tables.get_mut(&id)
+    }
+
+    /// The descriptors `pid` has open now (or had at exit).
+    pub fn open_fds(&self, pid: Pid) -> Option<&BTreeMap<i32, OpenFd>> {
+        let p = self.processes.get(&pid)?;
+        match &p.exit {
+            Some(exit) => Some(&exit.open_at_exit),
+            None => self.tables.get(&p.table).map(|t| &t.fds),
+        }
+    }
+
+    pub fn open_count(&self, pid: Pid) -> u64 {
+        self.open_fds(pid).map_or(0, |t| t.len() as u64)
+    }
+
+    fn site(&mut self, key: SiteKey) -> SiteId {
+        if let Some(&id) = self.site_index.get(&key) {
+            return id;
+        }
+        let id = self.sites.len();
+        self.sites.push(CallSite {
+            pid: key.pid,
+            stack: key.stack,
+            kind: key.kind,
+            origin: key.origin,
+            open: 0,
+            opened: 0,
+            closed: 0,
+            // 1 us to 1 day at 2 significant digits: a few KiB per site.
+            lifetimes: Histogram::new_with_bounds(1, 86_400_000_000, 2)
+                .expect("static histogram bounds are valid"),
+            targets: VecDeque::new(),
+            samples: VecDeque::new(),
+        });
+        self.site_index.insert(key, id);
+        self.sites_of.entry(key.pid).or_default().push(id);
+        id
+    }
+
+    fn open(&mut self, pid: Pid, ts: u64, new: &NewFd, stack: StackId, origin: Origin) {
+        self.ensure(pid, ts);
+        let key = SiteKey {
+            pid,
+            stack,
+            kind: new.kind,
+            origin,
+        };
+        let replaced = self.adopt(pid, ts, new.fd, key, new.target.clone(), new.cloexec, ts);
+        if replaced.is_some() && origin == Origin::Traced {
+            // The kernel handed out a number we believed open: a close was never seen.
+            self.corrections.reused += 1;
+        }
+    }
+
+    /// Puts a descriptor into `pid`'s table under the site `key`, counting it there; returns
+    /// what held the number before (now closed).
+    #[expect(clippy::too_many_arguments, reason = "one descriptor's facts")]
+    fn adopt(
+        &mut self,
+        pid: Pid,
+        ts: u64,
+        num: i32,
+        key: SiteKey,
+        target: Arc<str>,
+        cloexec: bool,
+        opened_ns: u64,
+    ) -> Option<OpenFd> {
+        let site = self.site(key);
+        let s = &mut self.sites[site];
+        s.open += 1;
+        s.opened += 1;
+        s.note_target(&target);
+        self.insert(
+            pid,
+            ts,
+            num,
+            OpenFd {
+                kind: key.kind,
+                target,
+                site,
+                opened_ns,
+                cloexec,
+            },
+        )
+    }
+
+    /// Puts `fd` into `pid`'s table, closing what held the number before; returns that.
+    fn insert(&mut self, pid: Pid, ts: u64, num: i32, fd: OpenFd) -> Option<OpenFd> {
+        let table = self.table_mut(pid)?;
+        let old = table.fds.insert(num, fd);
+        let open = table.fds.len() as u64;
+        if let Some(old) = &old {
+            self.retire(old, ts);
+        }
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.peak_open = p.peak_open.max(open);
+        }
+        old
+    }
+
+    /// Accounts for a descriptor that is gone.
+    fn retire(&mut self, fd: &OpenFd, ts: u64) {
+        let s = &mut self.sites[fd.site];
+        s.open = s.open.saturating_sub(1);
+        s.closed += 1;
+        let micros = ts.saturating_sub(fd.opened_ns) / 1000;
+        s.lifetimes.saturating_record(micros.max(1));
+    }
+
+    fn duplicate(&mut self, pid: Pid, ts: u64, from: i32, to: i32, cloexec: bool, stack: StackId) {
+        if from == to {
+            return; // dup2(fd, fd) changes nothing
+        }
+        self.ensure(pid, ts);
+        let source = self
+            .table_mut(pid)
+            .and_then(|t| t.fds.get(&from))
+            .map(|f| (f.kind, f.target.clone()));
+        let (kind, target) =
+            source.unwrap_or((FdKind::Other, Arc::from(format!("dup of fd {from}"))));
+        self.adopt(
+            pid,
+            ts,
+            to,
+            SiteKey {
+                pid,
+                stack,
+                kind,
+                origin: Origin::Traced,
+            },
+            target,
+            cloexec,
+            ts,
+        );
+    }
+
+    /// A copy of a descriptor of the process a pidfd refers to (pidfd_getfd): what it is comes
+    /// from that process's table when it is traced. Always close-on-exec.
+    fn fetch(&mut self, pid: Pid, ts: u64, pidfd: i32, remote_fd: i32, to: i32, stack: StackId) {
+        self.ensure(pid, ts);
+        let source = self
+            .table_mut(pid)
+            .and_then(|t| t.fds.get(&pidfd))
+            .and_then(|f| f.target.strip_prefix("pid ")?.parse::<Pid>().ok())
+            .and_then(|remote| self.open_fds(remote)?.get(&remote_fd))
+            .map(|f| (f.kind, f.target.clone()));
+        let (kind, target) = source.unwrap_or((
+            FdKind::Other,
+            Arc::from(format!("fd {remote_fd} of a pidfd's process")),
+        ));
+        self.adopt(
+            pid,
+            ts,
+            to,
+            SiteKey {
+                pid,
+                stack,
+                kind,
+                origin: Origin::Traced,
+            },
+            target,
+            true,
+            ts,
+        );
+    }
+
+    fn close(&mut self, pid: Pid, ts: u64, fd: i32) -> bool {
+        let Some(old) = self.table_mut(pid).and_then(|t| t.fds.remove(&fd)) else {
+            return false;
+        };
+        self.retire(&old, ts);
+        true
+    }
+
+    fn close_range(
+        &mut self,
+        pid: Pid,
+        ts: u64,
+        first: u32,
+        last: u32,
+        cloexec_only: bool,
+        unshare: bool,
+    ) {
+        if unshare {
+            self.unshare(pid);
+        }
+        let Some(table) = self.table_mut(pid) else {
+            return;
+        };
+        let first = i32::try_from(first).unwrap_or(i32::MAX);
+        let last = i32::try_from(last).unwrap_or(i32::MAX);
+        if first > last {
+            return;
+        }
+        if cloexec_only {
+            for (_, fd) in table.fds.range_mut(first..=last) {
+                fd.cloexec = true;
+            }
+            return;
+        }
+        let doomed: Vec<i32> = table.fds.range(first..=last).map(|(n, _)| *n).collect();
+        for n in doomed {
+            self.close(pid, ts, n);
+        }
+    }
+
+    /// Gives `pid` its own copy of a shared table (exec and CLOSE_RANGE_UNSHARE do this).
+    fn unshare(&mut self, pid: Pid) {
+        let Some(p) = self.processes.get(&pid) else {
+            return;
+        };
+        let old = p.table;
+        let Some(table) = self.tables.get_mut(&old) else {
+            return;
+        };
+        if table.users <= 1 {
+            return;
+        }
+        table.users -= 1;
+        let fds = table.fds.clone();
+        self.next_table += 1;
+        let id = self.next_table;
+        self.tables.insert(id, FdTable { fds, users: 1 });
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.table = id;
+        }
+    }
+
+    fn exec(&mut self, pid: Pid, ts: u64, info: &ProcessInfo) {
+        self.ensure(pid, ts);
+        self.unshare(pid);
+        if let Some(p) = self.processes.get_mut(&pid) {
+            // The limit and the parent survive exec; unknown fields keep their old values.
+            let keep = |new: &str, old: &str| {
+                if new.is_empty() {
+                    old.to_string()
+                } else {
+                    new.to_string()
+                }
+            };
+            p.info.comm = keep(&info.comm, &p.info.comm);
+            p.info.exe = keep(&info.exe, &p.info.exe);
+        }
+        let doomed: Vec<i32> = self
+            .table_mut(pid)
+            .map(|t| {
+                t.fds
+                    .iter()
+                    .filter(|(_, f)| f.cloexec)
+                    .map(|(n, _)| *n)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in doomed {
+            self.close(pid, ts, n);
+        }
+    }
+
+    fn fork(&mut self, parent: Pid, child: Pid, ts: u64, shares_table: bool) {
+        self.ensure(parent, ts);
+        let parent_table = self.processes[&parent].table;
+        // A child starts as its parent's copy: same program, same limit.
+        let info = &ProcessInfo {
+            ppid: parent,
+            ..self.processes[&parent].info.clone()
+        };
+
+        // A pid can be reused after an exit: the old process's record gives way.
+        if self.processes.get(&child).is_some_and(|p| !p.alive()) {
+            self.processes.remove(&child);
+        }
+        if shares_table {
+            if let Some(t) = self.tables.get_mut(&parent_table) {
+                t.users += 1;
+            }
+            self.processes
+                .insert(child, Process::new(child, info.clone(), parent_table, ts));
+            return;
+        }
+        let table = self.new_table();
+        self.processes
+            .insert(child, Process::new(child, info.clone(), table, ts));
+        let inherited: Vec<(i32, OpenFd)> = self
+            .tables
+            .get(&parent_table)
+            .map(|t| t.fds.iter().map(|(n, f)| (*n, f.clone())).collect())
+            .unwrap_or_default();
+        // The child's descriptors keep the parent's call site (same stack, origin and kind),
+        // counted under the child so each process's holdings add up.
+        for (n, fd) in inherited {
+            let parent_site = &self.sites[fd.site];
+            let key = SiteKey {
+                pid: child,
+                stack: parent_site.stack,
+                kind: fd.kind,
+                origin: parent_site.origin,
+            };
+            self.adopt(child, ts, n, key, fd.target, fd.cloexec, fd.opened_ns);
+        }
+    }
+
+    fn exit(&mut self, pid: Pid, ts: u64, code: Option<i32>) {
+        let Some(p) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if let Some(exit) = &mut p.exit {
+            // The exit record and the waiter both report; keep the code whichever comes last.
+            exit.code = exit.code.or(code);
+            return;
+        }
+        let table_id = p.table;
+        let Some(table) = self.tables.get_mut(&table_id) else {
+            return;
+        };
+        let open_at_exit = table.fds.clone();
+        table.users = table.users.saturating_sub(1);
+        let last_user = table.users == 0;
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.exit = Some(ProcessExit {
+                ts,
+                code,
+                open_at_exit: open_at_exit.clone(),
+            });
+        }
+        if last_user {
+            self.tables.remove(&table_id);
+            // Not counted as closes: `closed` and the lifetimes describe what the program did.
+            for fd in open_at_exit.values() {
+                let s = &mut self.sites[fd.site];
+                s.open = s.open.saturating_sub(1);
+            }
+        }
+        self.suspects.remove(&pid);
+    }
+
+    /// Records `code` for a process whose exit was already seen (from waitpid).
+    pub fn set_exit_code(&mut self, pid: Pid, code: i32) {
+        if let Some(exit) = self.processes.get_mut(&pid).and_then(|p| p.exit.as_mut()) {
+            exit.code = Some(code);
+        }
+    }
+
+    fn fail(&mut self, pid: Pid, tid: u32, ts: u64, syscall: u32, errno: Errno, stack: StackId) {
+        self.ensure(pid, ts);
+        self.incidents_total += 1;
+        if self.incidents.len() >= MAX_INCIDENTS {
+            return;
+        }
+        let incident = Incident {
+            ts,
+            pid,
+            tid,
+            syscall,
+            errno,
+            open_fds: self.open_count(pid),
+            limit: self.processes[&pid].info.limit.soft,
+            stack,
+            blame: self.blame(pid),
+        };
+        self.incidents.push(incident);
+    }
+
+    /// The sites holding `pid`'s descriptors now, most first.
+    pub fn blame(&self, pid: Pid) -> Vec<(SiteId, u64)> {
+        let mut blame: Vec<(SiteId, u64)> = self
+            .sites_of
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .map(|&id| (id, self.sites[id].open))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        blame.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        blame
+    }
+
+    /// The sites of `pid`, for views.
+    pub fn sites_of(&self, pid: Pid) -> impl Iterator<Item = &CallSite> {
+        self.sites_of
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .map(|&id| &self.sites[id])
+    }
+
+    fn reconcile(&mut self, pid: Pid, ts: u64, listed: &[NewFd]) {
+        let Some(table) = self.table_mut(pid) else {
+            return;
+        };
+        let listed_map: HashMap<i32, &NewFd> = listed.iter().map(|f| (f.fd, f)).collect();
+        let missing: Vec<(i32, FdKind)> = table
+            .fds
+            .iter()
+            .filter(|(n, f)| listed_map.get(n).is_none_or(|l| l.kind != f.kind))
+            .map(|(n, f)| (*n, f.kind))
+            .collect();
+        let unknown: Vec<(i32, FdKind)> = listed
+            .iter()
+            .filter(|l| table.fds.get(&l.fd).is_none_or(|f| f.kind != l.kind))
+            .map(|l| (l.fd, l.kind))
+            .collect();
+        let previous = self.suspects.remove(&pid).unwrap_or_default();
+        for &(n, kind) in missing.iter().filter(|m| previous.missing.contains(m)) {
+            if self
+                .table_mut(pid)
+                .is_some_and(|t| t.fds.get(&n).is_some_and(|f| f.kind == kind))
+            {
+                self.close(pid, ts, n);
+                self.corrections.removed += 1;
+            }
+        }
+        for &(n, _) in unknown.iter().filter(|u| previous.unknown.contains(u)) {
+            if let Some(new) = listed_map.get(&n) {
+                self.open(pid, ts, new, NO_STACK, Origin::Reconciled);
+                self.corrections.added += 1;
+            }
+        }
+        let still = |v: Vec<(i32, FdKind)>, prev: &[(i32, FdKind)]| -> Vec<(i32, FdKind)> {
+            v.into_iter().filter(|x| !prev.contains(x)).collect()
+        };
+        self.suspects.insert(
+            pid,
+            Suspects {
+                missing: still(missing, &previous.missing),
+                unknown: still(unknown, &previous.unknown),
+            },
+        );
+    }
+
+    fn tick(&mut self, ts: u64) {
+        let counts: Vec<(Pid, u64)> = self
+            .processes
+            .values()
+            .filter(|p| p.alive())
+            .map(|p| (p.pid, self.open_count(p.pid)))
+            .collect();
+        for (pid, open) in counts {
+            if let Some(p) = self.processes.get_mut(&pid) {
+                push_sample(&mut p.samples, ts, open);
+            }
+        }
+        for s in &mut self.sites {
+            if s.open > 0 || !s.samples.is_empty() {
+                push_sample(&mut s.samples, ts, s.open);
+            }
+        }
+    }
+
+    /// Seconds until `pid` reaches its soft limit at its current growth, if it is growing.
+    pub fn forecast_secs(&self, pid: Pid) -> Option<f64> {
+        let p = self.processes.get(&pid)?;
+        let growth = p.growth_per_min();
+        let open = self.open_count(pid);
+        if growth <= 0.0 || p.info.limit.soft == u64::MAX {
+            return None;
+        }
+        Some(p.info.limit.soft.saturating_sub(open) as f64 / (growth / 60.0))
+    }
+}
+
+impl Process {
+    fn new(pid: Pid, info: ProcessInfo, table: TableId, ts: u64) -> Self {
+        Self {
+            pid,
+            info,
+            table,
+            peak_open: 0,
+            started_ns: ts,
+            exit: None,
+            samples: VecDeque::new(),
+        }
+    }
+}
+
+fn push_sample(samples: &mut VecDeque<(u64, u64)>, ts: u64, value: u64) {
+    if samples.len() == GROWTH_WINDOW {
+        samples.pop_front();
+    }
+    samples.push_back((ts, value));
+}
+
+/// Least-squares slope of the samples, per minute.
+fn growth_per_min(samples: &VecDeque<(u64, u64)>) -> f64 {
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let t0 = samples[0].0;
+    let n = samples.len() as f64;
+    let xs = samples.iter().map(|&(t, _)| (t - t0) as f64 / 1e9);
+    let mean_x = xs.clone().sum::<f64>() / n;
+    let mean_y = samples.iter().map(|&(_, v)| v as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, &(_, v)) in xs.zip(samples) {
+        num += (x - mean_x) * (v as f64 - mean_y);
+        den += (x - mean_x) * (x - mean_x);
+    }
+    if den == 0.0 { 0.0 } else { num / den * 60.0 }
+}
+
+fn event_ts(event: &Event) -> Option<u64> {
+    match event {
+        Event::Attached { ts, .. }
+        | Event::Opened { ts, .. }
+        | Event::Duplicated { ts, .. }
+        | Event::Fetched { ts, .. }
+        | Event::Closed { ts, .. }
+        | Event::ClosedRange { ts, .. }
+        | Event::Exec { ts, .. }
+        | Event::Forked { ts, .. }
+        | Event::Exited { ts, .. }
+        | Event::Failed { ts, .. }
+        | Event::Reconciled { ts, .. }
+        | Event::Tick { ts } => Some(*ts),
+        Event::CloexecSet { .. } | Event::LimitChanged { .. } | Event::Lost { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,413 @@
+use super::*;
+
+const MS: u64 = 1_000_000;
+const P: Pid = 100;
+
+fn fd(fd: i32, kind: FdKind, target: &str, cloexec: bool) -> NewFd {
+    NewFd {
+        fd,
+        kind,
+        target: Arc::from(target),
+        cloexec,
+    }
+}
+
+fn info(limit: u64) -> ProcessInfo {
+    ProcessInfo {
+        ppid: 1,
+        comm: "t".into(),
+        exe: "/t".into(),
+        limit: Limit {
+            soft: limit,
+            hard: limit,
+        },
+    }
+}
+
+fn attached(limit: u64) -> Model {
+    let mut m = Model::new();
+    m.apply(&Event::Attached {
+        pid: P,
+        ts: MS,
+        info: info(limit),
+        fds: vec![
+            fd(0, FdKind::File, "/dev/null", false),
+            fd(1, FdKind::Pipe, "pipe:[1]", false),
+        ],
+    });
+    m
+}
+
+fn open(m: &mut Model, pid: Pid, ts: u64, n: i32, stack: StackId, cloexec: bool) {
+    m.apply(&Event::Opened {
+        pid,
+        tid: pid,
+        ts,
+        syscall: 257,
+        fds: vec![fd(n, FdKind::File, "/etc/hostname", cloexec)],
+        stack,
+    });
+}
+
+fn site_open(m: &Model, pid: Pid, stack: StackId) -> u64 {
+    m.sites_of(pid)
+        .filter(|s| s.stack == stack)
+        .map(|s| s.open)
+        .sum()
+}
+
+#[test]
+fn attach_seeds_inherited_descriptors() {
+    let m = attached(64);
+    assert_eq!(m.open_count(P), 2);
+    let origins: Vec<Origin> = m.sites_of(P).map(|s| s.origin).collect();
+    assert_eq!(origins, vec![Origin::Inherited, Origin::Inherited]);
+}
+
+#[test]
+fn open_and_close_track_sites_and_lifetimes() {
+    let mut m = attached(64);
+    for n in 3..8 {
+        open(&mut m, P, 2 * MS, n, 7, false);
+    }
+    open(&mut m, P, 2 * MS, 8, 9, false);
+    m.apply(&Event::Closed {
+        pid: P,
+        ts: 12 * MS,
+        fd: 8,
+    });
+    assert_eq!(site_open(&m, P, 7), 5);
+    assert_eq!(site_open(&m, P, 9), 0);
+    let balanced = m.sites_of(P).find(|s| s.stack == 9).unwrap();
+    assert_eq!((balanced.opened, balanced.closed), (1, 1));
+    assert!((balanced.lifetime_ms(0.5).unwrap() - 10.0).abs() < 0.2);
+    assert_eq!(m.open_count(P), 7);
+    assert_eq!(m.processes[&P].peak_open, 8);
+}
+
+#[test]
+fn closing_an_unknown_descriptor_changes_nothing() {
+    let mut m = attached(64);
+    m.apply(&Event::Closed {
+        pid: P,
+        ts: 2 * MS,
+        fd: 40,
+    });
+    assert_eq!(m.open_count(P), 2);
+}
+
+#[test]
+fn dup2_onto_an_open_descriptor_closes_it() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 3, 7, false);
+    m.apply(&Event::Duplicated {
+        pid: P,
+        tid: P,
+        ts: 3 * MS,
+        syscall: 33,
+        from: 3,
+        to: 1,
+        cloexec: false,
+        stack: 8,
+    });
+    let table = m.open_fds(P).unwrap();
+    assert_eq!(
+        table[&1].kind,
+        FdKind::File,
+        "fd 1 now refers to fd 3's file"
+    );
+    assert_eq!(&*table[&1].target, "/etc/hostname");
+    assert_eq!(m.open_count(P), 3);
+    let pipe = m.sites_of(P).find(|s| s.kind == FdKind::Pipe).unwrap();
+    assert_eq!((pipe.open, pipe.closed), (0, 1));
+    assert_eq!(
+        m.corrections.reused, 0,
+        "an implicit close by dup2 is not a correction"
+    );
+    // dup2(fd, fd) is a no-op.
+    m.apply(&Event::Duplicated {
+        pid: P,
+        tid: P,
+        ts: 4 * MS,
+        syscall: 33,
+        from: 3,
+        to: 3,
+        cloexec: false,
+        stack: 8,
+    });
+    assert_eq!(m.open_count(P), 3);
+}
+
+#[test]
+fn close_range_closes_or_marks() {
+    let mut m = attached(64);
+    for n in 3..10 {
+        open(&mut m, P, 2 * MS, n, 7, false);
+    }
+    m.apply(&Event::ClosedRange {
+        pid: P,
+        ts: 3 * MS,
+        first: 5,
+        last: 6,
+        cloexec_only: false,
+        unshare: false,
+    });
+    assert_eq!(m.open_count(P), 7);
+    m.apply(&Event::ClosedRange {
+        pid: P,
+        ts: 3 * MS,
+        first: 7,
+        last: u32::MAX,
+        cloexec_only: true,
+        unshare: false,
+    });
+    assert_eq!(m.open_count(P), 7);
+    m.apply(&Event::Exec {
+        pid: P,
+        ts: 4 * MS,
+        info: info(64),
+    });
+    let left: Vec<i32> = m.open_fds(P).unwrap().keys().copied().collect();
+    assert_eq!(left, vec![0, 1, 3, 4]);
+}
+
+#[test]
+fn exec_closes_only_cloexec_descriptors() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 3, 7, true);
+    open(&mut m, P, 2 * MS, 4, 7, false);
+    m.apply(&Event::CloexecSet {
+        pid: P,
+        fd: 4,
+        cloexec: true,
+    });
+    open(&mut m, P, 2 * MS, 5, 7, false);
+    m.apply(&Event::Exec {
+        pid: P,
+        ts: 3 * MS,
+        info: info(64),
+    });
+    let left: Vec<i32> = m.open_fds(P).unwrap().keys().copied().collect();
+    assert_eq!(left, vec![0, 1, 5]);
+}
+
+#[test]
+fn fork_copies_the_table_with_call_sites() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 3, 7, false);
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 3 * MS,
+        shares_table: false,
+    });
+    open(&mut m, 200, 4 * MS, 4, 8, false);
+    m.apply(&Event::Closed {
+        pid: P,
+        ts: 5 * MS,
+        fd: 3,
+    });
+    assert_eq!(m.open_count(200), 4);
+    assert_eq!(m.open_count(P), 2);
+    assert_eq!(
+        site_open(&m, 200, 7),
+        1,
+        "the child's copy keeps the parent's stack"
+    );
+    assert_eq!(site_open(&m, P, 7), 0);
+}
+
+#[test]
+fn clone_files_shares_one_table() {
+    let mut m = attached(64);
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 3 * MS,
+        shares_table: true,
+    });
+    open(&mut m, 200, 4 * MS, 3, 8, false);
+    assert_eq!(m.open_count(P), 3);
+    m.apply(&Event::Exited {
+        pid: 200,
+        ts: 5 * MS,
+        code: Some(0),
+    });
+    assert_eq!(m.open_count(P), 3, "the table lives on with its other user");
+    m.apply(&Event::Closed {
+        pid: P,
+        ts: 6 * MS,
+        fd: 3,
+    });
+    assert_eq!(m.open_count(P), 2);
+    assert_eq!(
+        m.open_count(200),
+        3,
+        "what 200 held at its exit is kept for the report"
+    );
+}
+
+#[test]
+fn exit_snapshots_the_table() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 3, 7, false);
+    m.apply(&Event::Exited {
+        pid: P,
+        ts: 3 * MS,
+        code: None,
+    });
+    m.set_exit_code(P, 3);
+    let p = &m.processes[&P];
+    let exit = p.exit.as_ref().unwrap();
+    assert_eq!(exit.code, Some(3));
+    assert_eq!(exit.open_at_exit.len(), 3);
+    assert_eq!(site_open(&m, P, 7), 0, "nothing is open in a dead process");
+    let site = m.sites_of(P).find(|s| s.stack == 7).unwrap();
+    assert_eq!(
+        (site.opened, site.closed),
+        (1, 0),
+        "exit is not the program closing"
+    );
+}
+
+#[test]
+fn emfile_blames_the_holders_at_that_instant() {
+    let mut m = attached(9);
+    for n in 3..9 {
+        open(&mut m, P, 2 * MS, n, 7, false);
+    }
+    open(&mut m, P, 2 * MS, 9, 8, false);
+    m.apply(&Event::Failed {
+        pid: P,
+        tid: P + 1,
+        ts: 3 * MS,
+        syscall: 288,
+        errno: Errno::Emfile,
+        stack: 9,
+    });
+    for n in 3..9 {
+        m.apply(&Event::Closed {
+            pid: P,
+            ts: 4 * MS,
+            fd: n,
+        });
+    }
+    let inc = &m.incidents[0];
+    assert_eq!((inc.open_fds, inc.limit, inc.tid), (9, 9, P + 1));
+    let top = &m.sites[inc.blame[0].0];
+    assert_eq!((top.stack, inc.blame[0].1), (7, 6));
+    assert_eq!(
+        inc.blame.len(),
+        4,
+        "stack 7, stack 8 and the two inherited descriptors"
+    );
+}
+
+#[test]
+fn reconciliation_corrects_only_what_persists() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 3, 7, false);
+    // /proc lacks fd 3 and shows fd 5 that no event created.
+    let listing = vec![
+        fd(0, FdKind::File, "/dev/null", false),
+        fd(1, FdKind::Pipe, "pipe:[1]", false),
+        fd(5, FdKind::Socket, "socket:[9]", false),
+    ];
+    m.apply(&Event::Reconciled {
+        pid: P,
+        ts: 3 * MS,
+        fds: listing.clone(),
+    });
+    assert_eq!(
+        m.open_count(P),
+        3,
+        "one listing is not enough: events may be in flight"
+    );
+    m.apply(&Event::Reconciled {
+        pid: P,
+        ts: 4 * MS,
+        fds: listing,
+    });
+    let left: Vec<i32> = m.open_fds(P).unwrap().keys().copied().collect();
+    assert_eq!(left, vec![0, 1, 5]);
+    assert_eq!(
+        m.corrections,
+        Corrections {
+            added: 1,
+            removed: 1,
+            reused: 0
+        }
+    );
+    assert!(
+        m.sites_of(P)
+            .any(|s| s.origin == Origin::Reconciled && s.open == 1)
+    );
+}
+
+#[test]
+fn a_discrepancy_that_resolves_is_not_corrected() {
+    let mut m = attached(64);
+    let listing = vec![
+        fd(0, FdKind::File, "/dev/null", false),
+        fd(1, FdKind::Pipe, "pipe:[1]", false),
+        fd(3, FdKind::File, "/x", false),
+    ];
+    m.apply(&Event::Reconciled {
+        pid: P,
+        ts: 3 * MS,
+        fds: listing.clone(),
+    });
+    open(&mut m, P, 3 * MS, 3, 7, false); // the creation was in flight
+    m.apply(&Event::Reconciled {
+        pid: P,
+        ts: 4 * MS,
+        fds: listing,
+    });
+    assert_eq!(m.corrections, Corrections::default());
+}
+
+#[test]
+fn growth_and_forecast() {
+    let mut m = attached(1000);
+    let mut n = 3;
+    for sec in 1..=20u64 {
+        for _ in 0..10 {
+            open(&mut m, P, sec * 1000 * MS, n, 7, false);
+            n += 1;
+        }
+        m.apply(&Event::Tick {
+            ts: sec * 1000 * MS,
+        });
+    }
+    let growth = m.processes[&P].growth_per_min();
+    assert!((growth - 600.0).abs() < 1.0, "{growth}");
+    let site = m.sites_of(P).find(|s| s.stack == 7).unwrap();
+    assert!((site.growth_per_min() - 600.0).abs() < 1.0);
+    // 202 open, 798 to go at 10/s.
+    let eta = m.forecast_secs(P).unwrap();
+    assert!((eta - 79.8).abs() < 0.5, "{eta}");
+}
+
+#[test]
+fn pid_reuse_after_exit_starts_fresh() {
+    let mut m = attached(64);
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 2 * MS,
+        shares_table: false,
+    });
+    m.apply(&Event::Exited {
+        pid: 200,
+        ts: 3 * MS,
+        code: Some(0),
+    });
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 4 * MS,
+        shares_table: false,
+    });
+    assert!(m.processes[&200].alive());
+    assert_eq!(m.open_count(200), 2);
+}

@@ -1,0 +1,225 @@
+//! What /proc says about a process: its descriptors, limit, identity and stack bounds.
+//!
+//! These are the ground truth the model is seeded and reconciled with.
+
+use std::{fs, io, path::PathBuf, sync::Arc};
+
+use crate::model::{FdKind, Limit, NewFd};
+
+/// The kind of descriptor a /proc/PID/fd link names.
+pub fn kind_of_link(link: &str) -> FdKind {
+    if let Some(rest) = link.strip_prefix("anon_inode:") {
+        let name = rest.trim_start_matches('[').trim_end_matches(']');
+        return match name {
+            "eventfd" => FdKind::Eventfd,
+            "eventpoll" => FdKind::Epoll,
+            "timerfd" => FdKind::Timerfd,
+            "signalfd" => FdKind::Signalfd,
+            "inotify" => FdKind::Inotify,
+            "fanotify" => FdKind::Fanotify,
+            "pidfd" => FdKind::Pidfd,
+            "io_uring" => FdKind::IoUring,
+            "perf_event" => FdKind::Perf,
+            "userfaultfd" => FdKind::Userfaultfd,
+            n if n.starts_with("bpf") || n == "btf" => FdKind::Bpf,
+            _ => FdKind::Other,
+        };
+    }
+    if link.starts_with("socket:") {
+        FdKind::Socket
+    } else if link.starts_with("pipe:") {
+        FdKind::Pipe
+    } else if link.starts_with("pidfd:") {
+        FdKind::Pidfd
+    } else if link.starts_with("/memfd:") {
+        FdKind::Memfd
+    } else {
+        FdKind::File
+    }
+}
+
+/// The open descriptors of `pid` with their kinds and targets, and the close-on-exec bit from
+/// fdinfo. Descriptors that close while being listed are skipped.
+pub fn fds(pid: u32) -> io::Result<Vec<NewFd>> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&dir)? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(link) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        out.push(NewFd {
+            fd,
+            kind: kind_of_link(&link),
+            target: Arc::from(link.as_ref()),
+            cloexec: cloexec(pid, fd).unwrap_or(false),
+        });
+    }
+    out.sort_by_key(|f| f.fd);
+    Ok(out)
+}
+
+/// O_CLOEXEC from the octal `flags:` line of /proc/PID/fdinfo/FD.
+fn cloexec(pid: u32, fd: i32) -> Option<bool> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    let flags = u64::from_str_radix(flags.trim(), 8).ok()?;
+    Some(flags & 0o2_000_000 != 0)
+}
+
+/// The descriptor limit, from the "Max open files" line of /proc/PID/limits.
+pub fn limit(pid: u32) -> io::Result<Limit> {
+    parse_limits(&fs::read_to_string(format!("/proc/{pid}/limits"))?)
+        .ok_or_else(|| io::Error::other("no \"Max open files\" line in limits"))
+}
+
+pub fn parse_limits(text: &str) -> Option<Limit> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut nums = line["Max open files".len()..].split_whitespace();
+    let parse = |s: Option<&str>| match s? {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    };
+    Some(Limit {
+        soft: parse(nums.next())?,
+        hard: parse(nums.next())?,
+    })
+}
+
+/// Who a process is: command name, executable and parent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub comm: String,
+    pub exe: String,
+    pub ppid: u32,
+}
+
+pub fn identity(pid: u32) -> io::Result<Identity> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // comm is in parentheses and may itself contain spaces and parentheses.
+    let open = stat
+        .find('(')
+        .ok_or_else(|| io::Error::other("malformed stat"))?;
+    let close = stat
+        .rfind(')')
+        .ok_or_else(|| io::Error::other("malformed stat"))?;
+    let comm = stat[open + 1..close].to_string();
+    let ppid = stat[close + 1..]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Identity { comm, exe, ppid })
+}
+
+/// Bounds of the `[stack]` mapping of the main thread, for clamping the probe's stack copy.
+pub fn main_stack(pid: u32) -> Option<(u64, u64)> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[stack]"))?;
+    let range = line.split_whitespace().next()?;
+    let (lo, hi) = range.split_once('-')?;
+    Some((
+        u64::from_str_radix(lo, 16).ok()?,
+        u64::from_str_radix(hi, 16).ok()?,
+    ))
+}
+
+/// The thread ids of a process.
+pub fn threads(pid: u32) -> io::Result<Vec<u32>> {
+    let mut tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// The processes whose parent is `pid`, from /proc/PID/task/*/children.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tids) = threads(pid) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for tid in tids {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_from_links() {
+        for (link, kind) in [
+            ("/etc/hostname", FdKind::File),
+            ("socket:[1234]", FdKind::Socket),
+            ("pipe:[99]", FdKind::Pipe),
+            ("anon_inode:[eventfd]", FdKind::Eventfd),
+            ("anon_inode:[eventpoll]", FdKind::Epoll),
+            ("anon_inode:[timerfd]", FdKind::Timerfd),
+            ("anon_inode:[signalfd]", FdKind::Signalfd),
+            ("anon_inode:inotify", FdKind::Inotify),
+            ("anon_inode:[fanotify]", FdKind::Fanotify),
+            ("/memfd:buf (deleted)", FdKind::Memfd),
+            ("anon_inode:[pidfd]", FdKind::Pidfd),
+            ("anon_inode:[io_uring]", FdKind::IoUring),
+            ("anon_inode:bpf-map", FdKind::Bpf),
+            ("anon_inode:[perf_event]", FdKind::Perf),
+            ("anon_inode:[userfaultfd]", FdKind::Userfaultfd),
+            ("anon_inode:[something]", FdKind::Other),
+        ] {
+            assert_eq!(kind_of_link(link), kind, "{link}");
+        }
+    }
+
+    #[test]
+    fn limits_parse() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(
+            parse_limits(text),
+            Some(Limit {
+                soft: 1024,
+                hard: 524_288
+            })
+        );
+        let text = "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(
+            parse_limits(text),
+            Some(Limit {
+                soft: u64::MAX,
+                hard: u64::MAX
+            })
+        );
+        assert_eq!(parse_limits("nothing"), None);
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = std::process::id();
+        let fds = fds(me).unwrap();
+        assert!(fds.iter().any(|f| f.fd == 0));
+        let id = identity(me).unwrap();
+        assert!(!id.comm.is_empty());
+        assert!(limit(me).unwrap().soft > 0);
+        let (lo, hi) = main_stack(me).unwrap();
+        assert!(lo < hi);
+    }
+}

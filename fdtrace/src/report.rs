@@ -1,0 +1,419 @@
+//! The report of what was left open and every EMFILE/ENFILE: built once from the model, then
+//! rendered as text (valgrind style), markdown or JSON (schema "fdtrace.report/1").
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clock::WallClock,
+    model::{FdKind, Limit, Model, Origin, Pid, SiteId},
+    stack::{Frame, Lang},
+    tracer::Stacks,
+};
+
+pub const SCHEMA: &str = "fdtrace.report/1";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub fdtrace_version: String,
+    pub duration_ms: u64,
+    pub dropped_events: u64,
+    pub processes: Vec<ProcessReport>,
+    pub sites: Vec<SiteReport>,
+    pub emfile: Vec<IncidentReport>,
+    /// EMFILE/ENFILE failures beyond those listed (the model keeps the first ones whole).
+    pub emfile_not_listed: u64,
+    pub corrections: crate::model::Corrections,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessReport {
+    pub pid: Pid,
+    pub ppid: Pid,
+    pub comm: String,
+    pub exe: String,
+    pub limit: Limit,
+    pub peak_open: u64,
+    pub open_at_end: u64,
+    pub exit_code: Option<i32>,
+    pub exited: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteReport {
+    pub kind: FdKind,
+    pub open: u64,
+    pub opened: u64,
+    pub closed: u64,
+    pub oldest_age_ms: u64,
+    pub inherited: bool,
+    /// Found by reconciliation with /proc, never seen created (SCM_RIGHTS, io_uring, losses).
+    pub unattributed: bool,
+    pub pid: Pid,
+    pub fds: Vec<i32>,
+    pub targets: Vec<String>,
+    pub frames: Vec<FrameReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameReport {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    /// The source file with its directory, when the debug info has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    pub addr: String,
+    pub lang: Lang,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IncidentReport {
+    pub time: String,
+    pub mono_ns: u64,
+    pub pid: Pid,
+    pub tid: u32,
+    pub syscall: String,
+    pub errno: String,
+    pub open_fds: u64,
+    pub limit: u64,
+    pub frames: Vec<FrameReport>,
+    pub blame: Vec<BlameReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlameReport {
+    pub kind: FdKind,
+    pub open: u64,
+    pub inherited: bool,
+    pub frames: Vec<FrameReport>,
+}
+
+impl From<&Frame> for FrameReport {
+    fn from(f: &Frame) -> Self {
+        Self {
+            function: f.function.clone(),
+            file: f.file.clone(),
+            path: f.path.clone(),
+            line: f.line,
+            module: f.module.clone(),
+            addr: format!("{:#x}", f.addr),
+            lang: f.lang,
+        }
+    }
+}
+
+fn frames(stacks: &Stacks, id: crate::model::StackId) -> Vec<FrameReport> {
+    stacks.get(id).iter().map(FrameReport::from).collect()
+}
+
+impl Report {
+    pub fn build(model: &Model, stacks: &Stacks, clock: &WallClock) -> Self {
+        let mut processes = Vec::new();
+        let mut sites = Vec::new();
+        for p in model.processes.values() {
+            let open = model.open_fds(p.pid);
+            let end_ns = p.exit.as_ref().map_or(model.last_ns, |e| e.ts);
+            processes.push(ProcessReport {
+                pid: p.pid,
+                ppid: p.info.ppid,
+                comm: p.info.comm.clone(),
+                exe: p.info.exe.clone(),
+                limit: p.info.limit,
+                peak_open: p.peak_open,
+                open_at_end: open.map_or(0, |t| t.len() as u64),
+                exit_code: p.exit.as_ref().and_then(|e| e.code),
+                exited: p.exit.is_some(),
+            });
+            let mut by_site: BTreeMap<SiteId, Vec<(i32, &crate::model::OpenFd)>> = BTreeMap::new();
+            for (n, fd) in open.into_iter().flatten() {
+                by_site.entry(fd.site).or_default().push((*n, fd));
+            }
+            for (site_id, fds) in by_site {
+                let site = &model.sites[site_id];
+                let oldest = fds.iter().map(|(_, f)| f.opened_ns).min().unwrap_or(end_ns);
+                let mut targets: Vec<String> = Vec::new();
+                for (_, f) in &fds {
+                    if targets.len() < 5 && !targets.iter().any(|t| **t == *f.target) {
+                        targets.push(f.target.to_string());
+                    }
+                }
+                sites.push(SiteReport {
+                    kind: site.kind,
+                    open: fds.len() as u64,
+                    opened: site.opened,
+                    closed: site.closed,
+                    oldest_age_ms: end_ns.saturating_sub(oldest) / 1_000_000,
+                    inherited: site.origin == Origin::Inherited,
+                    unattributed: site.origin == Origin::Reconciled,
+                    pid: p.pid,
+                    fds: fds.iter().map(|(n, _)| *n).collect(),
+                    targets,
+                    frames: frames(stacks, site.stack),
+                });
+            }
+        }
+        // Most descriptors first; inherited ones (stdio) after the program's own at equal counts.
+        sites.sort_by(|a, b| {
+            b.open
+                .cmp(&a.open)
+                .then(a.inherited.cmp(&b.inherited))
+                .then(a.pid.cmp(&b.pid))
+        });
+
+        let emfile = model
+            .incidents
+            .iter()
+            .map(|inc| IncidentReport {
+                time: clock.rfc3339(inc.ts),
+                mono_ns: inc.ts,
+                pid: inc.pid,
+                tid: inc.tid,
+                syscall: fdtrace_common::syscalls::name(inc.syscall)
+                    .unwrap_or("unknown")
+                    .to_string(),
+                errno: inc.errno.name().to_string(),
+                open_fds: inc.open_fds,
+                limit: inc.limit,
+                frames: frames(stacks, inc.stack),
+                blame: inc
+                    .blame
+                    .iter()
+                    .map(|&(site, open)| {
+                        let s = &model.sites[site];
+                        BlameReport {
+                            kind: s.kind,
+                            open,
+                            inherited: s.origin == Origin::Inherited,
+                            frames: frames(stacks, s.stack),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+
+        Report {
+            schema: SCHEMA.to_string(),
+            fdtrace_version: env!("CARGO_PKG_VERSION").to_string(),
+            duration_ms: model.last_ns.saturating_sub(model.first_ns) / 1_000_000,
+            dropped_events: model.dropped,
+            processes,
+            sites,
+            emfile,
+            emfile_not_listed: model
+                .incidents_total
+                .saturating_sub(model.incidents.len() as u64),
+            corrections: model.corrections,
+        }
+    }
+
+    /// Descriptors the traced programs themselves left open (not inherited ones like stdio).
+    pub fn leaked(&self) -> u64 {
+        self.sites
+            .iter()
+            .filter(|s| !s.inherited)
+            .map(|s| s.open)
+            .sum()
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("the report is plain data");
+        s.push('\n');
+        s
+    }
+
+    /// valgrind-style text: per process, each site with its count, kind, example targets and
+    /// stack innermost first, then every incident with its blame.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        for p in &self.processes {
+            let tag = format!("=={}==", p.pid);
+            let mine: Vec<&SiteReport> = self.sites.iter().filter(|s| s.pid == p.pid).collect();
+            let leaked: u64 = mine.iter().filter(|s| !s.inherited).map(|s| s.open).sum();
+            let inherited: u64 = mine.iter().filter(|s| s.inherited).map(|s| s.open).sum();
+            let when = if p.exited { "at exit" } else { "now" };
+            let _ = writeln!(
+                w,
+                "{tag} FILE DESCRIPTORS: {} open {when} ({leaked} opened while traced, {inherited} inherited) in {} [{}], limit {}, peak {}",
+                p.open_at_end,
+                p.comm,
+                p.exe,
+                fmt_limit(p.limit.soft),
+                p.peak_open
+            );
+            for s in mine.iter().filter(|s| !s.inherited) {
+                let _ = writeln!(w, "{tag}");
+                let _ = writeln!(
+                    w,
+                    "{tag} {} {} descriptor{} still open ({} opened, {} closed here; oldest {} ms): fds {}",
+                    s.open,
+                    s.kind.name(),
+                    if s.open == 1 { "" } else { "s" },
+                    s.opened,
+                    s.closed,
+                    s.oldest_age_ms,
+                    fd_list(&s.fds)
+                );
+                if !s.targets.is_empty() {
+                    let _ = writeln!(w, "{tag}    e.g. {}", s.targets.join(", "));
+                }
+                if s.unattributed {
+                    let _ = writeln!(
+                        w,
+                        "{tag}    (found in /proc, never seen created: received over a socket, io_uring, or lost events)"
+                    );
+                }
+                write_frames(w, &tag, &s.frames);
+            }
+            if inherited > 0 {
+                let _ = writeln!(w, "{tag}");
+                let _ = writeln!(
+                    w,
+                    "{tag} {inherited} descriptor(s) were open before tracing began (no stack)"
+                );
+            }
+            let _ = writeln!(w, "{tag}");
+        }
+        for inc in &self.emfile {
+            let tag = format!("=={}==", inc.pid);
+            let _ = writeln!(
+                w,
+                "{tag} {}: {} failed in thread {} at {} with {}/{} descriptors open",
+                inc.errno,
+                inc.syscall,
+                inc.tid,
+                inc.time,
+                inc.open_fds,
+                fmt_limit(inc.limit)
+            );
+            write_frames(w, &tag, &inc.frames);
+            let _ = writeln!(w, "{tag}  the table at that instant:");
+            for b in &inc.blame {
+                let place = if b.inherited {
+                    "open before tracing".to_string()
+                } else {
+                    place(&b.frames)
+                };
+                let _ = writeln!(w, "{tag}   {:>6} {:<8} {place}", b.open, b.kind.name());
+            }
+            let _ = writeln!(w, "{tag}");
+        }
+        if self.emfile_not_listed > 0 {
+            let _ = writeln!(
+                w,
+                "==fdtrace== {} more EMFILE/ENFILE failures not listed",
+                self.emfile_not_listed
+            );
+        }
+        let c = &self.corrections;
+        let _ = writeln!(
+            w,
+            "==fdtrace== {} process(es), {} EMFILE/ENFILE, {} events lost, corrections from /proc: {} added, {} removed, {} reused",
+            self.processes.len(),
+            self.emfile.len() as u64 + self.emfile_not_listed,
+            self.dropped_events,
+            c.added,
+            c.removed,
+            c.reused
+        );
+        out
+    }
+}
+
+fn write_frames(w: &mut String, tag: &str, frames: &[FrameReport]) {
+    if frames.is_empty() {
+        let _ = writeln!(w, "{tag}    (no stack)");
+    }
+    for (i, f) in frames.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "{tag}    {} {}",
+            if i == 0 { "at" } else { "by" },
+            fmt_frame(f)
+        );
+    }
+}
+
+/// `function (file:line) [module]`, or `module+offset` when nothing resolved.
+pub fn fmt_frame(f: &FrameReport) -> String {
+    let mut s = f.function.clone().unwrap_or_else(|| f.addr.clone());
+    if let Some(file) = &f.file {
+        let _ = write!(s, " ({file}");
+        if let Some(line) = f.line {
+            let _ = write!(s, ":{line}");
+        }
+        s.push(')');
+    }
+    if let Some(module) = &f.module {
+        let _ = write!(s, " [{module}]");
+    }
+    s
+}
+
+/// The frame that names a stack in one line: the first of the program's own (outside the C
+/// library, the loader and Rust's standard library), preferring one with a source line.
+pub fn place(frames: &[FrameReport]) -> String {
+    let own = || frames.iter().filter(|f| f.function.is_some() && !is_runtime(f));
+    own()
+        .find(|f| f.file.is_some())
+        .or_else(|| own().next())
+        .or(frames.first())
+        .map_or_else(|| "(no stack)".to_string(), fmt_frame)
+}
+
+/// Frames of the C library and language runtimes, skipped when naming "the" place in the program.
+fn is_runtime(f: &FrameReport) -> bool {
+    let module = f.module.as_deref().unwrap_or("");
+    let path = f.path.as_deref().unwrap_or("");
+    ["libc.so", "ld-linux", "libpthread", "libstdc++"].iter().any(|m| module.starts_with(m))
+        // Rust's standard library, built at /rustc/<commit>/library.
+        || path.starts_with("/rustc/")
+}
+
+fn fmt_limit(limit: u64) -> String {
+    if limit == u64::MAX {
+        "unlimited".into()
+    } else {
+        limit.to_string()
+    }
+}
+
+/// `3-9, 12` from a sorted list.
+fn fd_list(fds: &[i32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < fds.len() {
+        let start = fds[i];
+        let mut end = start;
+        while i + 1 < fds.len() && fds[i + 1] == end + 1 {
+            i += 1;
+            end = fds[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+        if parts.len() == 12 && i < fds.len() {
+            parts.push(format!("... ({} more)", fds.len() - i));
+            break;
+        }
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_lists_compress_runs() {
+        assert_eq!(fd_list(&[3, 4, 5, 9, 11, 12]), "3-5, 9, 11-12");
+        assert_eq!(fd_list(&[]), "");
+    }
+}

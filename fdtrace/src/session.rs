@@ -1,0 +1,263 @@
+//! A live tracing session: probes → reader thread → tracer → model, with the periodic work
+//! (ticks, loss accounting, reconciliation with /proc) that keeps the model true.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{self, Receiver},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    clock::{WallClock, monotonic_ns},
+    decode::{self, Record},
+    mmap_events::{MapEvent, MmapWatcher},
+    model::{Event, Model, Pid},
+    probe::{ProbeOptions, Probes},
+    procfs,
+    report::Report,
+    tracer::Tracer,
+};
+
+/// How often /proc is compared with the tables; a difference is corrected when two consecutive
+/// comparisons agree on it.
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// Tables larger than this are reconciled less often: listing /proc/PID/fd costs about 1 us per
+/// descriptor.
+const LARGE_TABLE: u64 = 100_000;
+
+pub struct Session {
+    probes: Probes,
+    pub tracer: Tracer,
+    pub model: Model,
+    pub clock: WallClock,
+    records: Receiver<Vec<Record>>,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+    decode_errors: Arc<AtomicU64>,
+    lost_seen: u64,
+    last_tick: Instant,
+    last_reconcile: Instant,
+    reconciles: u64,
+    /// Called with every event the model consumed (the recorder hooks in here).
+    observer: Option<Observer>,
+    mappings: MmapWatcher,
+    map_events: Vec<MapEvent>,
+}
+
+type Observer = Box<dyn FnMut(&Event)>;
+
+/// A record or a mapping report, merged in time order.
+enum Item {
+    Record(Record),
+    Map(MapEvent),
+}
+
+impl Session {
+    /// Loads and attaches the probes and starts draining them.
+    pub fn start(options: ProbeOptions) -> anyhow::Result<Self> {
+        let mut probes = Probes::load(options)?;
+        let mut reader = probes.reader()?;
+        let (tx, records) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let decode_errors = Arc::new(AtomicU64::new(0));
+        let (stop_r, errors_r) = (stop.clone(), decode_errors.clone());
+        let reader = std::thread::Builder::new()
+            .name("fdtrace-ring".into())
+            .spawn(move || {
+                while !stop_r.load(Ordering::Relaxed) {
+                    reader.wait(Duration::from_millis(2));
+                    let mut batch = Vec::new();
+                    reader.drain(|bytes| match decode::decode(bytes) {
+                        Ok(rec) => batch.push(rec),
+                        Err(_) => {
+                            errors_r.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    if !batch.is_empty() && tx.send(batch).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting the ring buffer reader")?;
+        Ok(Self {
+            probes,
+            tracer: Tracer::new(),
+            model: Model::new(),
+            clock: WallClock::measure(),
+            records,
+            stop,
+            reader: Some(reader),
+            decode_errors,
+            lost_seen: 0,
+            last_tick: Instant::now(),
+            last_reconcile: Instant::now(),
+            reconciles: 0,
+            observer: None,
+            mappings: MmapWatcher::new(),
+            map_events: Vec::new(),
+        })
+    }
+
+    pub fn set_observer(&mut self, observer: Observer) {
+        self.observer = Some(observer);
+    }
+
+    /// Starts tracing an existing process (and, in the kernel, every child it forks from now).
+    pub fn add(&mut self, pid: Pid) -> anyhow::Result<()> {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            anyhow::bail!("no process with pid {pid}");
+        }
+        self.probes.trace(pid, procfs::main_stack(pid))?;
+        let event = self
+            .tracer
+            .attach(pid, monotonic_ns())
+            .with_context(|| format!("reading /proc/{pid} (did it exit?)"))?;
+        self.apply(&event);
+        Ok(())
+    }
+
+    /// Has the kernel report the mappings of `pid` and its descendants as they are made, for
+    /// a process started by fdtrace and held before exec (it may exit before /proc can be read).
+    pub fn watch_mappings(&mut self, pid: Pid) -> anyhow::Result<()> {
+        self.mappings
+            .watch(pid)
+            .context("opening perf mapping reports (perf_event_open)")
+    }
+
+    /// Also traces the processes `pid` has already forked, recursively.
+    pub fn add_descendants(&mut self, pid: Pid) {
+        for child in procfs::children(pid) {
+            if self.add(child).is_ok() {
+                self.add_descendants(child);
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &Event) {
+        self.model.apply(event);
+        if let Some(observer) = &mut self.observer {
+            observer(event);
+        }
+    }
+
+    /// Consumes what the probes delivered, waiting up to `timeout` for it; then does the
+    /// periodic work that is due. Returns the new events.
+    pub fn pump(&mut self, timeout: Duration) -> Vec<Event> {
+        let mut items: Vec<Item> = Vec::new();
+        let mut next = self.records.recv_timeout(timeout).ok();
+        while let Some(batch) = next {
+            items.extend(batch.into_iter().map(Item::Record));
+            next = self.records.try_recv().ok();
+        }
+        // Mapping reports are drained after the records: whatever a record's stack needs was
+        // mapped before the record was written, so it is in this drain or an earlier one.
+        self.mappings.drain(&mut self.map_events);
+        items.extend(self.map_events.drain(..).map(Item::Map));
+        items.sort_by_key(|item| match item {
+            Item::Record(rec) => rec.header.ts_ns,
+            Item::Map(map) => map.ts(),
+        });
+
+        let mut out = Vec::new();
+        for item in items {
+            let rec = match item {
+                Item::Record(rec) => rec,
+                Item::Map(map) => {
+                    self.tracer.mapping(&map);
+                    continue;
+                }
+            };
+            for event in self.tracer.translate(&rec) {
+                if let Event::Exec { pid, .. } = &event {
+                    // The new image has a new stack: the probe's clamp must follow.
+                    let _ = self.probes.trace(*pid, procfs::main_stack(*pid));
+                }
+                self.apply(&event);
+                out.push(event);
+            }
+        }
+        self.periodic();
+        out
+    }
+
+    fn periodic(&mut self) {
+        let lost = self.probes.counters().ring_full + self.decode_errors.load(Ordering::Relaxed);
+        let new_loss = lost > self.lost_seen;
+        if new_loss {
+            self.apply(&Event::Lost {
+                count: lost - self.lost_seen,
+            });
+            self.lost_seen = lost;
+        }
+        if self.last_tick.elapsed() >= Duration::from_secs(1) {
+            self.last_tick = Instant::now();
+            self.apply(&Event::Tick { ts: monotonic_ns() });
+        }
+        if new_loss || self.last_reconcile.elapsed() >= RECONCILE_EVERY {
+            self.last_reconcile = Instant::now();
+            self.reconciles += 1;
+            self.reconcile();
+        }
+    }
+
+    fn reconcile(&mut self) {
+        let pids: Vec<Pid> = self
+            .model
+            .processes
+            .values()
+            .filter(|p| p.alive())
+            .map(|p| p.pid)
+            .filter(|&pid| {
+                self.model.open_count(pid) < LARGE_TABLE || self.reconciles.is_multiple_of(15)
+            })
+            .collect();
+        for pid in pids {
+            if let Ok(fds) = procfs::fds(pid) {
+                self.apply(&Event::Reconciled {
+                    pid,
+                    ts: monotonic_ns(),
+                    fds,
+                });
+            }
+        }
+    }
+
+    /// Records a process's exit status learned from waitpid.
+    pub fn set_exit_code(&mut self, pid: Pid, code: i32) {
+        self.model.set_exit_code(pid, code);
+    }
+
+    pub fn any_alive(&self) -> bool {
+        self.model
+            .processes
+            .values()
+            .any(crate::model::Process::alive)
+    }
+
+    pub fn counters(&self) -> crate::probe::Counters {
+        self.probes.counters()
+    }
+
+    pub fn probe_cost(&self) -> crate::probe::ProbeCost {
+        self.probes.cost()
+    }
+
+    pub fn report(&self) -> Report {
+        Report::build(&self.model, &self.tracer.stacks, &self.clock)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Turns probe [`Record`]s into model [`Event`]s: syscall semantics, /proc facts for new
+//! processes, and stacks unwound and interned as they arrive.
+
+use std::{collections::HashMap, net::Ipv4Addr, net::Ipv6Addr, sync::Arc};
+
+use fdtrace_common::{kind, syscalls as sc};
+
+use crate::{
+    decode::Record,
+    mmap_events::MapEvent,
+    model::{Errno, Event, FdKind, NO_STACK, NewFd, ProcessInfo, StackId},
+    procfs,
+    stack::{Frame, RawFrame, Symbolizer, Unwinder},
+};
+
+const O_CLOEXEC: u64 = 0o2_000_000;
+const CLONE_FILES: u64 = 0x400;
+const CLOSE_RANGE_UNSHARE: u64 = 2;
+const CLOSE_RANGE_CLOEXEC: u64 = 4;
+
+/// Symbolized stacks by id. Ids start at 1; [`NO_STACK`] has no frames.
+#[derive(Debug, Default)]
+pub struct Stacks {
+    frames: Vec<Arc<[Frame]>>,
+}
+
+impl Stacks {
+    pub fn get(&self, id: StackId) -> &[Frame] {
+        match id.checked_sub(1) {
+            Some(i) => self.frames.get(i as usize).map_or(&[], |f| f),
+            None => &[],
+        }
+    }
+
+    /// Adds a symbolized stack and returns its id (recordings restore stacks this way).
+    pub fn push(&mut self, frames: Vec<Frame>) -> StackId {
+        self.frames.push(frames.into());
+        self.frames.len() as StackId
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+pub struct Tracer {
+    unwinder: Unwinder,
+    symbolizer: Symbolizer,
+    interned: HashMap<Vec<RawFrame>, StackId>,
+    /// Symbolized stacks by what they say, so that raw stacks differing only in addresses
+    /// (an unrolled loop's several calls on one line) are one call site.
+    by_location: HashMap<Vec<Location>, StackId>,
+    pub stacks: Stacks,
+}
+
+/// A frame as a reader tells it apart: where, not at which address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Location {
+    function: Option<String>,
+    file: Option<String>,
+    line: Option<u32>,
+    module: Option<String>,
+    /// Only for frames nothing resolved, which have nothing else to go by.
+    offset: Option<u64>,
+}
+
+impl From<&Frame> for Location {
+    fn from(f: &Frame) -> Self {
+        let unresolved = f.function.is_none() && f.file.is_none();
+        Self {
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            module: f.module.clone(),
+            offset: unresolved.then_some(f.offset),
+        }
+    }
+}
+
+impl Default for Tracer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tracer {
+    pub fn new() -> Self {
+        Self {
+            unwinder: Unwinder::new(),
+            symbolizer: Symbolizer::new(),
+            interned: HashMap::new(),
+            by_location: HashMap::new(),
+            stacks: Stacks::default(),
+        }
+    }
+
+    /// The event that starts tracing `pid`: who it is and what it has open now.
+    pub fn attach(&mut self, pid: u32, ts: u64) -> std::io::Result<Event> {
+        let info = process_info(pid)?;
+        let fds = procfs::fds(pid)?;
+        // Without maps we still trace, with unresolved frames.
+        let _ = self.unwinder.refresh(pid);
+        Ok(Event::Attached { pid, ts, info, fds })
+    }
+
+    /// Applies what the kernel reported about a launched process's mappings.
+    pub fn mapping(&mut self, event: &MapEvent) {
+        match event {
+            MapEvent::Map { pid, mapping, .. } => self.unwinder.map(*pid, mapping),
+            MapEvent::Exec { pid, .. } => self.unwinder.exec_reported(*pid),
+        }
+    }
+
+    /// The model events a record stands for (none for irrelevant ones).
+    pub fn translate(&mut self, rec: &Record) -> Vec<Event> {
+        let h = &rec.header;
+        let (pid, tid, ts, a) = (h.tgid, h.tid, h.ts_ns, h.args);
+        match h.kind {
+            kind::FORK => {
+                let child = a[0] as u32;
+                self.unwinder.fork(pid, child);
+                vec![Event::Forked {
+                    parent: pid,
+                    child,
+                    ts,
+                    shares_table: a[1] & CLONE_FILES != 0,
+                }]
+            }
+            kind::EXIT => {
+                self.unwinder.forget(pid);
+                vec![Event::Exited {
+                    pid,
+                    ts,
+                    code: None,
+                }]
+            }
+            kind::EXEC => {
+                // A launched process's new mappings arrive as map events; an attached one's
+                // are read from /proc.
+                if !self.unwinder.is_reported(pid) {
+                    let _ = self.unwinder.refresh(pid);
+                }
+                let comm: Vec<u8> = a[..2]
+                    .iter()
+                    .flat_map(|w| w.to_ne_bytes())
+                    .take_while(|&c| c != 0)
+                    .collect();
+                let info = ProcessInfo {
+                    ppid: 0,
+                    comm: String::from_utf8_lossy(&comm).into_owned(),
+                    exe: String::from_utf8_lossy(&rec.aux).into_owned(),
+                    limit: crate::model::Limit::default(),
+                };
+                vec![Event::Exec { pid, ts, info }]
+            }
+            kind::SYSCALL => Self::change(pid, ts, h.nr, &a),
+            kind::STACKED => {
+                let stack = self.intern(rec);
+                if h.ret < 0 {
+                    let errno = if -h.ret == sc::ENFILE {
+                        Errno::Enfile
+                    } else {
+                        Errno::Emfile
+                    };
+                    return vec![Event::Failed {
+                        pid,
+                        tid,
+                        ts,
+                        syscall: h.nr,
+                        errno,
+                        stack,
+                    }];
+                }
+                vec![create(pid, tid, ts, h.nr, h.ret, &a, &rec.aux, stack)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn change(pid: u32, ts: u64, nr: u32, a: &[u64; 6]) -> Vec<Event> {
+        let event = match nr {
+            sc::CLOSE => Event::Closed {
+                pid,
+                ts,
+                fd: a[0] as i32,
+            },
+            sc::CLOSE_RANGE => Event::ClosedRange {
+                pid,
+                ts,
+                first: a[0] as u32,
+                last: a[1] as u32,
+                cloexec_only: a[2] & CLOSE_RANGE_CLOEXEC != 0,
+                unshare: a[2] & CLOSE_RANGE_UNSHARE != 0,
+            },
+            sc::FCNTL => Event::CloexecSet {
+                pid,
+                fd: a[0] as i32,
+                cloexec: a[2] & 1 != 0,
+            },
+            sc::IOCTL => Event::CloexecSet {
+                pid,
+                fd: a[0] as i32,
+                cloexec: a[1] == sc::FIOCLEX,
+            },
+            sc::SETRLIMIT | sc::PRLIMIT64 => {
+                let target = if nr == sc::PRLIMIT64 && a[0] != 0 {
+                    a[0] as u32
+                } else {
+                    pid
+                };
+                Event::LimitChanged {
+                    pid: target,
+                    limit: crate::model::Limit {
+                        soft: a[4],
+                        hard: a[5],
+                    },
+                }
+            }
+            _ => return Vec::new(),
+        };
+        vec![event]
+    }
+
+    /// Unwinds the record's stack and returns its id, symbolizing stacks seen for the first time.
+    fn intern(&mut self, rec: &Record) -> StackId {
+        let Some(cap) = &rec.stack else {
+            return NO_STACK;
+        };
+        let frames = self
+            .unwinder
+            .unwind(rec.header.tgid, cap.ip, cap.sp, cap.bp, &cap.bytes);
+        if frames.is_empty() {
+            return NO_STACK;
+        }
+        if let Some(&id) = self.interned.get(&frames) {
+            return id;
+        }
+        let symbolized = self.symbolizer.symbolize(&frames);
+        let location: Vec<Location> = symbolized.iter().map(Location::from).collect();
+        let id = *self
+            .by_location
+            .entry(location)
+            .or_insert_with(|| self.stacks.push(symbolized));
+        self.interned.insert(frames, id);
+        id
+    }
+}
+
+fn process_info(pid: u32) -> std::io::Result<ProcessInfo> {
+    let id = procfs::identity(pid)?;
+    let limit = procfs::limit(pid).unwrap_or_default();
+    Ok(ProcessInfo {
+        ppid: id.ppid,
+        comm: id.comm,
+        exe: id.exe,
+        limit,
+    })
+}
+
+/// The creation event for a successful creating syscall.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of one record, unpacked once"
+)]
+fn create(
+    pid: u32,
+    tid: u32,
+    ts: u64,
+    nr: u32,
+    ret: i64,
+    a: &[u64; 6],
+    aux: &[u8],
+    stack: StackId,
+) -> Event {
+    let fd = ret as i32;
+    let one = |kind: FdKind, target: String, cloexec: bool| Event::Opened {
+        pid,
+        tid,
+        ts,
+        syscall: nr,
+        fds: vec![NewFd {
+            fd,
+            kind,
+            target: Arc::from(target),
+            cloexec,
+        }],
+        stack,
+    };
+    let pair = |kind: FdKind, target: &str, cloexec: bool| {
+        let (a, b) = fd_pair(aux);
+        let target: Arc<str> = Arc::from(target);
+        Event::Opened {
+            pid,
+            tid,
+            ts,
+            syscall: nr,
+            fds: [a, b]
+                .into_iter()
+                .map(|fd| NewFd {
+                    fd,
+                    kind,
+                    target: target.clone(),
+                    cloexec,
+                })
+                .collect(),
+            stack,
+        }
+    };
+    let dup = |from: u64, cloexec: bool| Event::Duplicated {
+        pid,
+        tid,
+        ts,
+        syscall: nr,
+        from: from as i32,
+        to: fd,
+        cloexec,
+        stack,
+    };
+    let path = || String::from_utf8_lossy(aux).into_owned();
+    let has = |flags: u64, bit: u64| flags & bit != 0;
+    match nr {
+        sc::OPEN => one(FdKind::File, path(), has(a[1], O_CLOEXEC)),
+        sc::OPENAT => one(FdKind::File, path(), has(a[2], O_CLOEXEC)),
+        sc::CREAT => one(FdKind::File, path(), false),
+        // The probe copies open_how.flags into args[4].
+        sc::OPENAT2 => one(FdKind::File, path(), has(a[4], O_CLOEXEC)),
+        sc::OPEN_BY_HANDLE_AT => one(FdKind::File, "(by handle)".into(), has(a[2], O_CLOEXEC)),
+        sc::SOCKET => one(
+            FdKind::Socket,
+            socket_name(a[0], a[1], a[2]),
+            has(a[1], O_CLOEXEC),
+        ),
+        sc::ACCEPT => one(FdKind::Socket, peer(aux), false),
+        sc::ACCEPT4 => one(FdKind::Socket, peer(aux), has(a[3], O_CLOEXEC)),
+        sc::SOCKETPAIR => pair(FdKind::Socket, "socketpair", has(a[1], O_CLOEXEC)),
+        sc::PIPE => pair(FdKind::Pipe, "pipe", false),
+        sc::PIPE2 => pair(FdKind::Pipe, "pipe", has(a[1], O_CLOEXEC)),
+        sc::DUP | sc::DUP2 => dup(a[0], false),
+        sc::DUP3 => dup(a[0], has(a[2], O_CLOEXEC)),
+        sc::FCNTL => dup(a[0], a[1] == sc::F_DUPFD_CLOEXEC),
+        sc::EPOLL_CREATE => one(FdKind::Epoll, "epoll".into(), false),
+        sc::EPOLL_CREATE1 => one(FdKind::Epoll, "epoll".into(), has(a[0], O_CLOEXEC)),
+        sc::EVENTFD => one(FdKind::Eventfd, "eventfd".into(), false),
+        sc::EVENTFD2 => one(FdKind::Eventfd, "eventfd".into(), has(a[1], O_CLOEXEC)),
+        sc::TIMERFD_CREATE => one(FdKind::Timerfd, "timerfd".into(), has(a[1], O_CLOEXEC)),
+        sc::SIGNALFD => one(FdKind::Signalfd, "signalfd".into(), false),
+        sc::SIGNALFD4 => one(FdKind::Signalfd, "signalfd".into(), has(a[3], O_CLOEXEC)),
+        sc::INOTIFY_INIT => one(FdKind::Inotify, "inotify".into(), false),
+        sc::INOTIFY_INIT1 => one(FdKind::Inotify, "inotify".into(), has(a[0], O_CLOEXEC)),
+        // FAN_CLOEXEC and MFD_CLOEXEC are bit 0.
+        sc::FANOTIFY_INIT => one(FdKind::Fanotify, "fanotify".into(), has(a[0], 1)),
+        sc::MEMFD_CREATE => one(FdKind::Memfd, format!("memfd:{}", path()), has(a[1], 1)),
+        // pidfds, io_uring and bpf descriptors are always close-on-exec.
+        sc::PIDFD_OPEN => one(FdKind::Pidfd, format!("pid {}", a[0]), true),
+        // The model knows what the remote descriptor is when its process is traced.
+        sc::PIDFD_GETFD => Event::Fetched {
+            pid,
+            tid,
+            ts,
+            pidfd: a[0] as i32,
+            remote_fd: a[1] as i32,
+            to: fd,
+            stack,
+        },
+        sc::USERFAULTFD => one(
+            FdKind::Userfaultfd,
+            "userfaultfd".into(),
+            has(a[0], O_CLOEXEC),
+        ),
+        // PERF_FLAG_FD_CLOEXEC
+        sc::PERF_EVENT_OPEN => one(FdKind::Perf, "perf_event".into(), has(a[4], 8)),
+        sc::IO_URING_SETUP => one(FdKind::IoUring, "io_uring".into(), true),
+        sc::BPF => one(FdKind::Bpf, format!("bpf cmd {}", a[0]), true),
+        _ => one(FdKind::Other, sc::name(nr).unwrap_or("?").into(), false),
+    }
+}
+
+fn fd_pair(aux: &[u8]) -> (i32, i32) {
+    let word = |i: usize| {
+        aux.get(i..i + 4)
+            .map_or(-1, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    (word(0), word(4))
+}
+
+fn socket_name(family: u64, ty: u64, proto: u64) -> String {
+    let family = match family {
+        1 => "unix".to_string(),
+        2 => "inet".to_string(),
+        10 => "inet6".to_string(),
+        16 => "netlink".to_string(),
+        17 => "packet".to_string(),
+        f => format!("family {f}"),
+    };
+    let ty = match ty & 0xf {
+        1 => "stream".to_string(),
+        2 => "dgram".to_string(),
+        3 => "raw".to_string(),
+        5 => "seqpacket".to_string(),
+        t => format!("type {t}"),
+    };
+    if proto == 0 {
+        format!("{family} {ty}")
+    } else {
+        format!("{family} {ty} proto {proto}")
+    }
+}
+
+/// A peer address from the sockaddr accept wrote.
+fn peer(aux: &[u8]) -> String {
+    let family = aux.get(0..2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    match family {
+        Some(2) if aux.len() >= 8 => format!(
+            "{}:{}",
+            Ipv4Addr::new(aux[4], aux[5], aux[6], aux[7]),
+            port(aux)
+        ),
+        Some(10) if aux.len() >= 24 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&aux[8..24]);
+            format!("[{}]:{}", Ipv6Addr::from(ip), port(aux))
+        }
+        Some(1) => {
+            let path: Vec<u8> = aux[2..].iter().copied().take_while(|&c| c != 0).collect();
+            if path.is_empty() {
+                "unix peer".into()
+            } else {
+                format!("unix:{}", String::from_utf8_lossy(&path))
+            }
+        }
+        _ => "accepted".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_format() {
+        let mut v4 = vec![2, 0, 0x1f, 0x90, 127, 0, 0, 1];
+        v4.extend([0; 8]);
+        assert_eq!(peer(&v4), "127.0.0.1:8080");
+        let mut v6 = vec![10, 0, 0, 80, 0, 0, 0, 0];
+        v6.extend(Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(peer(&v6), "[::1]:80");
+        assert_eq!(peer(&[]), "accepted");
+        assert_eq!(socket_name(2, 1 | 0x80000, 0), "inet stream");
+    }
+
+    #[test]
+    fn pipes_create_two_descriptors() {
+        let mut aux = 5i32.to_ne_bytes().to_vec();
+        aux.extend(6i32.to_ne_bytes());
+        let ev = create(1, 1, 0, sc::PIPE2, 0, &[0, O_CLOEXEC, 0, 0, 0, 0], &aux, 3);
+        let Event::Opened { fds, .. } = ev else {
+            panic!("{ev:?}")
+        };
+        let got: Vec<(i32, FdKind, bool)> = fds.iter().map(|f| (f.fd, f.kind, f.cloexec)).collect();
+        assert_eq!(got, vec![(5, FdKind::Pipe, true), (6, FdKind::Pipe, true)]);
+    }
+
+    #[test]
+    fn dups_name_their_source() {
+        let ev = create(1, 1, 0, sc::DUP3, 9, &[4, 9, O_CLOEXEC, 0, 0, 0], &[], 3);
+        assert!(
+            matches!(
+                ev,
+                Event::Duplicated {
+                    from: 4,
+                    to: 9,
+                    cloexec: true,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
+        let ev = create(
+            1,
+            1,
+            0,
+            sc::FCNTL,
+            10,
+            &[4, sc::F_DUPFD_CLOEXEC, 0, 0, 0, 0],
+            &[],
+            3,
+        );
+        assert!(
+            matches!(
+                ev,
+                Event::Duplicated {
+                    from: 4,
+                    to: 10,
+                    cloexec: true,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
+    }
+}

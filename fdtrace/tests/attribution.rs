@@ -1,0 +1,388 @@
+//! Leaks attributed to function and line, and EMFILE moments with their blame, from the real
+//! probes against fixtures built without frame pointers.
+
+mod common;
+
+use std::{collections::HashMap, fs, path::Path, process::Command};
+
+use fdtrace::{
+    model::FdKind,
+    probe::ProbeOptions,
+    report::{Report, SiteReport},
+};
+
+/// The line of `tests/fixtures/<file>` holding `marker`.
+fn marker_line(file: &str, marker: &str) -> u32 {
+    let text = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(file),
+    )
+    .unwrap();
+    let index = text
+        .lines()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("{marker} not in {file}"));
+    index as u32 + 1
+}
+
+fn report_of(argv: &[&str]) -> (Report, u32) {
+    let run = common::run_traced(argv, ProbeOptions::default());
+    assert_eq!(run.exit_code, 0, "{argv:?} failed");
+    (run.session.report(), run.pid)
+}
+
+/// The sites of `pid` whose stack has a frame in `function` (matching a Rust path's last part).
+fn sites_in<'a>(report: &'a Report, pid: u32, function: &str) -> Vec<&'a SiteReport> {
+    report
+        .sites
+        .iter()
+        .filter(|s| s.pid == pid)
+        .filter(|s| {
+            s.frames.iter().any(|f| {
+                f.function
+                    .as_deref()
+                    .is_some_and(|n| n == function || n.ends_with(&format!("::{function}")))
+            })
+        })
+        .collect()
+}
+
+fn line_in(site: &SiteReport, function: &str) -> Option<u32> {
+    site.frames
+        .iter()
+        .find(|f| {
+            f.function
+                .as_deref()
+                .is_some_and(|n| n == function || n.ends_with(&format!("::{function}")))
+        })
+        .and_then(|f| f.line)
+}
+
+fn check_c_leaks(opt: &str) {
+    let bin = common::build_c("leak.c", &[opt, "-g", "-fomit-frame-pointer"]);
+    let (report, pid) = report_of(&[bin.to_str().unwrap()]);
+    let files = sites_in(&report, pid, "load_config");
+    assert_eq!(files.len(), 1, "{opt}: {:#?}", report.sites);
+    assert_eq!((files[0].kind, files[0].open), (FdKind::File, 7));
+    assert_eq!(
+        line_in(files[0], "load_config"),
+        Some(marker_line("leak.c", "LEAK load_config"))
+    );
+    assert_eq!(files[0].targets, vec!["/etc/hostname".to_string()]);
+    let sockets = sites_in(&report, pid, "make_socket");
+    assert_eq!(sockets.len(), 1, "{opt}: {:#?}", report.sites);
+    assert_eq!((sockets[0].kind, sockets[0].open), (FdKind::Socket, 3));
+    assert_eq!(
+        line_in(sockets[0], "make_socket"),
+        Some(marker_line("leak.c", "LEAK make_socket"))
+    );
+    assert!(
+        sites_in(&report, pid, "balanced").is_empty(),
+        "balanced opens must not be reported"
+    );
+    assert!(
+        sites_in(&report, pid, "main")
+            .iter()
+            .all(|s| s.open == 7 || s.open == 3)
+    );
+    assert_eq!(report.leaked(), 10);
+}
+
+#[test]
+#[ignore = "root"]
+fn c_leaks_name_function_and_line_at_o1() {
+    check_c_leaks("-O1");
+}
+
+#[test]
+#[ignore = "root"]
+fn c_leaks_name_function_and_line_at_o2() {
+    check_c_leaks("-O2");
+}
+
+#[test]
+#[ignore = "root"]
+fn rust_leaks_name_function_and_line() {
+    let bin = common::build_rust("leak.rs");
+    let (report, pid) = report_of(&[bin.to_str().unwrap()]);
+    let sites = sites_in(&report, pid, "open_leaky");
+    assert_eq!(sites.len(), 1, "{:#?}", report.sites);
+    assert_eq!((sites[0].kind, sites[0].open), (FdKind::File, 5));
+    assert_eq!(
+        line_in(sites[0], "open_leaky"),
+        Some(marker_line("leak.rs", "LEAK open_leaky"))
+    );
+    assert!(sites_in(&report, pid, "balanced").is_empty());
+}
+
+#[test]
+#[ignore = "root"]
+fn emfile_moments_match_the_programs_clock_and_blame_the_filler() {
+    let bin = common::build_c("emfile.c", &["-O2", "-g", "-fomit-frame-pointer"]);
+    let truth_file = std::env::temp_dir().join(format!("fdtrace-emfile-{}", std::process::id()));
+    let run = common::run_traced(
+        &[bin.to_str().unwrap(), truth_file.to_str().unwrap()],
+        ProbeOptions::default(),
+    );
+    assert_eq!(run.exit_code, 0);
+    let truth: HashMap<String, i64> = fs::read_to_string(&truth_file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let _ = fs::remove_file(&truth_file);
+    assert_eq!(
+        (
+            truth["open_errno"],
+            truth["accept_ret"],
+            truth["accept_errno"]
+        ),
+        (24, -1, 24),
+        "{truth:?}"
+    );
+
+    let report = run.session.report();
+    let by_syscall = |name: &str| {
+        report
+            .emfile
+            .iter()
+            .find(|i| i.syscall == name)
+            .unwrap_or_else(|| panic!("no {name} EMFILE in {:#?}", report.emfile))
+    };
+    for (syscall, key) in [
+        ("openat", "openat_emfile_ns"),
+        ("accept4", "accept_emfile_ns"),
+    ] {
+        let inc = by_syscall(syscall);
+        let delta = inc.mono_ns as i64 - truth[key];
+        // The probe fires before the fixture's clock_gettime returns: within 1 ms, at or before.
+        assert!(
+            (-1_000_000..=0).contains(&delta),
+            "{syscall}: fdtrace {} vs program {} ({delta} ns)",
+            inc.mono_ns,
+            truth[key]
+        );
+        assert_eq!(
+            (inc.errno.as_str(), inc.open_fds, inc.limit),
+            ("EMFILE", 32, 32)
+        );
+        assert_eq!(inc.pid, run.pid);
+        let top = &inc.blame[0];
+        assert!(
+            top.frames
+                .iter()
+                .any(|f| f.function.as_deref() == Some("fill_table")),
+            "{syscall}: top of blame is not fill_table: {:#?}",
+            inc.blame
+        );
+        assert_eq!(top.open, truth["filled"] as u64);
+        let total: u64 = inc.blame.iter().map(|b| b.open).sum();
+        assert_eq!(total, 32, "blame adds up to the whole table");
+    }
+    assert!(
+        by_syscall("accept4")
+            .frames
+            .iter()
+            .any(|f| f.function.as_deref() == Some("main"))
+    );
+}
+
+fn fdtrace() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fdtrace"));
+    cmd.env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+#[test]
+#[ignore = "root"]
+fn run_reports_json_and_the_error_exitcode() {
+    let bin = common::build_c("leak.c", &["-O2", "-g", "-fomit-frame-pointer"]);
+    let out = fdtrace()
+        .args(["run", "--format", "json", "--error-exitcode", "9", "--"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stderr).expect("the JSON report on stderr");
+    assert_eq!(report["schema"], "fdtrace.report/1");
+    let process = &report["processes"][0];
+    assert_eq!(process["open_at_end"], 13);
+    assert_eq!(process["exit_code"], 0);
+    // comm is the executable's name cut to 15 bytes (TASK_COMM_LEN).
+    let name = bin.file_name().unwrap().to_str().unwrap();
+    assert_eq!(process["comm"], name[..name.len().min(15)]);
+    let first = &report["sites"][0];
+    assert_eq!(first["kind"], "file");
+    assert_eq!(first["open"], 7);
+    assert_eq!(first["fds"], serde_json::json!([3, 4, 5, 6, 7, 8, 9]));
+    assert_eq!(first["inherited"], false);
+    assert!(
+        first["frames"][0]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("0x")
+    );
+    assert_eq!(first["frames"][1]["function"], "load_config");
+    assert_eq!(first["frames"][1]["lang"], "native");
+
+    // Without the flag, the command's own status.
+    let out = fdtrace()
+        .args(["run", "-o", "/dev/null", "--", "sh", "-c", "exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn bad_input_gets_one_line_and_a_nonzero_exit() {
+    for args in [
+        &["--pid", "999999999"][..],
+        &[][..],
+        &["run", "--", "/nonexistent/cmd"][..],
+    ] {
+        let out = fdtrace().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Backtrace"),
+            "{args:?}: {stderr}"
+        );
+        if args.first() == Some(&"--pid") {
+            assert_eq!(stderr.trim(), "fdtrace: no process with pid 999999999");
+        }
+    }
+}
+
+/// The demo server, built by `cargo test` with the other examples.
+fn demo_server() -> std::path::PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_fdtrace"));
+    let dir = bin.parent().unwrap();
+    let candidates = [
+        dir.join("examples/demo-server"),
+        dir.join("../examples/demo-server"),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("the demo-server example is built by cargo test")
+}
+
+/// Kills and reaps a child however the test ends, so no server outlives it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP request; `false` when the server did not answer (its accept is failing).
+fn request(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.0 200")
+}
+
+#[test]
+#[ignore = "root"]
+fn attach_to_a_live_server_until_accept_fails() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+
+    let mut server = KillOnDrop(
+        Command::new(demo_server())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(server.0.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let port: u16 = first.trim().rsplit(':').next().unwrap().parse().unwrap();
+
+    let out = std::env::temp_dir().join(format!("fdtrace-attach-{}.json", std::process::id()));
+    let mut tracer = KillOnDrop(
+        fdtrace()
+            .args([
+                "--pid",
+                &server.0.id().to_string(),
+                "--no-tui",
+                "--format",
+                "json",
+                "-o",
+            ])
+            .arg(&out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(tracer.0.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing pid"), "{line}");
+
+    // The demo leaks one file per answered request and runs with a limit of 128.
+    let answered = (0..140).filter(|_| request(port)).count() as u64;
+    assert!(
+        answered < 140,
+        "the server should have run out of descriptors"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.0.id() as i32, libc::SIGINT) };
+    let status = tracer.0.wait().unwrap();
+    assert!(status.success());
+
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    let _ = fs::remove_file(&out);
+    let has = |frames: &serde_json::Value, name: &str| {
+        frames
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["function"].as_str().is_some_and(|n| n.ends_with(name)))
+    };
+    let leak = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| has(&s["frames"], "load_template"))
+        .expect("a site in load_template");
+    assert_eq!(leak["kind"], "file");
+    assert_eq!(
+        leak["open"].as_u64().unwrap(),
+        answered,
+        "one leaked file per answered request"
+    );
+    let accept = report["emfile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["syscall"] == "accept4")
+        .expect("accept4 failed with EMFILE");
+    // Descriptors inherited above the limit (the test harness's) also count as open.
+    assert!(accept["open_fds"].as_u64() >= accept["limit"].as_u64());
+    assert_eq!(accept["limit"], 128);
+    assert!(has(&accept["blame"][0]["frames"], "load_template"));
+}

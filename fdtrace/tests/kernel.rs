@@ -1,0 +1,336 @@
+//! The real probes against fixtures that exercise every descriptor-creating syscall, every way
+//! of dropping one, exec and fork, each reporting its own /proc/self/fd as the ground truth.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::PathBuf,
+    time::Instant,
+};
+
+use fdtrace::{
+    model::{Corrections, Event, FdKind, Model, Pid},
+    probe::ProbeOptions,
+    procfs::kind_of_link,
+};
+use fdtrace_common::syscalls;
+
+/// A fixture's report: its /proc/self/fd listing and the creating syscalls it saw fail.
+struct Listing {
+    fds: BTreeMap<i32, String>,
+    skipped: BTreeSet<String>,
+}
+
+fn read_listing(path: &PathBuf) -> Listing {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let _ = fs::remove_file(path);
+    let mut listing = Listing {
+        fds: BTreeMap::new(),
+        skipped: BTreeSet::new(),
+    };
+    for line in text.lines() {
+        let (left, right) = line
+            .split_once('\t')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        if left == "skipped" {
+            listing.skipped.insert(right.to_string());
+        } else {
+            listing.fds.insert(left.parse().unwrap(), right.to_string());
+        }
+    }
+    listing
+}
+
+fn out_file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("fdtrace-{name}-{}", std::process::id()))
+}
+
+/// Every difference between the model's table for `pid` at exit and what /proc listed, one
+/// line each (empty when they agree on the numbers and the kinds).
+fn table_differences(model: &Model, pid: Pid, listing: &Listing) -> Vec<String> {
+    let table = model
+        .open_fds(pid)
+        .unwrap_or_else(|| panic!("no table for {pid}"));
+    let numbers: BTreeSet<i32> = table.keys().chain(listing.fds.keys()).copied().collect();
+    let mut diffs = Vec::new();
+    for n in numbers {
+        let diff = match (table.get(&n), listing.fds.get(&n)) {
+            (Some(f), None) => format!(
+                "fd {n}: model has {:?} {:?}, /proc has nothing",
+                f.kind, f.target
+            ),
+            (None, Some(link)) => format!("fd {n}: /proc has {link:?}, model has nothing"),
+            (Some(f), Some(link)) if f.kind != kind_of_link(link) => format!(
+                "fd {n}: model has {:?} {:?}, /proc has {link:?} ({:?})",
+                f.kind,
+                f.target,
+                kind_of_link(link)
+            ),
+            _ => continue,
+        };
+        diffs.push(diff);
+    }
+    diffs
+}
+
+#[test]
+#[ignore = "root"]
+fn every_creation_and_drop_matches_proc_self_fd() {
+    let fixture = common::build_c("sys_all.c", &["-O2", "-g"]);
+    let out = out_file("sys-all");
+    let started = Instant::now();
+    let run = common::run_traced(
+        &[fixture.to_str().unwrap(), out.to_str().unwrap()],
+        ProbeOptions::default(),
+    );
+    eprintln!("sys_all traced in {:?}", started.elapsed());
+    assert_eq!(run.exit_code, 0, "the fixture failed (see its stderr)");
+    let listing = read_listing(&out);
+    let model = &run.session.model;
+
+    // The probes lost nothing, and the table is right by the events alone. The run is shorter
+    // than the session's reconciliation period, and a difference is corrected only when two
+    // listings agree on it, so nonzero `added`/`removed` would mean the run took seconds;
+    // `reused` counts creations that returned a number the model still held: a missed close.
+    assert_eq!(model.dropped, 0, "records lost");
+    assert_eq!(
+        model.corrections,
+        Corrections::default(),
+        "reconciliation or reuse corrected the model"
+    );
+
+    // Both checks below report everything they find before the test fails.
+    let mut problems = Vec::new();
+    let diffs = table_differences(model, run.pid, &listing);
+    if !diffs.is_empty() {
+        problems.push(format!(
+            "the model's table at exit differs from /proc/self/fd:\n  {}\nlisting: {:#?}",
+            diffs.join("\n  "),
+            listing.fds
+        ));
+    }
+
+    // Every creating syscall the fixture made reached the model under its own number.
+    let mut opened: BTreeSet<u32> = BTreeSet::new();
+    let mut dup_fcntl = BTreeSet::new();
+    for event in &run.events {
+        match event {
+            Event::Opened { pid, syscall, .. } if *pid == run.pid => {
+                opened.insert(*syscall);
+            }
+            Event::Duplicated {
+                pid,
+                syscall,
+                cloexec,
+                ..
+            } if *pid == run.pid => {
+                opened.insert(*syscall);
+                if *syscall == syscalls::FCNTL {
+                    dup_fcntl.insert(*cloexec);
+                }
+            }
+            Event::Fetched { pid, .. } if *pid == run.pid => {
+                opened.insert(syscalls::PIDFD_GETFD);
+            }
+            _ => {}
+        }
+    }
+    let exercised = [
+        ("open", syscalls::OPEN),
+        ("openat", syscalls::OPENAT),
+        ("openat2", syscalls::OPENAT2),
+        ("creat", syscalls::CREAT),
+        ("open_by_handle_at", syscalls::OPEN_BY_HANDLE_AT),
+        ("socket", syscalls::SOCKET),
+        ("socketpair", syscalls::SOCKETPAIR),
+        ("accept", syscalls::ACCEPT),
+        ("accept4", syscalls::ACCEPT4),
+        ("dup", syscalls::DUP),
+        ("dup2", syscalls::DUP2),
+        ("dup3", syscalls::DUP3),
+        ("fcntl(F_DUPFD)", syscalls::FCNTL),
+        ("fcntl(F_DUPFD_CLOEXEC)", syscalls::FCNTL),
+        ("pipe", syscalls::PIPE),
+        ("pipe2", syscalls::PIPE2),
+        ("eventfd", syscalls::EVENTFD),
+        ("eventfd2", syscalls::EVENTFD2),
+        ("epoll_create", syscalls::EPOLL_CREATE),
+        ("epoll_create1", syscalls::EPOLL_CREATE1),
+        ("timerfd_create", syscalls::TIMERFD_CREATE),
+        ("signalfd", syscalls::SIGNALFD),
+        ("signalfd4", syscalls::SIGNALFD4),
+        ("inotify_init", syscalls::INOTIFY_INIT),
+        ("inotify_init1", syscalls::INOTIFY_INIT1),
+        ("fanotify_init", syscalls::FANOTIFY_INIT),
+        ("memfd_create", syscalls::MEMFD_CREATE),
+        ("pidfd_open", syscalls::PIDFD_OPEN),
+        ("pidfd_getfd", syscalls::PIDFD_GETFD),
+        ("userfaultfd", syscalls::USERFAULTFD),
+        ("perf_event_open", syscalls::PERF_EVENT_OPEN),
+        ("bpf", syscalls::BPF),
+        ("io_uring_setup", syscalls::IO_URING_SETUP),
+    ];
+    // What a kernel may refuse by configuration or policy; anything else failing is a fixture
+    // or environment problem worth a failure.
+    let may_refuse = [
+        "open_by_handle_at",
+        "fanotify_init",
+        "userfaultfd",
+        "perf_event_open",
+        "bpf",
+        "io_uring_setup",
+    ];
+    let mut missing = Vec::new();
+    for (name, nr) in exercised {
+        if listing.skipped.contains(name) {
+            if may_refuse.contains(&name) {
+                eprintln!("skipped: the kernel refused {name}");
+            } else {
+                problems.push(format!("the fixture's {name} failed (see its stderr)"));
+            }
+            continue;
+        }
+        let seen = match name {
+            "fcntl(F_DUPFD)" => dup_fcntl.contains(&false),
+            "fcntl(F_DUPFD_CLOEXEC)" => dup_fcntl.contains(&true),
+            _ => opened.contains(&nr),
+        };
+        if !seen {
+            missing.push(name);
+        }
+    }
+    if !missing.is_empty() {
+        problems.push(format!("no creation event for {missing:?}"));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+#[ignore = "root"]
+fn forked_child_keeps_the_parents_call_site() {
+    let fixture = common::build_c(
+        "sys_fork.c",
+        &["-O2", "-fomit-frame-pointer", "-g", "-pthread"],
+    );
+    let (child_out, parent_out) = (out_file("sys-fork-child"), out_file("sys-fork-parent"));
+    let started = Instant::now();
+    let run = common::run_traced(
+        &[
+            fixture.to_str().unwrap(),
+            child_out.to_str().unwrap(),
+            parent_out.to_str().unwrap(),
+        ],
+        ProbeOptions::default(),
+    );
+    eprintln!("sys_fork traced in {:?}", started.elapsed());
+    assert_eq!(run.exit_code, 0, "the fixture failed");
+    let (child_listing, parent_listing) = (read_listing(&child_out), read_listing(&parent_out));
+    let model = &run.session.model;
+    assert_eq!(model.dropped, 0, "records lost");
+
+    // The thread is part of the parent; the fork made exactly one more process.
+    let pids: Vec<Pid> = model.processes.keys().copied().collect();
+    assert_eq!(
+        pids.len(),
+        2,
+        "expected the parent and one child, got {pids:?}"
+    );
+    let child = pids
+        .into_iter()
+        .find(|&p| p != run.pid)
+        .expect("the parent is among the processes");
+    let forks: Vec<&Event> = run
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Forked { .. }))
+        .collect();
+    assert!(
+        matches!(forks[..], [Event::Forked { parent, child: c, shares_table: false, .. }] if *parent == run.pid && *c == child),
+        "{forks:?}"
+    );
+
+    for (pid, listing, who) in [
+        (child, &child_listing, "child"),
+        (run.pid, &parent_listing, "parent"),
+    ] {
+        let diffs = table_differences(model, pid, listing);
+        assert!(
+            diffs.is_empty(),
+            "the {who}'s table at exit differs from /proc:\n  {}",
+            diffs.join("\n  ")
+        );
+    }
+
+    // The descriptor named `target` (above stdio) in `pid`'s table at exit, and the functions
+    // on its call site's stack.
+    let site_functions = |pid: Pid, target: &str| -> Vec<String> {
+        let listing = if pid == child {
+            &child_listing
+        } else {
+            &parent_listing
+        };
+        let (fd, _) = listing
+            .fds
+            .iter()
+            .find(|(n, link)| **n > 2 && link.as_str() == target)
+            .unwrap_or_else(|| panic!("{target} is not in {pid}'s listing {:?}", listing.fds));
+        let open = &model.open_fds(pid).unwrap()[fd];
+        let site = &model.sites[open.site];
+        assert_eq!(
+            site.pid, pid,
+            "the site of {target} in {pid} is counted under {}",
+            site.pid
+        );
+        run.session
+            .tracer
+            .stacks
+            .get(site.stack)
+            .iter()
+            .filter_map(|f| f.function.clone())
+            .collect()
+    };
+    let inherited = site_functions(child, "/dev/null");
+    assert!(
+        inherited.iter().any(|f| f == "parent_open"),
+        "the child's inherited /dev/null: {inherited:?}"
+    );
+    let own = site_functions(child, "/dev/zero");
+    assert!(
+        own.iter().any(|f| f == "child_open"),
+        "the child's /dev/zero: {own:?}"
+    );
+    let parents = site_functions(run.pid, "/dev/null");
+    assert!(
+        parents.iter().any(|f| f == "parent_open"),
+        "the parent's /dev/null: {parents:?}"
+    );
+
+    // The thread's file is in the parent's table, opened by a thread that is not the parent.
+    let thread_fd = parent_listing
+        .fds
+        .iter()
+        .find(|(_, link)| link.as_str() == "/dev/urandom")
+        .map(|(n, _)| *n)
+        .expect("the thread's /dev/urandom is in the parent's listing");
+    assert!(model.open_fds(run.pid).unwrap().contains_key(&thread_fd));
+    let by_thread = run.events.iter().any(|e| {
+        matches!(e, Event::Opened { pid, tid, fds, .. }
+            if *pid == run.pid && *tid != run.pid && fds.iter().any(|f| f.fd == thread_fd))
+    });
+    assert!(
+        by_thread,
+        "no Opened event from a thread of {} for fd {thread_fd}",
+        run.pid
+    );
+    eprintln!(
+        "thread's call site: {:?}",
+        site_functions(run.pid, "/dev/urandom")
+    );
+    assert_eq!(
+        model.open_fds(run.pid).unwrap()[&thread_fd].kind,
+        FdKind::File
+    );
+}
