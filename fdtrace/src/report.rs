@@ -357,7 +357,11 @@ pub fn fmt_frame(f: &FrameReport) -> String {
 /// The frame that names a stack in one line: the first of the program's own (outside the C
 /// library, the loader and Rust's standard library), preferring one with a source line.
 pub fn place(frames: &[FrameReport]) -> String {
-    let own = || frames.iter().filter(|f| f.function.is_some() && !is_runtime(f));
+    let own = || {
+        frames
+            .iter()
+            .filter(|f| f.function.is_some() && !is_runtime(f))
+    };
     own()
         .find(|f| f.file.is_some())
         .or_else(|| own().next())

@@ -1,0 +1,192 @@
+//! `fdtrace --pid`: attach to running processes.
+
+use std::{
+    io::IsTerminal as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use super::{AttachArgs, check_privileges, emit_report};
+use crate::{
+    model::{Event, Origin, Pid},
+    report::FrameReport,
+    session::Session,
+    signals,
+};
+
+pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
+    for &pid in &args.pids {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("no process with pid {pid}");
+        }
+    }
+    check_privileges()?;
+    if !args.no_tui && std::io::stdout().is_terminal() {
+        log::info!("the terminal UI is not built yet; using text mode");
+    }
+    let mut session = Session::start(args.probe.options(args.follow))?;
+    for &pid in &args.pids {
+        session.add(pid)?;
+        if args.follow {
+            session.add_descendants(pid);
+        }
+    }
+    signals::install();
+    let pids = args.pids.clone();
+    eprintln!(
+        "fdtrace: tracing {} (Ctrl-C for the report)",
+        describe(&pids)
+    );
+    let mut printer = LivePrinter::default();
+    loop {
+        let events = session.pump(Duration::from_millis(100));
+        LivePrinter::events(&session, &events);
+        printer.summary(&session, &pids);
+        if signals::take().is_some() {
+            break;
+        }
+        if !session.any_alive() {
+            eprintln!("fdtrace: every traced process has exited");
+            break;
+        }
+    }
+    session.pump(Duration::from_millis(20));
+    emit_report(&session.report(), args.format, args.output.as_ref(), false)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(pids: &[Pid]) -> String {
+    let names: Vec<String> = pids
+        .iter()
+        .map(|&p| match crate::procfs::identity(p) {
+            Ok(id) => format!("{p} ({})", id.comm),
+            Err(_) => p.to_string(),
+        })
+        .collect();
+    format!("pid {}", names.join(", "))
+}
+
+/// Text-mode output while tracing: each incident as it happens, a summary every few seconds.
+#[derive(Default)]
+struct LivePrinter {
+    last_summary: Option<Instant>,
+}
+
+const SUMMARY_EVERY: Duration = Duration::from_secs(3);
+
+impl LivePrinter {
+    fn events(session: &Session, events: &[Event]) {
+        for event in events {
+            if let Event::Failed {
+                pid,
+                syscall,
+                errno,
+                ts,
+                ..
+            } = event
+            {
+                let model = &session.model;
+                let Some(inc) = model
+                    .incidents
+                    .iter()
+                    .rev()
+                    .find(|i| i.ts == *ts && i.pid == *pid)
+                else {
+                    continue;
+                };
+                let top = inc.blame.first().map_or_else(String::new, |&(site, n)| {
+                    let s = &model.sites[site];
+                    format!(
+                        "; top holder: {n} {} at {}",
+                        s.kind.name(),
+                        place(session, s.stack, s.origin)
+                    )
+                });
+                eprintln!(
+                    "fdtrace: {} in pid {pid}: {} failed at {} with {}/{} open{top}",
+                    errno.name(),
+                    fdtrace_common::syscalls::name(*syscall).unwrap_or("?"),
+                    session.clock.rfc3339(*ts),
+                    inc.open_fds,
+                    inc.limit
+                );
+            }
+        }
+    }
+
+    fn summary(&mut self, session: &Session, pids: &[Pid]) {
+        if self
+            .last_summary
+            .is_some_and(|t| t.elapsed() < SUMMARY_EVERY)
+        {
+            return;
+        }
+        self.last_summary = Some(Instant::now());
+        let model = &session.model;
+        for p in model.processes.values().filter(|p| p.alive()) {
+            if !pids.contains(&p.pid) && model.open_count(p.pid) == 0 {
+                continue;
+            }
+            let open = model.open_count(p.pid);
+            let eta = model.forecast_secs(p.pid).map_or_else(
+                || "not growing".to_string(),
+                |s| format!("limit in {}", fmt_secs(s)),
+            );
+            let top = model
+                .sites_of(p.pid)
+                .filter(|s| s.origin != Origin::Inherited && s.open > 0)
+                .max_by_key(|s| s.open)
+                .map_or_else(
+                    || "-".to_string(),
+                    |s| {
+                        format!(
+                            "{} {} at {}",
+                            s.open,
+                            s.kind.name(),
+                            place(session, s.stack, s.origin)
+                        )
+                    },
+                );
+            let limit = p.info.limit.soft;
+            eprintln!(
+                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {} | lost {}",
+                p.pid,
+                p.info.comm,
+                if limit == u64::MAX {
+                    "unlimited".to_string()
+                } else {
+                    limit.to_string()
+                },
+                p.growth_per_min(),
+                model.incidents.iter().filter(|i| i.pid == p.pid).count(),
+                model.dropped
+            );
+        }
+    }
+}
+
+/// The frame that names a site for a one-line view: the first outside the C library.
+fn place(session: &Session, stack: crate::model::StackId, origin: Origin) -> String {
+    if origin == Origin::Inherited {
+        return "open before tracing".into();
+    }
+    let frames: Vec<FrameReport> = session
+        .tracer
+        .stacks
+        .get(stack)
+        .iter()
+        .map(FrameReport::from)
+        .collect();
+    crate::report::place(&frames)
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}

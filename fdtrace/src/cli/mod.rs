@@ -1,0 +1,140 @@
+//! The command line (DESIGN.md's contract); each mode lives in a submodule.
+
+mod live;
+mod run;
+
+use std::{fs, io::Write as _, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    probe::{self, ProbeError, ProbeOptions},
+    report::Report,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fdtrace",
+    version,
+    about = "Which call sites hold a process's file descriptors, which keep growing, and what filled the table when accept() failed with EMFILE",
+    override_usage = "sudo fdtrace --pid PID [--pid PID ...] [--follow] [--no-tui]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] -- CMD [ARGS...]",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    attach: AttachArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AttachArgs {
+    /// Process to trace (repeat for several).
+    #[arg(long = "pid", value_name = "PID")]
+    pub(crate) pids: Vec<u32>,
+    /// Also trace the processes they have forked and will fork.
+    #[arg(long)]
+    pub(crate) follow: bool,
+    /// Print summary lines and a final report instead of the terminal UI.
+    #[arg(long)]
+    pub(crate) no_tui: bool,
+    /// Format of the final report.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub(crate) format: Format,
+    /// Write the final report to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) probe: ProbeArgs,
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+pub(crate) struct ProbeArgs {
+    /// Bytes of user stack copied per descriptor creation, for unwinding (0 turns stacks off).
+    #[arg(long, value_name = "BYTES", default_value_t = fdtrace_common::STACK_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(0..=fdtrace_common::STACK_MAX as i64))]
+    pub(crate) stack_bytes: u32,
+}
+
+impl ProbeArgs {
+    pub(crate) fn options(self, follow: bool) -> ProbeOptions {
+        ProbeOptions {
+            stack_bytes: self.stack_bytes,
+            follow,
+            ..ProbeOptions::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run CMD traced from its first instruction, with its children, and report at its exit
+    /// what each process left open (valgrind --track-fds style) and every EMFILE/ENFILE.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub(crate) format: Format,
+    /// Write the report to FILE instead of standard error.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+    /// Exit with N when the command left descriptors open (instead of the command's status).
+    #[arg(long, value_name = "N")]
+    pub(crate) error_exitcode: Option<u8>,
+    #[command(flatten)]
+    pub(crate) probe: ProbeArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub(crate) command: Vec<String>,
+}
+
+pub fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Run(args)) => run::run(&args),
+        None if cli.attach.pids.is_empty() => {
+            bail!("nothing to trace: give --pid PID, or `fdtrace run -- CMD` (see --help)")
+        }
+        None => live::attach(&cli.attach),
+    }
+}
+
+pub(crate) fn check_privileges() -> anyhow::Result<()> {
+    if !probe::privileged() {
+        return Err(ProbeError::NotPrivileged.into());
+    }
+    Ok(())
+}
+
+pub(crate) fn emit_report(
+    report: &Report,
+    format: Format,
+    output: Option<&PathBuf>,
+    to_stderr: bool,
+) -> anyhow::Result<()> {
+    let text = match format {
+        Format::Text => report.to_text(),
+        Format::Json => report.to_json(),
+    };
+    match output {
+        Some(path) => fs::write(path, text)
+            .with_context(|| format!("writing the report to {}", path.display())),
+        None if to_stderr => {
+            std::io::stderr().write_all(text.as_bytes())?;
+            Ok(())
+        }
+        None => {
+            std::io::stdout().write_all(text.as_bytes())?;
+            Ok(())
+        }
+    }
+}
