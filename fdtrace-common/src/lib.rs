@@ -17,6 +17,8 @@ pub mod names {
     pub const MAP_COUNTERS: &str = "FDT_COUNTERS";
     /// `PerCpuArray<StackedRecord>`: where a stack-bearing record is assembled before output.
     pub const MAP_SCRATCH: &str = "FDT_SCRATCH";
+    /// `HashMap<u32 tgid, PyProc>`: traced processes running CPython, and where to look.
+    pub const MAP_PYTHON: &str = "FDT_PYTHON";
     /// Global `u32`: bytes of user stack to copy per stack-bearing record (0 turns capture off).
     pub const GLOBAL_STACK_BYTES: &str = "FDT_STACK_BYTES";
     /// Global `u32`: 1 to add forked children to the traced set, 0 to leave them untraced.
@@ -108,8 +110,11 @@ pub struct StackHeader {
     pub stack_len: u32,
     /// Meaningful bytes of `aux`.
     pub aux_len: u32,
+    /// Python frames in `py`, innermost first.
+    pub py_count: u32,
+    pub pad: u32,
 }
-const _: () = assert!(size_of::<StackHeader>() == 32);
+const _: () = assert!(size_of::<StackHeader>() == 40);
 
 /// Bytes for a path (opens), a socket address (accept) or a descriptor pair (pipe, socketpair).
 pub const AUX_MAX: usize = 256;
@@ -119,22 +124,80 @@ pub const STACK_MAX: usize = 16384;
 /// covers the native frames of typical C, Rust and CPython call chains.
 pub const STACK_DEFAULT: u32 = 4096;
 
+/// Python frames copied per record: deeper ones are cut (a web handler sits within ~25 frames
+/// of the event loop).
+pub const PY_FRAMES_MAX: usize = 32;
+/// Threads of one interpreter searched for the current one.
+pub const PY_THREADS_MAX: usize = 64;
+
+/// One CPython frame as the probe saw it: what userspace needs to name it later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrame {
+    /// Address of the frame's code object; bit 0 set on an entry frame (the first one a C call
+    /// into the interpreter evaluates), which is where native frames interleave.
+    pub code: u64,
+    /// The frame's last instruction pointer (`prev_instr`), for the line number.
+    pub instr: u64,
+}
+const _: () = assert!(size_of::<PyFrame>() == 16);
+
+/// Structure offsets of one CPython version, for the probe's frame walk (see
+/// `fdtrace::python` for the table and where each number comes from).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyOffsets {
+    pub runtime_interpreters_head: u32,
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+    pub tstate_native_thread_id: u32,
+    /// `tstate->cframe` (3.11, 3.12); 0 where the thread state holds the frame itself.
+    pub tstate_cframe: u32,
+    /// `cframe->current_frame`, or `tstate->current_frame` when `tstate_cframe` is 0.
+    pub current_frame: u32,
+    pub frame_code: u32,
+    pub frame_previous: u32,
+    pub frame_prev_instr: u32,
+    /// `is_entry` (3.11) or `owner` (3.12+, entry when it is FRAME_OWNED_BY_CSTACK's successor).
+    pub frame_is_entry: u32,
+}
+const _: () = assert!(size_of::<PyOffsets>() == 40);
+
+/// Value of the Python map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProc {
+    /// Address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    pub offsets: PyOffsets,
+}
+const _: () = assert!(size_of::<PyProc>() == 48);
+
+/// Bytes of the Python frames section, present only when `py_count` is not 0.
+pub const PY_BYTES: usize = PY_FRAMES_MAX * size_of::<PyFrame>();
+
 /// A descriptor creation or failure with everything needed to unwind its user stack.
+///
+/// After `aux` comes the tail: the Python frames section (`PY_BYTES`, only in records of
+/// CPython processes, `py_count` of its frames meaningful), then `stack_len` bytes of stack.
+/// Only the used part goes out, so native programs do not pay for the Python section.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct StackedRecord {
     pub header: RecordHeader,
     pub stack: StackHeader,
     pub aux: [u8; AUX_MAX],
-    pub bytes: [u8; STACK_MAX],
+    pub tail: [u8; PY_BYTES + STACK_MAX],
 }
-/// Bytes before the stack copy in a stacked record.
+/// Bytes before the tail in a stacked record.
 pub const STACKED_FIXED: usize = size_of::<RecordHeader>() + size_of::<StackHeader>() + AUX_MAX;
-const _: () = assert!(size_of::<StackedRecord>() == STACKED_FIXED + STACK_MAX);
-const _: () = assert!(STACKED_FIXED == 368);
+const _: () = assert!(size_of::<StackedRecord>() == STACKED_FIXED + PY_BYTES + STACK_MAX);
+const _: () = assert!(STACKED_FIXED == 376);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), Copy, no padding (the size asserts above pin the layout).
     unsafe impl aya::Pod for super::Traced {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PyProc {}
 }

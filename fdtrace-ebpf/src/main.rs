@@ -12,6 +12,7 @@
 )]
 
 mod maps;
+mod python;
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -28,11 +29,11 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use fdtrace_common::{
-    AUX_MAX, Counter, RecordHeader, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced,
-    kind,
+    AUX_MAX, Counter, PY_BYTES, RecordHeader, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord,
+    Traced, kind,
     syscalls::{self, Action, Aux},
 };
-use maps::{SCRATCH, TRACED, count, emit_header, emit_scratch};
+use maps::{PYTHON, SCRATCH, TRACED, count, emit_header, emit_scratch};
 
 /// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
 #[unsafe(no_mangle)]
@@ -133,15 +134,19 @@ fn emit_stacked(header: RecordHeader, regs: &pt_regs, traced: &Traced, aux: Aux)
     rec.header = header;
     rec.header.kind = kind::STACKED;
     let aux_len = read_aux(rec, aux);
-    let stack_len = copy_stack(rec, regs, traced);
+    let py_count = python::frames(rec);
+    let offset = if py_count == 0 { 0 } else { PY_BYTES };
+    let stack_len = copy_stack(rec, offset, regs, traced);
     rec.stack = StackHeader {
         ip: regs.rip,
         sp: regs.rsp,
         bp: regs.rbp,
         stack_len: stack_len as u32,
         aux_len,
+        py_count,
+        pad: 0,
     };
-    emit_scratch(rec, STACKED_FIXED + stack_len)
+    emit_scratch(rec, STACKED_FIXED + offset + stack_len)
 }
 
 /// Copies the extra facts of a creation into `rec.aux`; returns how many bytes are meaningful.
@@ -200,13 +205,14 @@ fn read_peer(rec: &mut StackedRecord, addr: u64, addrlen: u64) -> Result<u32, ()
     if r == 0 { Ok(len) } else { Err(()) }
 }
 
-/// Copies up to FDT_STACK_BYTES of user stack from sp into `rec.bytes`; returns the length.
+/// Copies up to FDT_STACK_BYTES of user stack from sp into the tail at `offset`; returns the
+/// length.
 ///
 /// bpf_probe_read_user fails whole if any page of the range is missing, so the copy is clamped
 /// to the end of the stack mapping when userspace told us where it is, and retried up to the
 /// end of sp's page when it still fails (thread stacks, whose bounds we do not know).
 #[inline(always)]
-fn copy_stack(rec: &mut StackedRecord, regs: &pt_regs, traced: &Traced) -> usize {
+fn copy_stack(rec: &mut StackedRecord, offset: usize, regs: &pt_regs, traced: &Traced) -> usize {
     // SAFETY: a global written only by the loader.
     let want = u64::from(unsafe { core::ptr::read_volatile(&raw const FDT_STACK_BYTES) });
     let sp = regs.rsp;
@@ -221,11 +227,11 @@ fn copy_stack(rec: &mut StackedRecord, regs: &pt_regs, traced: &Traced) -> usize
     if len == 0 {
         return 0;
     }
-    if read_stack(rec, sp, len) {
+    if read_stack(rec, offset, sp, len) {
         return len as usize;
     }
     let to_page_end = 4096 - (sp & 4095);
-    if to_page_end < len && read_stack(rec, sp, to_page_end) {
+    if to_page_end < len && read_stack(rec, offset, sp, to_page_end) {
         count(Counter::StackClamped);
         return to_page_end as usize;
     }
@@ -234,14 +240,17 @@ fn copy_stack(rec: &mut StackedRecord, regs: &pt_regs, traced: &Traced) -> usize
 }
 
 #[inline(always)]
-fn read_stack(rec: &mut StackedRecord, sp: u64, len: u64) -> bool {
+fn read_stack(rec: &mut StackedRecord, offset: usize, sp: u64, len: u64) -> bool {
     // The mask restates the bound for the verifier: len <= STACK_MAX already holds.
     let len = (len as u32) & (STACK_MAX as u32 * 2 - 1);
-    if len > STACK_MAX as u32 {
+    if len > STACK_MAX as u32 || offset > PY_BYTES {
         return false;
     }
-    // SAFETY: the destination is the scratch buffer, at least len bytes long.
-    unsafe { read_user_raw(rec.bytes.as_mut_ptr().cast(), len, sp as *const _) == 0 }
+    // SAFETY: offset <= PY_BYTES and len <= STACK_MAX: inside the tail.
+    unsafe {
+        let dst = rec.tail.as_mut_ptr().add(offset);
+        read_user_raw(dst.cast(), len, sp as *const _) == 0
+    }
 }
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]
@@ -269,6 +278,11 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     TRACED.insert(child as u32, traced, 0).map_err(|_| ())?;
+    // A forked CPython is the same interpreter at the same addresses.
+    // SAFETY: a lookup; the value is copied out at once.
+    if let Some(py) = unsafe { PYTHON.get(tgid) }.copied() {
+        let _ = PYTHON.insert(child as u32, py, 0);
+    }
     emit_header(&RecordHeader {
         kind: kind::FORK,
         nr,
@@ -352,7 +366,11 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         bp: 0,
         stack_len: 0,
         aux_len,
+        py_count: 0,
+        pad: 0,
     };
+    // The new image is not (yet) known to be Python: userspace says so once it has looked.
+    let _ = PYTHON.remove(tgid);
     emit_scratch(rec, STACKED_FIXED)
 }
 

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use fdtrace_common::{COUNTERS as COUNTER_SLOTS, Counter, RecordHeader, StackedRecord, Traced};
+use fdtrace_common::{
+    COUNTERS as COUNTER_SLOTS, Counter, PyProc, RecordHeader, StackedRecord, Traced,
+};
 
 /// Processes being traced, by tgid. Userspace seeds it; the fork probe adds children.
 #[map(name = "FDT_TRACED")]
@@ -18,6 +20,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
 #[map(name = "FDT_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Traced processes running CPython: where `_PyRuntime` is and the version's offsets.
+#[map(name = "FDT_PYTHON")]
+pub static PYTHON: HashMap<u32, PyProc> = HashMap::with_max_entries(16384, 0);
 
 #[map(name = "FDT_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StackedRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -1,7 +1,9 @@
 //! Ring buffer records → [`Record`]s, read field by field with the layout from fdtrace-common.
 
 use bytes::Buf as _;
-use fdtrace_common::{AUX_MAX, RecordHeader, STACKED_FIXED, StackHeader, kind};
+use fdtrace_common::{
+    AUX_MAX, PY_BYTES, PY_FRAMES_MAX, PyFrame, RecordHeader, STACKED_FIXED, StackHeader, kind,
+};
 use thiserror::Error;
 
 /// A record as the probes wrote it, with the stack copy still raw.
@@ -12,6 +14,8 @@ pub struct Record {
     pub stack: Option<StackCapture>,
     /// Path, peer address or descriptor pair, by syscall (see `fdtrace_common::syscalls::Aux`).
     pub aux: Vec<u8>,
+    /// CPython frames of the calling thread, innermost first (CPython processes only).
+    pub py: Vec<PyFrame>,
 }
 
 /// The user registers at the syscall and a copy of the stack from `sp` upwards.
@@ -54,6 +58,7 @@ pub fn decode(mut buf: &[u8]) -> Result<Record, DecodeError> {
             header,
             stack: None,
             aux: Vec::new(),
+            py: Vec::new(),
         }),
         kind::STACKED | kind::EXEC => {
             if len < STACKED_FIXED {
@@ -68,6 +73,8 @@ pub fn decode(mut buf: &[u8]) -> Result<Record, DecodeError> {
                 bp: buf.get_u64_ne(),
                 stack_len: buf.get_u32_ne(),
                 aux_len: buf.get_u32_ne(),
+                py_count: buf.get_u32_ne(),
+                pad: buf.get_u32_ne(),
             };
             let claimed = STACKED_FIXED + regs.stack_len as usize;
             if len < claimed {
@@ -75,6 +82,23 @@ pub fn decode(mut buf: &[u8]) -> Result<Record, DecodeError> {
             }
             let aux = buf[..(regs.aux_len as usize).min(AUX_MAX)].to_vec();
             buf.advance(AUX_MAX);
+            let mut py = Vec::new();
+            if regs.py_count > 0 {
+                if buf.len() < PY_BYTES + regs.stack_len as usize {
+                    return Err(DecodeError::BadLength {
+                        claimed: claimed + PY_BYTES,
+                        len,
+                    });
+                }
+                let mut frames = buf;
+                py = (0..(regs.py_count as usize).min(PY_FRAMES_MAX))
+                    .map(|_| PyFrame {
+                        code: frames.get_u64_ne(),
+                        instr: frames.get_u64_ne(),
+                    })
+                    .collect();
+                buf.advance(PY_BYTES);
+            }
             let bytes = buf[..regs.stack_len as usize].to_vec();
             let stack = (header.kind == kind::STACKED).then_some(StackCapture {
                 ip: regs.ip,
@@ -82,7 +106,12 @@ pub fn decode(mut buf: &[u8]) -> Result<Record, DecodeError> {
                 bp: regs.bp,
                 bytes,
             });
-            Ok(Record { header, stack, aux })
+            Ok(Record {
+                header,
+                stack,
+                aux,
+                py,
+            })
         }
         other => Err(DecodeError::UnknownKind(other)),
     }
@@ -110,11 +139,20 @@ pub fn encode(record: &Record) -> Vec<u8> {
         for v in [stack.ip, stack.sp, stack.bp] {
             out.extend_from_slice(&v.to_ne_bytes());
         }
-        out.extend_from_slice(&(stack.bytes.len() as u32).to_ne_bytes());
-        out.extend_from_slice(&(record.aux.len() as u32).to_ne_bytes());
+        for v in [stack.bytes.len(), record.aux.len(), record.py.len(), 0] {
+            out.extend_from_slice(&(v as u32).to_ne_bytes());
+        }
         let mut aux = [0u8; AUX_MAX];
         aux[..record.aux.len()].copy_from_slice(&record.aux);
         out.extend_from_slice(&aux);
+        if !record.py.is_empty() {
+            let mut py = [PyFrame::default(); PY_FRAMES_MAX];
+            py[..record.py.len()].copy_from_slice(&record.py);
+            for f in py {
+                out.extend_from_slice(&f.code.to_ne_bytes());
+                out.extend_from_slice(&f.instr.to_ne_bytes());
+            }
+        }
         out.extend_from_slice(&stack.bytes);
     }
     out
@@ -147,6 +185,16 @@ mod tests {
                 bytes: vec![7; 40],
             }),
             aux: b"/etc/hostname".to_vec(),
+            py: vec![
+                PyFrame {
+                    code: 0x1001,
+                    instr: 0x2000,
+                },
+                PyFrame {
+                    code: 0x3000,
+                    instr: 0x4000,
+                },
+            ],
         };
         assert_eq!(decode(&encode(&rec)).unwrap(), rec);
     }
@@ -157,6 +205,7 @@ mod tests {
             header: header(kind::SYSCALL),
             stack: None,
             aux: vec![],
+            py: vec![],
         };
         assert_eq!(encode(&rec).len(), HEADER);
         assert_eq!(decode(&encode(&rec)).unwrap(), rec);
@@ -172,6 +221,7 @@ mod tests {
                 ..Default::default()
             }),
             aux: vec![],
+            py: vec![],
         };
         let bytes = encode(&rec);
         assert!(matches!(

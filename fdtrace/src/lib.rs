@@ -12,6 +12,7 @@ pub mod mmap_events;
 pub mod model;
 pub mod probe;
 pub mod procfs;
+pub mod python;
 pub mod report;
 pub mod session;
 pub mod signals;

@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{RawTracePoint, TracePoint},
 };
-use fdtrace_common::{COUNTERS, Counter, Traced, names};
+use fdtrace_common::{COUNTERS, Counter, PyProc, Traced, names};
 use thiserror::Error;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fdtrace.bpf.o"));
@@ -65,6 +65,7 @@ impl Default for ProbeOptions {
 pub struct Probes {
     ebpf: Ebpf,
     traced: HashMap<MapData, u32, Traced>,
+    python: HashMap<MapData, u32, PyProc>,
     counters: PerCpuArray<MapData, u64>,
     // Keeps kernel BPF run-time statistics on while we live.
     _stats: Option<OwnedFd>,
@@ -120,6 +121,10 @@ impl Probes {
             ebpf.take_map(names::MAP_TRACED)
                 .ok_or(ProbeError::MissingMap(names::MAP_TRACED))?,
         )?;
+        let python = HashMap::try_from(
+            ebpf.take_map(names::MAP_PYTHON)
+                .ok_or(ProbeError::MissingMap(names::MAP_PYTHON))?,
+        )?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_COUNTERS)
                 .ok_or(ProbeError::MissingMap(names::MAP_COUNTERS))?,
@@ -128,6 +133,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             traced,
+            python,
             counters,
             _stats: stats,
         })
@@ -149,6 +155,14 @@ impl Probes {
         let (stack_lo, stack_hi) = stack.unwrap_or_default();
         self.traced.insert(pid, Traced { stack_lo, stack_hi }, 0)?;
         Ok(())
+    }
+
+    /// Tells the probe where `pid`'s CPython interpreter is (or that it has none).
+    pub fn set_python(&mut self, pid: u32, proc: Option<PyProc>) {
+        let _ = match proc {
+            Some(proc) => self.python.insert(pid, proc, 0),
+            None => self.python.remove(&pid),
+        };
     }
 
     pub fn untrace(&mut self, pid: u32) {

@@ -355,15 +355,18 @@ pub fn fmt_frame(f: &FrameReport) -> String {
 }
 
 /// The frame that names a stack in one line: the first of the program's own (outside the C
-/// library, the loader and Rust's standard library), preferring one with a source line.
+/// library, the loader, Rust's and Python's runtimes), preferring a Python frame, then one
+/// with a source line.
 pub fn place(frames: &[FrameReport]) -> String {
     let own = || {
         frames
             .iter()
             .filter(|f| f.function.is_some() && !is_runtime(f))
     };
+    // In a Python program the Python caller says more than the C extension below it.
     own()
-        .find(|f| f.file.is_some())
+        .find(|f| f.lang == Lang::Python)
+        .or_else(|| own().find(|f| f.file.is_some()))
         .or_else(|| own().next())
         .or(frames.first())
         .map_or_else(|| "(no stack)".to_string(), fmt_frame)
@@ -373,9 +376,13 @@ pub fn place(frames: &[FrameReport]) -> String {
 fn is_runtime(f: &FrameReport) -> bool {
     let module = f.module.as_deref().unwrap_or("");
     let path = f.path.as_deref().unwrap_or("");
-    ["libc.so", "ld-linux", "libpthread", "libstdc++"].iter().any(|m| module.starts_with(m))
+    ["libc.so", "ld-linux", "libpthread", "libstdc++", "libpython", "python3"]
+        .iter()
+        .any(|m| module.starts_with(m))
         // Rust's standard library, built at /rustc/<commit>/library.
         || path.starts_with("/rustc/")
+        // Python's standard library (socket.py wrapping the program's socket() call).
+        || (f.lang == Lang::Python && path.contains("/lib/python3."))
 }
 
 fn fmt_limit(limit: u64) -> String {

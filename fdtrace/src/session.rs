@@ -118,6 +118,7 @@ impl Session {
             .tracer
             .attach(pid, monotonic_ns())
             .with_context(|| format!("reading /proc/{pid} (did it exit?)"))?;
+        self.sync_python();
         self.apply(&event);
         Ok(())
     }
@@ -136,6 +137,13 @@ impl Session {
             if self.add(child).is_ok() {
                 self.add_descendants(child);
             }
+        }
+    }
+
+    /// Passes interpreters the tracer found on to the probe.
+    fn sync_python(&mut self) {
+        for (pid, proc) in std::mem::take(&mut self.tracer.python_changes) {
+            self.probes.set_python(pid, proc);
         }
     }
 
@@ -158,6 +166,13 @@ impl Session {
         // Mapping reports are drained after the records: whatever a record's stack needs was
         // mapped before the record was written, so it is in this drain or an earlier one.
         self.mappings.drain(&mut self.map_events);
+        // A launched CPython runs its first lines within milliseconds of mapping its
+        // interpreter, while symbolizing the first stacks of this batch can take longer: tell
+        // the probe about interpreters before working through the batch.
+        for map in &self.map_events {
+            self.tracer.early_python(map);
+        }
+        self.sync_python();
         items.extend(self.map_events.drain(..).map(Item::Map));
         items.sort_by_key(|item| match item {
             Item::Record(rec) => rec.header.ts_ns,
@@ -170,6 +185,7 @@ impl Session {
                 Item::Record(rec) => rec,
                 Item::Map(map) => {
                     self.tracer.mapping(&map);
+                    self.sync_python();
                     continue;
                 }
             };
@@ -180,6 +196,9 @@ impl Session {
                 }
                 self.apply(&event);
                 out.push(event);
+            }
+            if !self.tracer.python_changes.is_empty() {
+                self.sync_python();
             }
         }
         self.periodic();

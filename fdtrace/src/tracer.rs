@@ -3,13 +3,13 @@
 
 use std::{collections::HashMap, net::Ipv4Addr, net::Ipv6Addr, sync::Arc};
 
-use fdtrace_common::{kind, syscalls as sc};
+use fdtrace_common::{PyProc, kind, syscalls as sc};
 
 use crate::{
     decode::Record,
     mmap_events::MapEvent,
     model::{Errno, Event, FdKind, NO_STACK, NewFd, ProcessInfo, StackId},
-    procfs,
+    procfs, python,
     stack::{Frame, RawFrame, Symbolizer, Unwinder},
 };
 
@@ -47,10 +47,18 @@ impl Stacks {
     }
 }
 
+/// A stack as captured: native frames, and Python frames as (code object, instruction).
+type StackKey = (Vec<RawFrame>, Vec<(u64, u64)>);
+
 pub struct Tracer {
     unwinder: Unwinder,
     symbolizer: Symbolizer,
-    interned: HashMap<Vec<RawFrame>, StackId>,
+    python: python::Resolver,
+    /// CPython interpreters found (or gone, `None`) since the session last looked: the probe's
+    /// Python map must follow.
+    pub python_changes: Vec<(u32, Option<PyProc>)>,
+    /// Raw native frames plus the Python frames (code object, instruction) of a stack.
+    interned: HashMap<StackKey, StackId>,
     /// Symbolized stacks by what they say, so that raw stacks differing only in addresses
     /// (an unrolled loop's several calls on one line) are one call site.
     by_location: HashMap<Vec<Location>, StackId>,
@@ -92,6 +100,8 @@ impl Tracer {
         Self {
             unwinder: Unwinder::new(),
             symbolizer: Symbolizer::new(),
+            python: python::Resolver::default(),
+            python_changes: Vec::new(),
             interned: HashMap::new(),
             by_location: HashMap::new(),
             stacks: Stacks::default(),
@@ -104,6 +114,7 @@ impl Tracer {
         let fds = procfs::fds(pid)?;
         // Without maps we still trace, with unresolved frames.
         let _ = self.unwinder.refresh(pid);
+        self.find_python(pid);
         Ok(Event::Attached { pid, ts, info, fds })
     }
 
@@ -111,7 +122,29 @@ impl Tracer {
     pub fn mapping(&mut self, event: &MapEvent) {
         match event {
             MapEvent::Map { pid, mapping, .. } => self.unwinder.map(*pid, mapping),
+            // The interpreter of the new image (if any) was registered early from its
+            // mapping report; the probe itself dropped the old one at exec.
             MapEvent::Exec { pid, .. } => self.unwinder.exec_reported(*pid),
+        }
+    }
+
+    /// Registers the CPython interpreter a mapping report reveals, ahead of the records that
+    /// precede it in time (see `Session::pump`).
+    pub fn early_python(&mut self, event: &MapEvent) {
+        if let MapEvent::Map { pid, mapping, .. } = event
+            && python::version_of(&mapping.path).is_some()
+            && let Some(found) = python::detect(&mapping.path, mapping.start, mapping.offset)
+        {
+            self.python.register(*pid, found.layout);
+            self.python_changes.push((*pid, Some(found.proc)));
+        }
+    }
+
+    /// Looks for CPython in a process's /proc maps (attached processes).
+    fn find_python(&mut self, pid: u32) {
+        if let Some(found) = python::detect_in_process(pid) {
+            self.python.register(pid, found.layout);
+            self.python_changes.push((pid, Some(found.proc)));
         }
     }
 
@@ -123,6 +156,7 @@ impl Tracer {
             kind::FORK => {
                 let child = a[0] as u32;
                 self.unwinder.fork(pid, child);
+                self.python.fork(pid, child);
                 vec![Event::Forked {
                     parent: pid,
                     child,
@@ -132,6 +166,7 @@ impl Tracer {
             }
             kind::EXIT => {
                 self.unwinder.forget(pid);
+                self.python.forget(pid);
                 vec![Event::Exited {
                     pid,
                     ts,
@@ -141,8 +176,13 @@ impl Tracer {
             kind::EXEC => {
                 // A launched process's new mappings arrive as map events; an attached one's
                 // are read from /proc.
+                // The probe dropped the process from its Python map at exec. A launched
+                // process's new interpreter was already found in its mapping reports, which
+                // come before this record.
                 if !self.unwinder.is_reported(pid) {
+                    self.python.forget(pid);
                     let _ = self.unwinder.refresh(pid);
+                    self.find_python(pid);
                 }
                 let comm: Vec<u8> = a[..2]
                     .iter()
@@ -230,22 +270,25 @@ impl Tracer {
         let Some(cap) = &rec.stack else {
             return NO_STACK;
         };
+        let pid = rec.header.tgid;
         let frames = self
             .unwinder
-            .unwind(rec.header.tgid, cap.ip, cap.sp, cap.bp, &cap.bytes);
-        if frames.is_empty() {
+            .unwind(pid, cap.ip, cap.sp, cap.bp, &cap.bytes);
+        if frames.is_empty() && rec.py.is_empty() {
             return NO_STACK;
         }
-        if let Some(&id) = self.interned.get(&frames) {
+        let key = (frames, rec.py.iter().map(|f| (f.code, f.instr)).collect());
+        if let Some(&id) = self.interned.get(&key) {
             return id;
         }
-        let symbolized = self.symbolizer.symbolize(&frames);
+        let native = self.symbolizer.symbolize(&key.0);
+        let symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
         let location: Vec<Location> = symbolized.iter().map(Location::from).collect();
         let id = *self
             .by_location
             .entry(location)
             .or_insert_with(|| self.stacks.push(symbolized));
-        self.interned.insert(frames, id);
+        self.interned.insert(key, id);
         id
     }
 }

@@ -8,7 +8,7 @@
 //! functions and lines (blazesym) when someone wants to read it.
 
 mod code_object;
-mod maps;
+pub(crate) mod maps;
 mod symbolize;
 mod unwind;
 
