@@ -67,14 +67,10 @@ pub fn frames(rec: &mut StackedRecord) -> u32 {
             code: code | u64::from(entry != 0),
             instr,
         };
+        // The tail is a byte array: write the frame unaligned, as bytes are laid out.
+        let dst = rec.tail.as_mut_ptr().wrapping_add(i * size_of::<PyFrame>());
         // SAFETY: i < PY_FRAMES_MAX frames fit the Python section at the tail's start.
-        unsafe {
-            rec.tail
-                .as_mut_ptr()
-                .cast::<PyFrame>()
-                .add(i)
-                .write_unaligned(slot)
-        };
+        unsafe { core::ptr::write_unaligned(dst.cast::<PyFrame>(), slot) };
         n += 1;
         frame = read_u64(frame + u64::from(off.frame_previous));
     }

@@ -232,6 +232,46 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// When it happened (CLOCK_MONOTONIC ns), for events that carry a time.
+    pub fn ts(&self) -> Option<u64> {
+        match self {
+            Event::Attached { ts, .. }
+            | Event::Opened { ts, .. }
+            | Event::Duplicated { ts, .. }
+            | Event::Fetched { ts, .. }
+            | Event::Closed { ts, .. }
+            | Event::ClosedRange { ts, .. }
+            | Event::Exec { ts, .. }
+            | Event::Forked { ts, .. }
+            | Event::Exited { ts, .. }
+            | Event::Failed { ts, .. }
+            | Event::Reconciled { ts, .. }
+            | Event::Tick { ts } => Some(*ts),
+            Event::CloexecSet { .. } | Event::LimitChanged { .. } | Event::Lost { .. } => None,
+        }
+    }
+
+    /// The time field itself (recordings store times as deltas).
+    pub fn ts_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            Event::Attached { ts, .. }
+            | Event::Opened { ts, .. }
+            | Event::Duplicated { ts, .. }
+            | Event::Fetched { ts, .. }
+            | Event::Closed { ts, .. }
+            | Event::ClosedRange { ts, .. }
+            | Event::Exec { ts, .. }
+            | Event::Forked { ts, .. }
+            | Event::Exited { ts, .. }
+            | Event::Failed { ts, .. }
+            | Event::Reconciled { ts, .. }
+            | Event::Tick { ts } => Some(ts),
+            Event::CloexecSet { .. } | Event::LimitChanged { .. } | Event::Lost { .. } => None,
+        }
+    }
+}
+
 /// One open descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenFd {
@@ -403,7 +443,7 @@ impl Model {
     }
 
     pub fn apply(&mut self, event: &Event) {
-        if let Some(ts) = event_ts(event) {
+        if let Some(ts) = event.ts() {
             if self.first_ns == 0 {
                 self.first_ns = ts;
             }
@@ -1027,24 +1067,6 @@ fn growth_per_min(samples: &VecDeque<(u64, u64)>) -> f64 {
         den += (x - mean_x) * (x - mean_x);
     }
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
-}
-
-fn event_ts(event: &Event) -> Option<u64> {
-    match event {
-        Event::Attached { ts, .. }
-        | Event::Opened { ts, .. }
-        | Event::Duplicated { ts, .. }
-        | Event::Fetched { ts, .. }
-        | Event::Closed { ts, .. }
-        | Event::ClosedRange { ts, .. }
-        | Event::Exec { ts, .. }
-        | Event::Forked { ts, .. }
-        | Event::Exited { ts, .. }
-        | Event::Failed { ts, .. }
-        | Event::Reconciled { ts, .. }
-        | Event::Tick { ts } => Some(*ts),
-        Event::CloexecSet { .. } | Event::LimitChanged { .. } | Event::Lost { .. } => None,
-    }
 }
 
 #[cfg(test)]

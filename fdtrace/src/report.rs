@@ -324,6 +324,144 @@ impl Report {
     }
 }
 
+impl Report {
+    /// Markdown to paste into an issue: a table of processes, each leaking site with its stack
+    /// folded in a `<details>`, every incident with its blame.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        let _ = writeln!(w, "### fdtrace report\n");
+        let _ = writeln!(
+            w,
+            "fdtrace {} · {} ms traced · {} process(es) · {} descriptor(s) left open · {} EMFILE/ENFILE · {} events lost\n",
+            self.fdtrace_version,
+            self.duration_ms,
+            self.processes.len(),
+            self.leaked(),
+            self.emfile.len() as u64 + self.emfile_not_listed,
+            self.dropped_events
+        );
+        let _ = writeln!(
+            w,
+            "| pid | ppid | command | executable | open at end | peak | limit | exit |"
+        );
+        let _ = writeln!(w, "|---:|---:|---|---|---:|---:|---:|---|");
+        for p in &self.processes {
+            let exit = match (p.exited, p.exit_code) {
+                (true, Some(code)) => format!("exited {code}"),
+                (true, None) => "exited".to_string(),
+                (false, _) => "running".to_string(),
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {exit} |",
+                p.pid,
+                p.ppid,
+                md_cell(&p.comm),
+                md_cell(&p.exe),
+                p.open_at_end,
+                p.peak_open,
+                fmt_limit(p.limit.soft)
+            );
+        }
+        let leaking: Vec<&SiteReport> = self.sites.iter().filter(|s| !s.inherited).collect();
+        if !leaking.is_empty() {
+            let _ = writeln!(w, "\n#### Still open, by call site\n");
+        }
+        let comm = |pid: Pid| {
+            self.processes
+                .iter()
+                .find(|p| p.pid == pid)
+                .map_or("?", |p| p.comm.as_str())
+        };
+        for s in leaking {
+            let _ = writeln!(
+                w,
+                "**{} {} descriptor{}** in {} (pid {}) at `{}`: fds {} ({} opened, {} closed here; oldest {} ms){}",
+                s.open,
+                s.kind.name(),
+                if s.open == 1 { "" } else { "s" },
+                md_cell(comm(s.pid)),
+                s.pid,
+                place(&s.frames),
+                fd_list(&s.fds),
+                s.opened,
+                s.closed,
+                s.oldest_age_ms,
+                if s.targets.is_empty() {
+                    String::new()
+                } else {
+                    format!(", e.g. `{}`", s.targets.join("`, `"))
+                }
+            );
+            if s.unattributed {
+                let _ = writeln!(
+                    w,
+                    "\n_found in /proc, never seen created: received over a socket, io_uring, or lost events_"
+                );
+            }
+            md_stack(w, "stack", &s.frames);
+        }
+        for inc in &self.emfile {
+            let _ = writeln!(
+                w,
+                "\n#### {}: `{}` failed in pid {} (thread {}) at {} with {}/{} descriptors open\n",
+                inc.errno,
+                inc.syscall,
+                inc.pid,
+                inc.tid,
+                inc.time,
+                inc.open_fds,
+                fmt_limit(inc.limit)
+            );
+            md_stack(w, "where it failed", &inc.frames);
+            let _ = writeln!(w, "| held | kind | call site |");
+            let _ = writeln!(w, "|---:|---|---|");
+            for b in &inc.blame {
+                let site = if b.inherited {
+                    "open before tracing".to_string()
+                } else {
+                    format!("`{}`", place(&b.frames))
+                };
+                let _ = writeln!(w, "| {} | {} | {} |", b.open, b.kind.name(), md_cell(&site));
+            }
+        }
+        if self.emfile_not_listed > 0 {
+            let _ = writeln!(
+                w,
+                "\n{} more EMFILE/ENFILE failures not listed.",
+                self.emfile_not_listed
+            );
+        }
+        let c = &self.corrections;
+        if c.added + c.removed + c.reused > 0 {
+            let _ = writeln!(
+                w,
+                "\nCorrections from /proc: {} added, {} removed, {} reused.",
+                c.added, c.removed, c.reused
+            );
+        }
+        out
+    }
+}
+
+/// A table cell: pipes would end it early.
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+/// A stack folded in a `<details>` block, innermost frame first.
+fn md_stack(w: &mut String, summary: &str, frames: &[FrameReport]) {
+    let _ = writeln!(w, "\n<details><summary>{summary}</summary>\n\n```");
+    if frames.is_empty() {
+        let _ = writeln!(w, "(no stack)");
+    }
+    for (i, f) in frames.iter().enumerate() {
+        let _ = writeln!(w, "{} {}", if i == 0 { "at" } else { "by" }, fmt_frame(f));
+    }
+    let _ = writeln!(w, "```\n\n</details>\n");
+}
+
 fn write_frames(w: &mut String, tag: &str, frames: &[FrameReport]) {
     if frames.is_empty() {
         let _ = writeln!(w, "{tag}    (no stack)");
@@ -379,8 +517,10 @@ fn is_runtime(f: &FrameReport) -> bool {
     ["libc.so", "ld-linux", "libpthread", "libstdc++", "libpython", "python3"]
         .iter()
         .any(|m| module.starts_with(m))
-        // Rust's standard library, built at /rustc/<commit>/library.
+        // Rust's standard library: built at /rustc/<commit>/library, or resolved to a local
+        // rust-src (…/rustlib/src/rust/library/std/…).
         || path.starts_with("/rustc/")
+        || ["/library/std/", "/library/core/", "/library/alloc/"].iter().any(|d| path.contains(d))
         // Python's standard library (socket.py wrapping the program's socket() call).
         || (f.lang == Lang::Python && path.contains("/lib/python3."))
 }

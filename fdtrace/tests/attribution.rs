@@ -263,66 +263,16 @@ fn bad_input_gets_one_line_and_a_nonzero_exit() {
     }
 }
 
-/// The demo server, built by `cargo test` with the other examples.
-fn demo_server() -> std::path::PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_fdtrace"));
-    let dir = bin.parent().unwrap();
-    let candidates = [
-        dir.join("examples/demo-server"),
-        dir.join("../examples/demo-server"),
-    ];
-    candidates
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("the demo-server example is built by cargo test")
-}
-
-/// Kills and reaps a child however the test ends, so no server outlives it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One HTTP request; `false` when the server did not answer (its accept is failing).
-fn request(port: u16) -> bool {
-    use std::io::{Read as _, Write as _};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
-        .unwrap();
-    let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    answer.starts_with(b"HTTP/1.0 200")
-}
-
 #[test]
 #[ignore = "root"]
 fn attach_to_a_live_server_until_accept_fails() {
     use std::io::{BufRead as _, BufReader};
     use std::process::Stdio;
 
-    let mut server = KillOnDrop(
-        Command::new(demo_server())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first = String::new();
-    BufReader::new(server.0.stdout.as_mut().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let port: u16 = first.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let (server, port) = common::start_demo_server();
 
     let out = std::env::temp_dir().join(format!("fdtrace-attach-{}.json", std::process::id()));
-    let mut tracer = KillOnDrop(
+    let mut tracer = common::KillOnDrop(
         fdtrace()
             .args([
                 "--pid",
@@ -343,7 +293,7 @@ fn attach_to_a_live_server_until_accept_fails() {
     assert!(line.contains("tracing pid"), "{line}");
 
     // The demo leaks one file per answered request and runs with a limit of 128.
-    let answered = (0..140).filter(|_| request(port)).count() as u64;
+    let answered = (0..140).filter(|_| common::request(port)).count() as u64;
     assert!(
         answered < 140,
         "the server should have run out of descriptors"

@@ -7,10 +7,11 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{ebpf, host_cargo, is_root, run_command, toolchain};
+use crate::{e2e, ebpf, host_cargo, is_root, run_command, toolchain};
 
 /// Runs setup, rustfmt, clippy on the host crates and on the eBPF crate, the tests, and (as
-/// root) the tests that load probes. `quick` skips rustfmt and clippy.
+/// root) the tests that load probes and the end-to-end incident (`cargo xtask e2e`). `quick`
+/// skips rustfmt and clippy.
 pub fn run(workspace: &Path, quick: bool) -> anyhow::Result<()> {
     let mut steps = Steps::default();
     let tools = steps.run("setup", || toolchain::setup(workspace))?;
@@ -59,6 +60,7 @@ pub fn run(workspace: &Path, quick: bool) -> anyhow::Result<()> {
                 "--test-threads=1",
             ]))
         })?;
+        steps.run("e2e (FastAPI behind nginx)", || e2e::run(workspace))?;
     } else {
         println!(
             "xtask test: skipped the tests marked #[ignore = \"root\"]: not root \

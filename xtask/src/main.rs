@@ -4,9 +4,12 @@
 //! installed rust-src and bpf-linker a plain `cargo build` works. xtask bootstraps that
 //! toolchain and strings the usual cargo invocations together.
 
+mod bench;
 mod checks;
 mod demo;
+mod e2e;
 mod ebpf;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -63,8 +66,18 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Benchmark tracing overhead (not implemented yet).
+    /// The 502-behind-nginx incident end to end: FastAPI/uvicorn leaking behind nginx, traced
+    /// (as root; installs nginx, and fastapi and uvicorn into .tools/venv-fastapi, if missing).
+    E2e,
+    /// Benchmark fdtrace against strace and bpftrace; prints a table, writes target/bench.json
+    /// (as root; installs bpftrace, strace, wrk and nginx if missing).
     Bench,
+    /// Fuzz the recording reader for SECONDS (cargo +nightly fuzz; installs cargo-fuzz into
+    /// .tools/ once) and print how many executions it survived.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -115,9 +128,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::Demo { args } => demo::run(&workspace, &args)?,
         Task::Test { quick } => checks::run(&workspace, quick)?,
-        Task::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet");
-            return Ok(ExitCode::from(2));
+        Task::E2e => e2e::run(&workspace)?,
+        Task::Bench => bench::run(&workspace)?,
+        Task::Fuzz { seconds } => {
+            fuzz::run(&workspace, seconds)?;
         }
     }
     Ok(ExitCode::SUCCESS)

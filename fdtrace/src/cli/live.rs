@@ -23,9 +23,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         }
     }
     check_privileges()?;
-    if !args.no_tui && std::io::stdout().is_terminal() {
-        log::info!("the terminal UI is not built yet; using text mode");
-    }
+    let tui = !args.no_tui && std::io::stdout().is_terminal();
     let mut session = Session::start(args.probe.options(args.follow))?;
     for &pid in &args.pids {
         session.add(pid)?;
@@ -34,6 +32,23 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         }
     }
     signals::install();
+    if tui {
+        // The UI owns the terminal until it closes. The full report (every incident with its
+        // stacks) would bury the shell after it: it goes to -o FILE, or is one line away.
+        crate::tui::run(&mut session, crate::tui::TuiOptions::default())?;
+        session.pump(Duration::from_millis(20));
+        let report = session.report();
+        if args.output.is_some() {
+            emit_report(&report, args.format, args.output.as_ref(), false)?;
+        } else {
+            eprintln!(
+                "fdtrace: {} descriptor(s) held by traced call sites, {} EMFILE/ENFILE; for the full report use -o FILE (or e in the view)",
+                report.leaked(),
+                report.emfile.len() as u64 + report.emfile_not_listed
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let pids = args.pids.clone();
     eprintln!(
         "fdtrace: tracing {} (Ctrl-C for the report)",

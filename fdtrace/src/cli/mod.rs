@@ -1,6 +1,10 @@
 //! The command line (DESIGN.md's contract); each mode lives in a submodule.
 
+mod export;
 mod live;
+mod record;
+mod replay;
+mod report;
 mod run;
 
 use std::{fs, io::Write as _, path::PathBuf, process::ExitCode};
@@ -18,7 +22,8 @@ use crate::{
     name = "fdtrace",
     version,
     about = "Which call sites hold a process's file descriptors, which keep growing, and what filled the table when accept() failed with EMFILE",
-    override_usage = "sudo fdtrace --pid PID [--pid PID ...] [--follow] [--no-tui]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] -- CMD [ARGS...]",
+    override_usage = "sudo fdtrace --pid PID [--pid PID ...] [--follow] [--no-tui] [--warn-at PERCENT]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] [--warn-at PERCENT] -- CMD [ARGS...]\n       sudo fdtrace record (--pid PID ... | -- CMD [ARGS...]) -o FILE [--duration SECS] [--redact]\n       fdtrace replay FILE\n       fdtrace report FILE [--format text|markdown|json] [-o FILE]\n       fdtrace export FILE --format perfetto|folded|svg [-o FILE]",
+    after_help = "The live view (--pid, replay) is a terminal UI when standard output is a terminal; press ? in it for its keys. While it runs, logs go to $XDG_STATE_HOME/fdtrace.log, or /tmp/fdtrace-UID.log when XDG_STATE_HOME is unset (level from FDTRACE_LOG, default info).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -45,6 +50,9 @@ pub(crate) struct AttachArgs {
     /// Write the final report to FILE instead of standard output.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
+    /// Warn when a process's open descriptors reach PERCENT of its limit (RLIMIT_NOFILE).
+    #[arg(long, value_name = "PERCENT", value_parser = crate::headroom::parse_percent)]
+    pub(crate) warn_at: Option<f64>,
     #[command(flatten)]
     pub(crate) probe: ProbeArgs,
 }
@@ -78,6 +86,15 @@ enum Command {
     /// Run CMD traced from its first instruction, with its children, and report at its exit
     /// what each process left open (valgrind --track-fds style) and every EMFILE/ENFILE.
     Run(RunArgs),
+    /// Record what the probes see (of CMD, or of running processes) to a file for replay,
+    /// reports and exports on any machine.
+    Record(record::RecordArgs),
+    /// Replay a recording in the live view (play/pause, seek, speed).
+    Replay(replay::ReplayArgs),
+    /// The report of a recording: the same as `run` prints, as text, markdown or JSON.
+    Report(report::ReportArgs),
+    /// Export a recording: Perfetto trace, folded stacks or a flamegraph SVG.
+    Export(export::ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -87,9 +104,14 @@ pub(crate) struct RunArgs {
     /// Write the report to FILE instead of standard error.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
-    /// Exit with N when the command left descriptors open (instead of the command's status).
+    /// Exit with N when the command left descriptors open (instead of the command's status),
+    /// or crossed --warn-at.
     #[arg(long, value_name = "N")]
     pub(crate) error_exitcode: Option<u8>,
+    /// Warn when a process's open descriptors reach PERCENT of its limit (RLIMIT_NOFILE), and
+    /// then exit with 3 (or --error-exitcode N) instead of the command's status.
+    #[arg(long, value_name = "PERCENT", value_parser = crate::headroom::parse_percent)]
+    pub(crate) warn_at: Option<f64>,
     #[command(flatten)]
     pub(crate) probe: ProbeArgs,
     /// The command and its arguments.
@@ -101,6 +123,10 @@ pub fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Run(args)) => run::run(&args),
+        Some(Command::Record(args)) => record::record(&args),
+        Some(Command::Replay(args)) => replay::replay(&args),
+        Some(Command::Report(args)) => report::report(&args),
+        Some(Command::Export(args)) => export::export(&args),
         None if cli.attach.pids.is_empty() => {
             bail!("nothing to trace: give --pid PID, or `fdtrace run -- CMD` (see --help)")
         }

@@ -7,7 +7,15 @@ use std::{
 };
 
 use super::{RunArgs, check_privileges, emit_report};
-use crate::{launch, session::Session, signals};
+use crate::{
+    headroom::{self, Crossing},
+    launch,
+    session::Session,
+    signals,
+};
+
+/// The exit status when a process crossed `--warn-at` and no `--error-exitcode` was given.
+pub(crate) const WARN_EXIT: u8 = 3;
 
 pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     check_privileges()?;
@@ -25,8 +33,12 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let mut status = None;
     let mut deadline = None;
+    let mut watch = args.warn_at.map(headroom::Watch::new);
     loop {
-        session.pump(Duration::from_millis(50));
+        let events = session.pump(Duration::from_millis(50));
+        if let Some(watch) = &mut watch {
+            watch.observe(&session.model, &events);
+        }
         if let Some(sig) = signals::take() {
             // Ctrl-C at the terminal already reached the command (same process group).
             if !sig.from_terminal {
@@ -54,9 +66,35 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     let report = session.report();
     emit_report(&report, args.format, args.output.as_ref(), true)?;
+    let crossings = watch.map_or_else(Vec::new, |w| w.crossings(&session.model));
+    for crossing in &crossings {
+        eprintln!(
+            "{}",
+            warning(crossing, args.warn_at.unwrap_or(100.0), &session)
+        );
+    }
     let code = status.unwrap_or(1);
     Ok(match args.error_exitcode {
-        Some(n) if report.leaked() > 0 => ExitCode::from(n),
+        Some(n) if report.leaked() > 0 || !crossings.is_empty() => ExitCode::from(n),
+        None if !crossings.is_empty() => ExitCode::from(WARN_EXIT),
         _ => ExitCode::from(code.clamp(0, 255) as u8),
     })
+}
+
+/// `==PID== WARNING: ...`, in the style of the report.
+fn warning(c: &Crossing, percent: f64, session: &Session) -> String {
+    let when = c.first_ns.map_or_else(String::new, |ns| {
+        format!(" at {}", session.clock.rfc3339(ns))
+    });
+    format!(
+        "=={pid}== WARNING: {comm} reached {threshold} open descriptors of its limit {limit} \
+         (--warn-at {percent}%){when}; peak {peak} ({peak_pct:.0}%), {now} open at the end",
+        pid = c.pid,
+        comm = c.comm,
+        threshold = c.threshold,
+        limit = c.limit,
+        peak = c.peak_open,
+        peak_pct = c.peak_percent(),
+        now = c.open_now,
+    )
 }

@@ -113,3 +113,55 @@ pub fn run_traced(argv: &[&str], options: ProbeOptions) -> TracedRun {
         exit_code,
     }
 }
+
+/// Kills and reaps a child however the test ends, so no server outlives it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The leaking demo server (an example `cargo test` builds), started; and its port.
+pub fn start_demo_server() -> (KillOnDrop, u16) {
+    use std::io::{BufRead as _, BufReader};
+    let bin = Path::new(env!("CARGO_BIN_EXE_fdtrace"));
+    let dir = bin.parent().unwrap();
+    let path = [
+        dir.join("examples/demo-server"),
+        dir.join("../examples/demo-server"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("the demo-server example is built by cargo test");
+    let mut server = KillOnDrop(
+        Command::new(path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(server.0.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let port = first.trim().rsplit(':').next().unwrap().parse().unwrap();
+    (server, port)
+}
+
+/// One HTTP request; `false` when the server did not answer (its accept is failing).
+pub fn request(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.0 200")
+}

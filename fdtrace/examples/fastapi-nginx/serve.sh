@@ -1,0 +1,9 @@
+#!/bin/sh
+# Starts the app under uvicorn on loopback with a low descriptor limit, as in the incident.
+#   PORT=8000 NOFILE=64 LEAK=1 WORKERS=1 BACKLOG=2048 PYTHON=python3 ./serve.sh
+# exec keeps the pid: attach fdtrace to it (with --follow when WORKERS > 1).
+set -eu
+cd "$(dirname "$0")"
+ulimit -n "${NOFILE:-64}"
+exec "${PYTHON:-python3}" -m uvicorn app:app --host 127.0.0.1 --port "${PORT:-8000}" \
+  --workers "${WORKERS:-1}" --backlog "${BACKLOG:-2048}" --no-access-log

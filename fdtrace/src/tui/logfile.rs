@@ -1,0 +1,85 @@
+//! Logs go to a file while the terminal UI owns the screen (STYLE.md habit 6).
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+/// `$XDG_STATE_HOME/fdtrace.log` when that is set, else `/tmp/fdtrace-<uid>.log`.
+pub fn log_path() -> PathBuf {
+    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => Path::new(&dir).join("fdtrace.log"),
+        // SAFETY: getuid cannot fail.
+        None => PathBuf::from(format!("/tmp/fdtrace-{}.log", unsafe { libc::getuid() })),
+    }
+}
+
+/// Opens the log for appending. Never follows a symbolic link: as root in /tmp, a link
+/// planted by another user must not redirect our writes.
+pub(super) fn open(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+struct FileLogger {
+    file: Mutex<File>,
+    level: log::LevelFilter,
+}
+
+impl log::Log for FileLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let now = crate::clock::rfc3339(i128::from(crate::clock::now(libc::CLOCK_REALTIME)));
+        if let Ok(mut file) = self.file.lock() {
+            let _ = writeln!(
+                file,
+                "{now} {} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {
+        if let Ok(mut file) = self.file.lock() {
+            let _ = file.flush();
+        }
+    }
+}
+
+/// Sends the `log` crate's records to `path` (level from `FDTRACE_LOG`, default info). Does
+/// nothing when the file cannot be opened or a logger is already installed.
+pub(super) fn install(path: &Path) {
+    let Ok(file) = open(path) else {
+        return;
+    };
+    let level = std::env::var("FDTRACE_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    // Leaked once: the logger lives as long as the process (log's `std` feature is off).
+    let logger: &'static FileLogger = Box::leak(Box::new(FileLogger {
+        file: Mutex::new(file),
+        level,
+    }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}

@@ -1,0 +1,728 @@
+//! `cargo xtask bench`: what fdtrace costs, side by side with strace and bpftrace, in one run.
+//!
+//! Traced runs alternate with untraced ones (each traced run is paired with the untraced run
+//! just before it; ratios are medians of the pairs), so drift on a shared VM cancels out. Prints
+//! a table and writes it to target/bench.json. Fixtures: xtask/fixtures/bench_*.c.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::{
+    build_release,
+    e2e::{Service, Tracer, ensure_debian_packages, free_port, wait_for_port},
+    is_root, target_dir, toolchain,
+};
+
+/// Alternating rounds for the loop and for nginx.
+const LOOP_ROUNDS: usize = 5;
+const NGINX_ROUNDS: usize = 3;
+/// Iterations of the open/close loop (strace gets fewer: it costs ~190 us per iteration).
+const LOOP_ITERATIONS: u64 = 300_000;
+const STRACE_ITERATIONS: u64 = 20_000;
+const INGEST_ITERATIONS: u64 = 1_000_000;
+const WRK_SECONDS: u32 = 4;
+
+/// memleak-style bookkeeping: each open descriptor's user stack, forgotten at close.
+const BPFTRACE_SCRIPT: &str = "\
+tracepoint:syscalls:sys_exit_openat /pid == cpid && args->ret >= 0/ { @fds[args->ret] = ustack; }
+tracepoint:syscalls:sys_enter_close /pid == cpid/ { delete(@fds[args->fd]); }
+END { clear(@fds); }";
+
+pub fn run(workspace: &Path) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load eBPF probes: run them as root (sudo -E cargo xtask bench)");
+    }
+    let started = Instant::now();
+    ensure_debian_packages(&["bpftrace", "strace", "wrk", "nginx"])?;
+    toolchain::setup(workspace)?;
+    let fdtrace = build_release(workspace)?;
+    let dir = target_dir(workspace)?.join("bench");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let fixtures = workspace.join("xtask/fixtures");
+    let bench = Bench {
+        fdtrace,
+        loop_bin: compile(&fixtures, &dir, "bench_loop")?,
+        hold_bin: compile(&fixtures, &dir, "bench_hold")?,
+        ticker_bin: compile(&fixtures, &dir, "bench_ticker")?,
+        dir,
+    };
+    let mut rows = Vec::new();
+    bench.open_close_loop(&mut rows)?;
+    bench.nginx(&mut rows)?;
+    bench.ingest(&mut rows)?;
+    unwinding(workspace, &mut rows)?;
+    bench.memory(&mut rows)?;
+    bench.attach_latency(&mut rows)?;
+    bench.recording(&mut rows);
+
+    print_table(&rows);
+    let out = target_dir(workspace)?.join("bench.json");
+    let doc = json!({
+        "schema": "fdtrace.bench/1",
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+    });
+    fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!(
+        "bench: done in {:.0}s; wrote {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// One line of the table.
+struct Row {
+    name: String,
+    value: Option<f64>,
+    unit: &'static str,
+    /// traced / untraced (or another reference), median of pairs.
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+    note: String,
+}
+
+impl Row {
+    fn new(name: impl Into<String>, value: Option<f64>, unit: &'static str) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            unit,
+            ratio: None,
+            target: String::new(),
+            met: None,
+            note: String::new(),
+        }
+    }
+
+    fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = Some(ratio);
+        self
+    }
+
+    fn target(mut self, target: impl Into<String>, met: bool) -> Self {
+        self.target = target.into();
+        self.met = Some(met);
+        self
+    }
+
+    fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "name": self.name, "value": self.value, "unit": self.unit, "ratio": self.ratio,
+            "target": self.target, "met": self.met, "note": self.note,
+        })
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n{:<44} {:>14} {:<8} {:>7}  {:<22} note",
+        "benchmark", "value", "unit", "ratio", "target"
+    );
+    for r in rows {
+        let value = r
+            .value
+            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}"));
+        let ratio = r.ratio.map_or_else(String::new, |v| format!("{v:.3}"));
+        let target = match r.met {
+            Some(true) => format!("{} ok", r.target),
+            Some(false) => format!("{} MISSED", r.target),
+            None => r.target.clone(),
+        };
+        println!(
+            "{:<44} {value:>14} {:<8} {ratio:>7}  {target:<22} {}",
+            r.name, r.unit, r.note
+        );
+    }
+}
+
+struct Bench {
+    fdtrace: PathBuf,
+    loop_bin: PathBuf,
+    hold_bin: PathBuf,
+    ticker_bin: PathBuf,
+    dir: PathBuf,
+}
+
+/// How a loop run is traced.
+#[derive(Clone, Copy, PartialEq)]
+enum Tracing {
+    Floor,
+    Default,
+    NoStacks,
+    Bpftrace,
+    Strace,
+}
+
+impl Tracing {
+    const ALL: [Tracing; 5] = [
+        Tracing::Floor,
+        Tracing::Default,
+        Tracing::NoStacks,
+        Tracing::Bpftrace,
+        Tracing::Strace,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tracing::Floor => "loop: fdtrace probes, loop filtered (floor)",
+            Tracing::Default => "loop: fdtrace run (4 KiB stacks)",
+            Tracing::NoStacks => "loop: fdtrace run --stack-bytes 0",
+            Tracing::Bpftrace => "loop: bpftrace fd->ustack map",
+            Tracing::Strace => "loop: strace -f -e trace=openat,close",
+        }
+    }
+}
+
+/// One traced loop run: ns per iteration and, for fdtrace, the events it lost.
+struct LoopRun {
+    ns: f64,
+    dropped: Option<u64>,
+}
+
+impl Bench {
+    fn open_close_loop(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        println!("bench: open/close loop, {LOOP_ROUNDS} alternating rounds");
+        let idle = Service::start(
+            "sleep",
+            Command::new("sleep").arg("3600"),
+            &self.dir.join("idle.log"),
+        )?;
+        let mut untraced = Vec::new();
+        let mut pairs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); Tracing::ALL.len()];
+        let mut dropped = vec![0u64; Tracing::ALL.len()];
+        for round in 0..LOOP_ROUNDS {
+            for (i, &tracing) in Tracing::ALL.iter().enumerate() {
+                let iterations = if tracing == Tracing::Strace {
+                    STRACE_ITERATIONS
+                } else {
+                    LOOP_ITERATIONS
+                };
+                let base = self.loop_untraced(iterations)?;
+                let run = self.loop_traced(tracing, iterations, idle.pid())?;
+                untraced.push(base);
+                pairs[i].push((base, run.ns));
+                dropped[i] += run.dropped.unwrap_or(0);
+            }
+            println!("bench: round {} of {LOOP_ROUNDS} done", round + 1);
+        }
+        drop(idle);
+        let base = median(&untraced);
+        rows.push(Row::new("loop: untraced", Some(base), "ns/iter").ratio(1.0));
+        let ratio_of = |i: usize| median(&pairs[i].iter().map(|(b, t)| t / b).collect::<Vec<_>>());
+        let floor = ratio_of(0);
+        for (i, &tracing) in Tracing::ALL.iter().enumerate() {
+            let ns = median(&pairs[i].iter().map(|p| p.1).collect::<Vec<_>>());
+            let ratio = ratio_of(i);
+            let mut row = Row::new(tracing.name(), Some(ns), "ns/iter").ratio(ratio);
+            let is_fdtrace = matches!(
+                tracing,
+                Tracing::Floor | Tracing::Default | Tracing::NoStacks
+            );
+            if is_fdtrace {
+                row = row.note(format!("dropped_events {}", dropped[i]));
+            }
+            row = match tracing {
+                Tracing::Default => row.target("<= 1.35x", ratio <= 1.35 && dropped[i] == 0),
+                Tracing::NoStacks => row.target(
+                    format!("<= floor x1.05 ({:.3})", floor * 1.05),
+                    ratio <= floor * 1.05 && dropped[i] == 0,
+                ),
+                Tracing::Floor => row.target("0 dropped", dropped[i] == 0),
+                Tracing::Strace => row.note(format!("{STRACE_ITERATIONS} iterations")),
+                Tracing::Bpftrace => row,
+            };
+            rows.push(row);
+        }
+        Ok(())
+    }
+
+    fn loop_untraced(&self, iterations: u64) -> anyhow::Result<f64> {
+        let out = output(Command::new(&self.loop_bin).arg(iterations.to_string()))?;
+        loop_ns(&out)
+    }
+
+    fn loop_traced(&self, tracing: Tracing, iterations: u64, idle: u32) -> anyhow::Result<LoopRun> {
+        let report = self.dir.join("loop.json");
+        let n = iterations.to_string();
+        let (out, dropped) = match tracing {
+            Tracing::Floor => {
+                let tracer = Tracer::start(
+                    Command::new(&self.fdtrace)
+                        .args(["--pid", &idle.to_string(), "--no-tui", "--format", "json"])
+                        .arg("-o")
+                        .arg(&report),
+                    &self.dir.join("floor.log"),
+                )?;
+                let out = output(Command::new(&self.loop_bin).arg(&n))?;
+                tracer.stop()?;
+                (out, Some(dropped_events(&report)?))
+            }
+            Tracing::Default | Tracing::NoStacks => {
+                let mut cmd = Command::new(&self.fdtrace);
+                cmd.args(["run", "--format", "json", "-o"]).arg(&report);
+                if tracing == Tracing::NoStacks {
+                    cmd.args(["--stack-bytes", "0"]);
+                }
+                let out = output(cmd.arg("--").arg(&self.loop_bin).arg(&n))?;
+                (out, Some(dropped_events(&report)?))
+            }
+            Tracing::Bpftrace => {
+                let command = format!("{} {n}", self.loop_bin.display());
+                let out = output(
+                    Command::new("bpftrace")
+                        .args(["-e", BPFTRACE_SCRIPT, "-c"])
+                        .arg(command),
+                )?;
+                (out, None)
+            }
+            Tracing::Strace => {
+                let out = output(
+                    Command::new("strace")
+                        .args(["-f", "-e", "trace=openat,close", "-o", "/dev/null"])
+                        .arg(&self.loop_bin)
+                        .arg(&n),
+                )?;
+                (out, None)
+            }
+        };
+        Ok(LoopRun {
+            ns: loop_ns(&out)?,
+            dropped,
+        })
+    }
+
+    fn nginx(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        println!("bench: nginx under wrk, {NGINX_ROUNDS} alternating rounds of {WRK_SECONDS}s");
+        let dir = self.dir.join("nginx");
+        fs::create_dir_all(dir.join("html"))?;
+        fs::write(dir.join("html/index.html"), "fdtrace bench\n".repeat(40))?;
+        let port = free_port()?;
+        let config = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/cb; proxy_temp_path {d}/p;\n\
+             fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+             server {{ listen 127.0.0.1:{port}; root {d}/html; }} }}\n",
+            d = dir.display()
+        );
+        fs::write(dir.join("nginx.conf"), config)?;
+        // nginx's workers (nobody) read the file.
+        for d in [&self.dir, &dir, &dir.join("html")] {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        }
+        let nginx = Service::start(
+            "nginx",
+            Command::new("nginx")
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(dir.join("nginx.conf")),
+            &dir.join("nginx.out"),
+        )?;
+        wait_for_port(port, &nginx)?;
+        let url = format!("http://127.0.0.1:{port}/index.html");
+        let wrk = || -> anyhow::Result<f64> {
+            let out = output(
+                Command::new("wrk")
+                    .args(["-t1", "-c16", &format!("-d{WRK_SECONDS}s")])
+                    .arg(&url),
+            )?;
+            out.lines()
+                .find_map(|l| l.strip_prefix("Requests/sec:"))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no Requests/sec in wrk's output: {out}"))
+        };
+        wrk()?; // warm-up
+        let report = dir.join("fdtrace.json");
+        let (mut pairs, mut dropped) = (Vec::new(), 0);
+        for _ in 0..NGINX_ROUNDS {
+            let base = wrk()?;
+            let tracer = Tracer::start(
+                Command::new(&self.fdtrace)
+                    .args(["--pid", &nginx.pid().to_string(), "--follow", "--no-tui"])
+                    .args(["--format", "json", "-o"])
+                    .arg(&report),
+                &dir.join("fdtrace.log"),
+            )?;
+            let traced = wrk()?;
+            tracer.stop()?;
+            dropped += dropped_events(&report)?;
+            pairs.push((base, traced));
+        }
+        drop(nginx);
+        let ratio = median(&pairs.iter().map(|(b, t)| t / b).collect::<Vec<_>>());
+        rows.push(
+            Row::new(
+                "nginx: untraced",
+                Some(median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>())),
+                "req/s",
+            )
+            .ratio(1.0),
+        );
+        rows.push(
+            Row::new(
+                "nginx: fdtrace --pid master --follow",
+                Some(median(&pairs.iter().map(|p| p.1).collect::<Vec<_>>())),
+                "req/s",
+            )
+            .ratio(ratio)
+            .target(">= 0.98x", ratio >= 0.98 && dropped == 0)
+            .note(format!("dropped_events {dropped}")),
+        );
+        Ok(())
+    }
+
+    /// The event rate fdtrace took without losses from one process opening and closing as fast
+    /// as it can (one producer: the other core is fdtrace's).
+    fn ingest(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        println!("bench: ingest, {INGEST_ITERATIONS} open/close pairs");
+        for (name, stack_bytes) in [
+            ("ingest: events/s, 4 KiB stacks", "4096"),
+            ("ingest: events/s, no stacks", "0"),
+        ] {
+            let report = self.dir.join("ingest.json");
+            let out = output(
+                Command::new(&self.fdtrace)
+                    .args([
+                        "run",
+                        "--stack-bytes",
+                        stack_bytes,
+                        "--format",
+                        "json",
+                        "-o",
+                    ])
+                    .arg(&report)
+                    .arg("--")
+                    .arg(&self.loop_bin)
+                    .arg(INGEST_ITERATIONS.to_string()),
+            )?;
+            let ns = loop_ns(&out)?;
+            let dropped = dropped_events(&report)?;
+            // An open and a close per iteration.
+            let rate = 2.0 * 1e9 / ns;
+            rows.push(
+                Row::new(name, Some(rate), "events/s")
+                    .target(">= 1M/s, 0 dropped", rate >= 1e6 && dropped == 0)
+                    .note(format!(
+                        "dropped_events {dropped}; producer-bound: {ns:.0} ns per open+close"
+                    )),
+            );
+        }
+        Ok(())
+    }
+
+    /// fdtrace's peak RSS tracking as many descriptors as the hard limit allows, against a
+    /// process with none, extrapolated to 1M.
+    fn memory(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        println!("bench: memory");
+        let (small_hwm, _) = self.hwm_holding(Some(0))?;
+        let (full_hwm, held) = self.hwm_holding(None)?;
+        let per_fd = (full_hwm - small_hwm) as f64 / held as f64;
+        let at_1m = small_hwm as f64 + per_fd * 1e6;
+        rows.push(Row::new(
+            "memory: VmHWM, idle process",
+            Some(small_hwm as f64 / 1e6),
+            "MB",
+        ));
+        rows.push(
+            Row::new(
+                format!("memory: VmHWM, {held} descriptors"),
+                Some(full_hwm as f64 / 1e6),
+                "MB",
+            )
+            .note(format!("{per_fd:.0} bytes per descriptor")),
+        );
+        rows.push(
+            Row::new(
+                "memory: extrapolated to 1M descriptors",
+                Some(at_1m / 1e6),
+                "MB",
+            )
+            .target("<= 100 MB", at_1m <= 100e6)
+            .note("hard RLIMIT_NOFILE cannot be raised here (no CAP_SYS_RESOURCE)"),
+        );
+        Ok(())
+    }
+
+    /// (fdtrace's VmHWM in bytes, descriptors held) for `fdtrace run -- bench_hold [N]`.
+    fn hwm_holding(&self, count: Option<u64>) -> anyhow::Result<(u64, u64)> {
+        let mut child = Command::new(&self.fdtrace)
+            .args(["run", "--format", "json", "-o"])
+            .arg(self.dir.join("hold.json"))
+            .arg("--")
+            .arg(&self.hold_bin)
+            .arg(count.map_or_else(|| "-1".to_string(), |c| c.to_string()))
+            .arg("3")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting fdtrace run -- bench_hold")?;
+        let status_path = format!("/proc/{}/status", child.id());
+        let mut hwm = 0;
+        while child.try_wait()?.is_none() {
+            if let Some(kb) = fs::read_to_string(&status_path).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            }) {
+                hwm = kb * 1024;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let held = text
+            .lines()
+            .find_map(|l| l.strip_prefix("held "))
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("bench_hold printed {text:?}"))?;
+        Ok((hwm, held))
+    }
+
+    /// From starting `fdtrace --pid` to the first event it captured, with a process opening a
+    /// descriptor every millisecond and printing when (CLOCK_MONOTONIC, as the probes use).
+    fn attach_latency(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        println!("bench: attach latency");
+        let (mut to_event, mut to_ready) = (Vec::new(), Vec::new());
+        for i in 0..3 {
+            let ticks = self.dir.join(format!("ticker-{i}.txt"));
+            let ticker = Service::start(
+                "bench_ticker",
+                Command::new(&self.ticker_bin).arg("10"),
+                &ticks,
+            )?;
+            thread::sleep(Duration::from_millis(300));
+            let report = self.dir.join("attach.json");
+            let start = monotonic_ns();
+            let tracer = Tracer::start(
+                Command::new(&self.fdtrace)
+                    .args([
+                        "--pid",
+                        &ticker.pid().to_string(),
+                        "--no-tui",
+                        "--format",
+                        "json",
+                    ])
+                    .arg("-o")
+                    .arg(&report),
+                &self.dir.join("attach.log"),
+            )?;
+            to_ready.push((monotonic_ns() - start) as f64 / 1e6);
+            thread::sleep(Duration::from_millis(300));
+            tracer.stop()?;
+            drop(ticker);
+            let first_fd = first_traced_fd(&report)?;
+            let opened_ns = fs::read_to_string(&ticks)?
+                .lines()
+                .find_map(|l| {
+                    let (fd, ns) = l.split_once(' ')?;
+                    (fd.parse::<i64>().ok()? == first_fd).then(|| ns.parse::<u64>().ok())?
+                })
+                .with_context(|| format!("fd {first_fd} not in {}", ticks.display()))?;
+            to_event.push(opened_ns.saturating_sub(start) as f64 / 1e6);
+        }
+        let event = median(&to_event);
+        rows.push(
+            Row::new("attach: start to first event captured", Some(event), "ms")
+                .target("<= 200 ms", event <= 200.0)
+                .note(format!("runs {to_event:.1?}")),
+        );
+        rows.push(
+            Row::new(
+                "attach: start to \"tracing\" line",
+                Some(median(&to_ready)),
+                "ms",
+            )
+            .note(format!("runs {to_ready:.1?}")),
+        );
+        Ok(())
+    }
+
+    fn recording(&self, rows: &mut Vec<Row>) {
+        println!("bench: recording size");
+        let file = self.dir.join("loop.fdtrace");
+        let recorded = Command::new(&self.fdtrace)
+            .args(["record", "-o"])
+            .arg(&file)
+            .arg("--")
+            .arg(&self.loop_bin)
+            .arg(LOOP_ITERATIONS.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let row = match fs::metadata(&file) {
+            Ok(meta) if recorded => {
+                let per_event = meta.len() as f64 / (2 * LOOP_ITERATIONS) as f64;
+                Row::new(
+                    "recording: bytes per event (loop)",
+                    Some(per_event),
+                    "B/event",
+                )
+                .target("<= 8", per_event <= 8.0)
+                .note(format!(
+                    "{} bytes for {} events",
+                    meta.len(),
+                    2 * LOOP_ITERATIONS
+                ))
+            }
+            _ => Row::new("recording: bytes per event (loop)", None, "B/event")
+                .note("n/a (record not built)"),
+        };
+        rows.push(row);
+    }
+}
+
+/// The unwinder's rate on cached stacks: fdtrace's own benchmark test, in release.
+fn unwinding(workspace: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    println!("bench: unwinding (cargo test --release ... stack::tests::throughput)");
+    let out = output(
+        crate::host_cargo(workspace)
+            .args([
+                "test",
+                "--quiet",
+                "--package",
+                "fdtrace",
+                "--release",
+                "--lib",
+            ])
+            .args(["stack::tests::throughput", "--", "--ignored", "--nocapture"]),
+    )?;
+    for line in out.lines().filter(|l| l.contains("stacks/s")) {
+        // "<depth> frames: <rate> stacks/s (<ns> ns/stack)"
+        let rate = line
+            .split_once(": ")
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse::<f64>().ok());
+        let depth = line.split_whitespace().next().unwrap_or("?");
+        rows.push(
+            Row::new(
+                format!("unwinding: {depth}-frame stacks/s, cached"),
+                rate,
+                "stacks/s",
+            )
+            .target(">= 1M/s", rate.is_some_and(|r| r >= 1e6)),
+        );
+    }
+    Ok(())
+}
+
+/// Compiles `xtask/fixtures/<name>.c` with -O2 into `dir`.
+fn compile(fixtures: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let out = dir.join(name);
+    crate::run_command(
+        Command::new("gcc")
+            .args(["-O2", "-g", "-o"])
+            .arg(&out)
+            .arg(fixtures.join(format!("{name}.c"))),
+    )?;
+    Ok(out)
+}
+
+/// Runs `command` to completion; its standard output, or an error with its standard error.
+fn output(command: &mut Command) -> anyhow::Result<String> {
+    let line = crate::command_line(command);
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting `{line}`"))?;
+    ensure!(
+        out.status.success(),
+        "`{line}` failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// bench_loop's `<ns per iteration> <iterations>` line, wherever it is in the output.
+fn loop_ns(out: &str) -> anyhow::Result<f64> {
+    out.lines()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            let ns = parts.next()?.parse::<f64>().ok()?;
+            parts.next()?.parse::<u64>().ok()?;
+            parts.next().is_none().then_some(ns)
+        })
+        .with_context(|| format!("no `<ns> <iterations>` line in {out:?}"))
+}
+
+fn dropped_events(report: &Path) -> anyhow::Result<u64> {
+    let json: Value = serde_json::from_slice(
+        &fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
+    json["dropped_events"]
+        .as_u64()
+        .with_context(|| format!("no dropped_events in {}", report.display()))
+}
+
+/// The lowest descriptor number fdtrace saw created (not open before it attached).
+fn first_traced_fd(report: &Path) -> anyhow::Result<i64> {
+    let json: Value = serde_json::from_slice(&fs::read(report)?)?;
+    json["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["inherited"] == false)
+        .flat_map(|s| s["fds"].as_array().into_iter().flatten())
+        .filter_map(Value::as_i64)
+        .min()
+        .with_context(|| format!("no descriptor created while traced in {}", report.display()))
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-12);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn finds_the_loop_line_among_other_output() {
+        let out = "Attaching 3 probes...\n2841.5 300000\n";
+        assert!((loop_ns(out).unwrap() - 2841.5).abs() < 1e-9);
+        assert!(loop_ns("Attaching 3 probes...\n").is_err());
+    }
+}
