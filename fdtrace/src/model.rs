@@ -417,8 +417,9 @@ pub struct Corrections {
     pub reused: u64,
 }
 
-/// Incidents kept with their full blame; later ones are only counted.
-pub const MAX_INCIDENTS: usize = 10_000;
+/// Incidents kept with their full blame; later ones are only counted. A server that keeps
+/// retrying accept() fails thousands of times a minute, and each one repeats the same blame.
+pub const MAX_INCIDENTS: usize = 1_000;
 
 #[derive(Debug, Default)]
 pub struct Model {

@@ -344,6 +344,15 @@ pub fn line_for(table: &[u8], firstlineno: u32, index: u64) -> Option<u32> {
     None
 }
 
+/// A native frame inside the interpreter itself (libpython, or a python binary with the
+/// interpreter linked in).
+pub fn is_interpreter_frame(f: &Frame) -> bool {
+    f.lang == Lang::Native
+        && f.module
+            .as_deref()
+            .is_some_and(|m| m.starts_with("libpython") || version_of(m).is_some())
+}
+
 /// Replaces each interpreter evaluation frame in `native` (innermost first) with the Python
 /// frames it was running: the Python frames come in groups ending at an entry frame, one group
 /// per `_PyEval_EvalFrameDefault` call. Groups left over (a stack copy that ended early) go

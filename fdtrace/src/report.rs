@@ -14,6 +14,15 @@ use crate::{
 
 pub const SCHEMA: &str = "fdtrace.report/1";
 
+/// Sites listed in each incident's blame, and how many of them carry their stacks: the top
+/// holders are what matters, and the same stacks repeat in every incident of a retrying
+/// server (the JSON grew to hundreds of MB without these bounds). The full stacks of every
+/// site are in `sites`.
+const BLAME_LISTED: usize = 10;
+const BLAME_WITH_FRAMES: usize = 3;
+/// Incidents the text report shows with stacks; the rest get one line each.
+const INCIDENTS_IN_FULL: usize = 5;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub schema: String,
@@ -182,13 +191,19 @@ impl Report {
                 blame: inc
                     .blame
                     .iter()
-                    .map(|&(site, open)| {
+                    .take(BLAME_LISTED)
+                    .enumerate()
+                    .map(|(rank, &(site, open))| {
                         let s = &model.sites[site];
                         BlameReport {
                             kind: s.kind,
                             open,
                             inherited: s.origin == Origin::Inherited,
-                            frames: frames(stacks, s.stack),
+                            frames: if rank < BLAME_WITH_FRAMES {
+                                frames(stacks, s.stack)
+                            } else {
+                                Vec::new()
+                            },
                         }
                     })
                     .collect(),
@@ -278,7 +293,7 @@ impl Report {
             }
             let _ = writeln!(w, "{tag}");
         }
-        for inc in &self.emfile {
+        for (i, inc) in self.emfile.iter().enumerate() {
             let tag = format!("=={}==", inc.pid);
             let _ = writeln!(
                 w,
@@ -290,6 +305,9 @@ impl Report {
                 inc.open_fds,
                 fmt_limit(inc.limit)
             );
+            if i >= INCIDENTS_IN_FULL {
+                continue;
+            }
             write_frames(w, &tag, &inc.frames);
             let _ = writeln!(w, "{tag}  the table at that instant:");
             for b in &inc.blame {
@@ -522,7 +540,7 @@ fn is_runtime(f: &FrameReport) -> bool {
         || path.starts_with("/rustc/")
         || ["/library/std/", "/library/core/", "/library/alloc/"].iter().any(|d| path.contains(d))
         // Python's standard library (socket.py wrapping the program's socket() call).
-        || (f.lang == Lang::Python && path.contains("/lib/python3."))
+        || (f.lang == Lang::Python && (path.contains("/lib/python3.") || path.starts_with("<frozen ")))
 }
 
 fn fmt_limit(limit: u64) -> String {

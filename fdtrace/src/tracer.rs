@@ -283,7 +283,14 @@ impl Tracer {
         }
         let native = self.symbolizer.symbolize(&key.0);
         let symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
-        let location: Vec<Location> = symbolized.iter().map(Location::from).collect();
+        // In a Python stack the interpreter's own native frames change as CPython specialises
+        // a call site; the Python frames and the rest say where the descriptor came from.
+        let python = !rec.py.is_empty();
+        let location: Vec<Location> = symbolized
+            .iter()
+            .filter(|f| !(python && python::is_interpreter_frame(f)))
+            .map(Location::from)
+            .collect();
         let id = *self
             .by_location
             .entry(location)

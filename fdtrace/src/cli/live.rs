@@ -10,6 +10,7 @@ use anyhow::bail;
 
 use super::{AttachArgs, check_privileges, emit_report};
 use crate::{
+    headroom,
     model::{Event, Origin, Pid},
     report::FrameReport,
     session::Session,
@@ -35,7 +36,11 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
     if tui {
         // The UI owns the terminal until it closes. The full report (every incident with its
         // stacks) would bury the shell after it: it goes to -o FILE, or is one line away.
-        crate::tui::run(&mut session, crate::tui::TuiOptions::default())?;
+        let options = crate::tui::TuiOptions {
+            warn_at: args.warn_at,
+            ..crate::tui::TuiOptions::default()
+        };
+        crate::tui::run(&mut session, options)?;
         session.pump(Duration::from_millis(20));
         let report = session.report();
         if args.output.is_some() {
@@ -55,9 +60,23 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         describe(&pids)
     );
     let mut printer = LivePrinter::default();
+    let mut headroom = args.warn_at.map(headroom::Watch::new);
     loop {
         let events = session.pump(Duration::from_millis(100));
         LivePrinter::events(&session, &events);
+        if let Some(watch) = &mut headroom {
+            for c in watch.observe(&session.model, &events) {
+                eprintln!(
+                    "fdtrace: WARNING: pid {} ({}) holds {} descriptors, {:.0}% of its limit {} (--warn-at {}%)",
+                    c.pid,
+                    c.comm,
+                    c.open_now,
+                    c.open_now as f64 * 100.0 / c.limit as f64,
+                    c.limit,
+                    watch.percent()
+                );
+            }
+        }
         printer.summary(&session, &pids);
         if signals::take().is_some() {
             break;

@@ -115,6 +115,8 @@ pub struct App {
     pub theme: Theme,
     /// Named in the help.
     pub log_path: std::path::PathBuf,
+    /// `--warn-at PERCENT`: the header warns when the process holds this share of its limit.
+    pub warn_at: Option<f64>,
 }
 
 impl App {
@@ -133,6 +135,7 @@ impl App {
             replay,
             theme: Theme::new(no_color),
             log_path: super::log_path(),
+            warn_at: None,
         }
     }
 

@@ -130,8 +130,14 @@ impl Header<'_> {
                 },
             ));
             spans.push(sep());
+            let warn = self
+                .app
+                .warn_at
+                .and_then(|pct| crate::headroom::threshold(p.limit.soft, pct));
             let (text, style) = if p.limit.soft != u64::MAX && p.open >= p.limit.soft {
                 ("AT LIMIT".to_string(), t.bad)
+            } else if let Some(at) = warn.filter(|&at| p.open >= at) {
+                (format!("WARN ≥{at} (--warn-at)"), t.bad)
             } else if let Some(s) = p.forecast_secs {
                 (
                     format!("limit in {}", format::secs(s)),

@@ -100,6 +100,8 @@ pub struct TuiOptions {
     pub report_dir: PathBuf,
     /// Styles without colours (the NO_COLOR convention).
     pub no_color: bool,
+    /// `--warn-at PERCENT` for the header.
+    pub warn_at: Option<f64>,
 }
 
 impl Default for TuiOptions {
@@ -108,6 +110,7 @@ impl Default for TuiOptions {
             replay: false,
             report_dir: PathBuf::from("."),
             no_color: no_color_requested(),
+            warn_at: None,
         }
     }
 }
@@ -161,8 +164,10 @@ pub fn run(feed: &mut dyn Feed, options: TuiOptions) -> anyhow::Result<()> {
         replay,
         report_dir,
         no_color,
+        warn_at,
     } = options;
     let mut app = App::new(replay, no_color);
+    app.warn_at = warn_at;
     app.observe(feed);
     app.refresh(feed);
     let mut last_frame: Option<Instant> = None;
