@@ -66,7 +66,15 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), ()> {
     };
     let regs_ptr: *const pt_regs = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
+    let failed = ret == -syscalls::EMFILE || ret == -syscalls::ENFILE;
+    // Most syscalls of a traced server (read, write, epoll_wait) concern no descriptor: look
+    // at the number alone first and leave before copying all the registers.
     // SAFETY: arg 0 of sys_exit is the task's saved user registers.
+    let nr = unsafe { bpf_probe_read_kernel(&raw const (*regs_ptr).orig_rax) }.map_err(|_| ())?;
+    if !failed && syscalls::action(nr as u32) == Action::Ignore {
+        return Ok(());
+    }
+    // SAFETY: as above.
     let regs = unsafe { bpf_probe_read_kernel(regs_ptr) }.map_err(|_| ())?;
     let nr = regs.orig_rax as u32;
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
@@ -81,7 +89,7 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), ()> {
         args,
     };
 
-    if ret == -syscalls::EMFILE || ret == -syscalls::ENFILE {
+    if failed {
         return emit_stacked(header, &regs, &traced, Aux::None);
     }
     match syscalls::action(nr) {
