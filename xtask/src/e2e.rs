@@ -237,7 +237,10 @@ impl Example {
         let load = Command::new(&self.python)
             .arg(self.sources.join("load.py"))
             .args(["--port", &nginx_port.to_string()])
-            .args(["--concurrency", &CONCURRENCY.to_string()])
+            // The same load per worker: a full worker keeps answering (the handler swallows
+            // the EMFILE from open) until several connections arrive at once and the second
+            // accept finds no descriptor; half the concurrency per worker made that a race.
+            .args(["--concurrency", &(CONCURRENCY * workers).to_string()])
             .args(["--requests", &REQUESTS.to_string()])
             .args(["--stop-after-5xx", "1", "--max-seconds", "60"])
             .stderr(Stdio::inherit())
@@ -331,10 +334,27 @@ fn check_leak(o: &Outcome) -> anyhow::Result<()> {
         first_5xx.1,
         first_5xx.0
     );
-    let python_frame = top
-        .frames
-        .iter()
-        .any(|f| f.function.as_deref() == Some("read_settings"));
+    // Python frames: the leaking function is named with its file and line, not the
+    // interpreter's native frames.
+    let app_py =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdtrace/examples/fastapi-nginx/app.py");
+    let source =
+        fs::read_to_string(&app_py).with_context(|| format!("reading {}", app_py.display()))?;
+    let leak_line = source
+        .lines()
+        .position(|l| l.contains("fd = os.open(path"))
+        .context("app.py has no os.open(path ...) line")? as u32
+        + 1;
+    let python_frame = top.frames.iter().any(|f| {
+        f.function.as_deref() == Some("read_settings")
+            && f.file.as_deref() == Some("app.py")
+            && f.line == Some(leak_line)
+    });
+    ensure!(
+        python_frame,
+        "the top of the blame at accept4's EMFILE does not name read_settings (app.py:{leak_line}): {}",
+        describe_blame(&accept.blame)
+    );
     println!(
         "e2e leak: ok in {:.1}s. uvicorn pid {} (limit {limit}, {baseline} open before the load). \
          fdtrace: first EMFILE at {:.3}, accept4 EMFILE at {} (unix {emfile_unix:.3}) with \
@@ -544,6 +564,8 @@ struct Site {
 struct Frame {
     function: Option<String>,
     module: Option<String>,
+    file: Option<String>,
+    line: Option<u32>,
 }
 
 #[derive(Deserialize)]
