@@ -4,10 +4,11 @@
 //! aya, no terminal, no file I/O: correctness lives here and is tested with synthetic events.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     sync::Arc,
 };
 
+use foldhash::HashMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 

@@ -8,9 +8,9 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, TracePoint},
 };
 use fdtrace_common::{COUNTERS, Counter, PyProc, Traced, names};
 use thiserror::Error;
@@ -49,6 +49,10 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// Trace the children traced processes fork.
     pub follow: bool,
+    /// Turn on the kernel's BPF run-time statistics, for a view that shows the probes' cost.
+    /// They time every run of every BPF program on the machine (two clock reads per syscall
+    /// here), so only the live terminal UI asks for them.
+    pub stats: bool,
 }
 
 impl Default for ProbeOptions {
@@ -57,6 +61,7 @@ impl Default for ProbeOptions {
             stack_bytes: fdtrace_common::STACK_DEFAULT,
             ring_bytes: 16 << 20,
             follow: true,
+            stats: false,
         }
     }
 }
@@ -67,7 +72,7 @@ pub struct Probes {
     traced: HashMap<MapData, u32, Traced>,
     python: HashMap<MapData, u32, PyProc>,
     counters: PerCpuArray<MapData, u64>,
-    // Keeps kernel BPF run-time statistics on while we live.
+    // Keeps kernel BPF run-time statistics on while we live, when asked for.
     _stats: Option<OwnedFd>,
 }
 
@@ -101,10 +106,14 @@ impl Probes {
             .load(OBJECT)
             .map_err(|e| kernel_error("object", &e))?;
 
-        let prog: &mut RawTracePoint = program(&mut ebpf, names::PROG_SYS_EXIT)?;
-        prog.load()
+        let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Kernel {
+            program: names::PROG_SYS_EXIT,
+            detail: format!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"),
+        })?;
+        let prog: &mut BtfTracePoint = program(&mut ebpf, names::PROG_SYS_EXIT)?;
+        prog.load("sys_exit", &btf)
             .map_err(|e| kernel_error(names::PROG_SYS_EXIT, &e))?;
-        prog.attach("sys_exit")
+        prog.attach()
             .map_err(|e| kernel_error(names::PROG_SYS_EXIT, &e))?;
         for (name, tp) in [
             (names::PROG_FORK, "sched_process_fork"),
@@ -129,7 +138,10 @@ impl Probes {
             ebpf.take_map(names::MAP_COUNTERS)
                 .ok_or(ProbeError::MissingMap(names::MAP_COUNTERS))?,
         )?;
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let stats = options
+            .stats
+            .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok())
+            .flatten();
         Ok(Self {
             ebpf,
             traced,

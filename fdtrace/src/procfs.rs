@@ -123,16 +123,31 @@ pub fn identity(pid: u32) -> io::Result<Identity> {
     Ok(Identity { comm, exe, ppid })
 }
 
-/// Bounds of the `[stack]` mapping of the main thread, for clamping the probe's stack copy.
+/// The part of the main thread's stack an unwinder can need: from the bottom of the `[stack]`
+/// mapping up to just above `startstack`, the stack pointer the kernel handed to `_start`.
+/// Everything above that is argv, the environment and the aux vector (9.7 KiB in a shell
+/// here), which no frame lives in: clamping the probe's copy there keeps it from copying them.
 pub fn main_stack(pid: u32) -> Option<(u64, u64)> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let line = maps.lines().find(|l| l.ends_with("[stack]"))?;
     let range = line.split_whitespace().next()?;
     let (lo, hi) = range.split_once('-')?;
-    Some((
+    let (lo, hi) = (
         u64::from_str_radix(lo, 16).ok()?,
         u64::from_str_radix(hi, 16).ok()?,
-    ))
+    );
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let top = start_stack(&stat)
+        .filter(|&s| lo < s && s < hi)
+        // `_start` reads argc at startstack; a few words of slack cost nothing.
+        .map_or(hi, |s| (s + 64).min(hi));
+    Some((lo, top))
+}
+
+/// Field 28 of /proc/PID/stat, `startstack`; the command name before it may hold spaces.
+fn start_stack(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(25)?.parse().ok()
 }
 
 /// The thread ids of a process.
@@ -212,6 +227,14 @@ mod tests {
     }
 
     #[test]
+    fn start_stack_is_field_28() {
+        let stat = "77 (a) b) S 1 77 77 0 -1 4194560 120 0 0 0 0 0 0 0 20 0 1 0 5 2 1 \
+                    18446744073709551615 1 1 140736193540048 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        assert_eq!(start_stack(stat), Some(140_736_193_540_048));
+        assert_eq!(start_stack("garbage"), None);
+    }
+
+    #[test]
     fn own_process_is_readable() {
         let me = std::process::id();
         let fds = fds(me).unwrap();
@@ -221,5 +244,10 @@ mod tests {
         assert!(limit(me).unwrap().soft > 0);
         let (lo, hi) = main_stack(me).unwrap();
         assert!(lo < hi);
+        // Clamped below the mapping's end: argv and the aux vector are always above it.
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps.lines().find(|l| l.ends_with("[stack]")).unwrap();
+        let end = line.split(['-', ' ']).nth(1).unwrap();
+        assert!(hi < u64::from_str_radix(end, 16).unwrap());
     }
 }

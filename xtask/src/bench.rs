@@ -36,7 +36,25 @@ tracepoint:syscalls:sys_exit_openat /pid == cpid && args->ret >= 0/ { @fds[args-
 tracepoint:syscalls:sys_enter_close /pid == cpid/ { delete(@fds[args->fd]); }
 END { clear(@fds); }";
 
-pub fn run(workspace: &Path) -> anyhow::Result<()> {
+/// The sections, in the order they run.
+const SECTIONS: [&str; 7] = [
+    "loop",
+    "nginx",
+    "ingest",
+    "unwinding",
+    "memory",
+    "attach",
+    "recording",
+];
+
+pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
+    if let Some(bad) = only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+        bail!(
+            "no bench section {bad:?}; the sections are {}",
+            SECTIONS.join(", ")
+        );
+    }
+    let wanted = |section: &str| only.is_empty() || only.iter().any(|s| s == section);
     if !is_root() {
         bail!("the benchmarks load eBPF probes: run them as root (sudo -E cargo xtask bench)");
     }
@@ -56,13 +74,27 @@ pub fn run(workspace: &Path) -> anyhow::Result<()> {
         dir,
     };
     let mut rows = Vec::new();
-    bench.open_close_loop(&mut rows)?;
-    bench.nginx(&mut rows)?;
-    bench.ingest(&mut rows)?;
-    unwinding(workspace, &mut rows)?;
-    bench.memory(&mut rows)?;
-    bench.attach_latency(&mut rows)?;
-    bench.recording(&mut rows);
+    if wanted("loop") {
+        bench.open_close_loop(&mut rows)?;
+    }
+    if wanted("nginx") {
+        bench.nginx(&mut rows)?;
+    }
+    if wanted("ingest") {
+        bench.ingest(&mut rows)?;
+    }
+    if wanted("unwinding") {
+        unwinding(workspace, &mut rows)?;
+    }
+    if wanted("memory") {
+        bench.memory(&mut rows)?;
+    }
+    if wanted("attach") {
+        bench.attach_latency(&mut rows)?;
+    }
+    if wanted("recording") {
+        bench.recording(&mut rows);
+    }
 
     print_table(&rows);
     let out = target_dir(workspace)?.join("bench.json");

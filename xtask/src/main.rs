@@ -71,7 +71,11 @@ enum Task {
     E2e,
     /// Benchmark fdtrace against strace and bpftrace; prints a table, writes target/bench.json
     /// (as root; installs bpftrace, strace, wrk and nginx if missing).
-    Bench,
+    Bench {
+        /// Run only these sections (loop, nginx, ingest, unwinding, memory, attach,
+        /// recording); all of them when none is named.
+        only: Vec<String>,
+    },
     /// Fuzz the recording reader for SECONDS (cargo +nightly fuzz; installs cargo-fuzz into
     /// .tools/ once) and print how many executions it survived.
     Fuzz {
@@ -129,7 +133,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Demo { args } => demo::run(&workspace, &args)?,
         Task::Test { quick } => checks::run(&workspace, quick)?,
         Task::E2e => e2e::run(&workspace)?,
-        Task::Bench => bench::run(&workspace)?,
+        Task::Bench { only } => bench::run(&workspace, &only)?,
         Task::Fuzz { seconds } => {
             fuzz::run(&workspace, seconds)?;
         }

@@ -25,7 +25,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
     }
     check_privileges()?;
     let tui = !args.no_tui && std::io::stdout().is_terminal();
-    let mut session = Session::start(args.probe.options(args.follow))?;
+    let mut session = Session::start(args.probe.options(args.follow, tui))?;
     for &pid in &args.pids {
         session.add(pid)?;
         if args.follow {

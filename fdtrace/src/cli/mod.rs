@@ -66,10 +66,11 @@ pub(crate) struct ProbeArgs {
 }
 
 impl ProbeArgs {
-    pub(crate) fn options(self, follow: bool) -> ProbeOptions {
+    pub(crate) fn options(self, follow: bool, stats: bool) -> ProbeOptions {
         ProbeOptions {
             stack_bytes: self.stack_bytes,
             follow,
+            stats,
             ..ProbeOptions::default()
         }
     }

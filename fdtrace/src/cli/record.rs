@@ -62,7 +62,7 @@ pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     }
     check_privileges()?;
     let launching = !args.command.is_empty();
-    let mut session = Session::start(args.probe.options(args.follow || launching))?;
+    let mut session = Session::start(args.probe.options(args.follow || launching, false))?;
     let started = Instant::now();
     let stop_at = args
         .duration

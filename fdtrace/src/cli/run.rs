@@ -19,7 +19,7 @@ pub(crate) const WARN_EXIT: u8 = 3;
 
 pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     check_privileges()?;
-    let mut session = Session::start(args.probe.options(true))?;
+    let mut session = Session::start(args.probe.options(true, false))?;
     let child = launch::spawn_stopped(&args.command)?;
     session.watch_mappings(child.pid)?;
     session.add(child.pid)?;

@@ -1,6 +1,6 @@
 //! Names for unwound frames, from the object files alone (the process may be gone).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::iter;
 use std::sync::Arc;
 
@@ -34,7 +34,7 @@ impl Symbolizer {
             .build();
         Self {
             inner,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
         }
     }
 

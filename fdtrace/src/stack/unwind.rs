@@ -1,7 +1,7 @@
 //! Userspace unwinding of the stack copies the probes record, with each object's `.eh_frame`
 //! (PLATFORM.md, "Stacks: frame pointers are not enough").
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::sync::Arc;
@@ -126,11 +126,11 @@ impl Default for Unwinder {
 impl Unwinder {
     pub fn new() -> Self {
         Self {
-            processes: HashMap::new(),
-            objects: HashMap::new(),
+            processes: HashMap::default(),
+            objects: HashMap::default(),
             cache: CacheX86_64::new(),
             modules_added: 0,
-            reported: HashSet::new(),
+            reported: HashSet::default(),
         }
     }
 
