@@ -27,8 +27,8 @@ use crate::{
 /// How often /proc is compared with the tables; a difference is corrected when two consecutive
 /// comparisons agree on it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
-/// Tables larger than this are reconciled less often: listing /proc/PID/fd costs about 1 us per
-/// descriptor.
+/// When the traced processes hold more than this together, they are reconciled less often:
+/// listing /proc/PID/fd costs about 1 us per descriptor.
 const LARGE_TABLE: u64 = 100_000;
 
 pub struct Session {
@@ -226,16 +226,20 @@ impl Session {
     }
 
     fn reconcile(&mut self) {
-        let pids: Vec<Pid> = self
+        let alive: Vec<Pid> = self
             .model
             .processes
             .values()
             .filter(|p| p.alive())
             .map(|p| p.pid)
-            .filter(|&pid| {
-                self.model.open_count(pid) < LARGE_TABLE || self.reconciles.is_multiple_of(15)
-            })
             .collect();
+        // The budget is for all processes together: fifty processes of 20k descriptors cost
+        // as much to list as one of a million.
+        let total: u64 = alive.iter().map(|&pid| self.model.open_count(pid)).sum();
+        if total >= LARGE_TABLE && !self.reconciles.is_multiple_of(15) {
+            return;
+        }
+        let pids = alive;
         for pid in pids {
             if let Ok(fds) = procfs::fds(pid) {
                 self.apply(&Event::Reconciled {
