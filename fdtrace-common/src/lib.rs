@@ -73,8 +73,9 @@ pub const COUNTERS: u32 = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traced {
-    /// Bounds of the main thread's stack mapping, when userspace knows them (0, 0 otherwise).
-    /// A copy from sp is clamped to `stack_hi` so it does not fault past the top.
+    /// Bounds of the main thread's stack, when userspace knows them (0, 0 otherwise): the
+    /// mapping's start and the top of its frames, below argv and the environment. A copy from
+    /// sp is clamped to `stack_hi`, which keeps it off both unmapped pages and the environment.
     pub stack_lo: u64,
     pub stack_hi: u64,
 }
@@ -134,10 +135,13 @@ pub const PY_THREADS_MAX: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyFrame {
-    /// Address of the frame's code object; bit 0 set on an entry frame (the first one a C call
-    /// into the interpreter evaluates), which is where native frames interleave.
+    /// Address of the frame's code object (8-aligned), its low 3 bits replaced by the low bits
+    /// of the frame's owner byte (`is_entry` in 3.11, `owner` in 3.12+), which userspace
+    /// interprets per version: entry frames (the first one a C call into the interpreter
+    /// evaluates) are where native frames interleave.
     pub code: u64,
-    /// The frame's last instruction pointer (`prev_instr`), for the line number.
+    /// The frame's instruction word as stored (`prev_instr`, `instr_ptr`, or `f_lasti` plus
+    /// the next field in 3.10), for the line number.
     pub instr: u64,
 }
 const _: () = assert!(size_of::<PyFrame>() == 16);
@@ -150,18 +154,29 @@ pub struct PyOffsets {
     pub runtime_interpreters_head: u32,
     pub interp_threads_head: u32,
     pub tstate_next: u32,
-    pub tstate_native_thread_id: u32,
+    /// `native_thread_id` (3.11+), or `thread_id` (3.10: a `pthread_t`, see `thread_tid`).
+    pub tstate_thread_id: u32,
+    /// When not 0, `tstate_thread_id` holds the address of the thread's C library thread
+    /// descriptor and the kernel thread id is this many bytes into it (3.10, which does not
+    /// record the kernel id).
+    pub thread_tid: u32,
     /// `tstate->cframe` (3.11, 3.12); 0 where the thread state holds the frame itself.
     pub tstate_cframe: u32,
-    /// `cframe->current_frame`, or `tstate->current_frame` when `tstate_cframe` is 0.
+    /// `cframe->current_frame`, or the thread state's `current_frame` (3.13) or `frame`
+    /// (3.10) when `tstate_cframe` is 0.
     pub current_frame: u32,
+    /// `f_code`, `f_executable` (3.13).
     pub frame_code: u32,
+    /// `previous`, `f_back` (3.10).
     pub frame_previous: u32,
-    pub frame_prev_instr: u32,
-    /// `is_entry` (3.11) or `owner` (3.12+, entry when it is FRAME_OWNED_BY_CSTACK's successor).
-    pub frame_is_entry: u32,
+    /// `prev_instr`, `instr_ptr` (3.13), `f_lasti` (3.10).
+    pub frame_instr: u32,
+    /// The byte copied into the code address's low bits: `is_entry` (3.11), `owner` (3.12+).
+    pub frame_owner: u32,
+    /// Keeps the size a multiple of 8, so `PyProc` has no hidden padding.
+    pub pad: u32,
 }
-const _: () = assert!(size_of::<PyOffsets>() == 40);
+const _: () = assert!(size_of::<PyOffsets>() == 48);
 
 /// Value of the Python map.
 #[repr(C)]
@@ -171,7 +186,7 @@ pub struct PyProc {
     pub runtime: u64,
     pub offsets: PyOffsets,
 }
-const _: () = assert!(size_of::<PyProc>() == 48);
+const _: () = assert!(size_of::<PyProc>() == 56);
 
 /// Bytes of the Python frames section, present only when `py_count` is not 0.
 pub const PY_BYTES: usize = PY_FRAMES_MAX * size_of::<PyFrame>();
