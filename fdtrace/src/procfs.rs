@@ -112,9 +112,7 @@ pub fn identity(pid: u32) -> io::Result<Identity> {
         .rfind(')')
         .ok_or_else(|| io::Error::other("malformed stat"))?;
     let comm = stat[open + 1..close].to_string();
-    let ppid = stat[close + 1..]
-        .split_whitespace()
-        .nth(1)
+    let ppid = stat_field(&stat, 4)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
@@ -137,17 +135,19 @@ pub fn main_stack(pid: u32) -> Option<(u64, u64)> {
         u64::from_str_radix(hi, 16).ok()?,
     );
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let top = start_stack(&stat)
+    let top = stat_field(&stat, 28)
+        .and_then(|s| s.parse::<u64>().ok())
         .filter(|&s| lo < s && s < hi)
         // `_start` reads argc at startstack; a few words of slack cost nothing.
         .map_or(hi, |s| (s + 64).min(hi));
     Some((lo, top))
 }
 
-/// Field 28 of /proc/PID/stat, `startstack`; the command name before it may hold spaces.
-fn start_stack(stat: &str) -> Option<u64> {
+/// Field `n` of /proc/PID/stat, numbered as in proc(5) (4: ppid, 28: startstack), for fields
+/// after the command name, which may itself hold spaces and parentheses.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(25)?.parse().ok()
+    rest.split_whitespace().nth(n.checked_sub(3)?)
 }
 
 /// The thread ids of a process.
@@ -227,11 +227,12 @@ mod tests {
     }
 
     #[test]
-    fn start_stack_is_field_28() {
+    fn stat_fields_count_past_the_command_name() {
         let stat = "77 (a) b) S 1 77 77 0 -1 4194560 120 0 0 0 0 0 0 0 20 0 1 0 5 2 1 \
                     18446744073709551615 1 1 140736193540048 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
-        assert_eq!(start_stack(stat), Some(140_736_193_540_048));
-        assert_eq!(start_stack("garbage"), None);
+        assert_eq!(stat_field(stat, 28), Some("140736193540048"));
+        assert_eq!(stat_field(stat, 4), Some("1"));
+        assert_eq!(stat_field("garbage", 28), None);
     }
 
     #[test]
