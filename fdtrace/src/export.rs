@@ -92,7 +92,11 @@ fn identities(model: &Model, pid: Pid) -> BTreeMap<i32, FdIdentity> {
         .get(&pid)
         .filter(|p| p.alive())
         .and_then(|_| model.open_fds(pid))
-        .map(|t| t.iter().map(|(n, f)| (*n, (f.opened_ns, f.site))).collect())
+        .map(|t| {
+            t.iter()
+                .map(|(n, f)| (n, (f.opened_ns, f.site())))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -102,7 +106,7 @@ fn open_fd(model: &Model, pid: Pid, fd: i32) -> Option<&OpenFd> {
         .get(&pid)
         .filter(|p| p.alive())
         .and_then(|_| model.open_fds(pid))
-        .and_then(|t| t.get(&fd))
+        .and_then(|t| t.get(fd))
 }
 
 /// The descriptors an event can change, by process: `None` for "any of them".
@@ -166,7 +170,7 @@ impl Lifetimes {
                 kind: open.kind,
                 lane,
                 target: open.target.to_string(),
-                site: open.site,
+                site: open.site(),
             },
         );
         *self.counts.entry(pid).or_default() += 1;
@@ -269,7 +273,7 @@ pub fn perfetto(recording: &Recording, out: impl Write) -> io::Result<()> {
                 Some(fds) => fds
                     .iter()
                     .filter_map(|&fd| {
-                        open_fd(&model, *pid, fd).map(|f| (fd, (f.opened_ns, f.site)))
+                        open_fd(&model, *pid, fd).map(|f| (fd, (f.opened_ns, f.site())))
                     })
                     .collect(),
                 None => identities(&model, *pid),
@@ -281,7 +285,9 @@ pub fn perfetto(recording: &Recording, out: impl Write) -> io::Result<()> {
             let after: BTreeMap<i32, FdIdentity> = match fds {
                 Some(fds) => fds
                     .iter()
-                    .filter_map(|&fd| open_fd(&model, pid, fd).map(|f| (fd, (f.opened_ns, f.site))))
+                    .filter_map(|&fd| {
+                        open_fd(&model, pid, fd).map(|f| (fd, (f.opened_ns, f.site())))
+                    })
                     .collect(),
                 None => identities(&model, pid),
             };

@@ -8,6 +8,9 @@ use std::{
     sync::Arc,
 };
 
+pub use fd_map::FdMap;
+
+use arcstr::ArcStr;
 use foldhash::HashMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -273,14 +276,24 @@ impl Event {
     }
 }
 
-/// One open descriptor.
+/// One open descriptor: 24 bytes, since a million of them are held in [`FdMap`]s. The target
+/// is a thin pointer, most often to the copy its site keeps (see [`CallSite::note_target`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenFd {
     pub kind: FdKind,
-    pub target: Arc<str>,
-    pub site: SiteId,
-    pub opened_ns: u64,
     pub cloexec: bool,
+    /// A [`SiteId`], narrowed: four billion sites would not fit in memory anyway.
+    site: u32,
+    pub opened_ns: u64,
+    pub target: ArcStr,
+}
+
+const _: () = assert!(size_of::<Option<OpenFd>>() == 24);
+
+impl OpenFd {
+    pub fn site(&self) -> SiteId {
+        self.site as SiteId
+    }
 }
 
 /// Where a call site's descriptors came from.
@@ -315,8 +328,8 @@ pub struct CallSite {
     pub closed: u64,
     /// Lifetimes of closed descriptors, microseconds.
     pub lifetimes: Histogram<u64>,
-    /// A few distinct recent targets, for display.
-    pub targets: VecDeque<Arc<str>>,
+    /// A few distinct recent targets, for display; descriptors share these copies.
+    pub targets: VecDeque<ArcStr>,
     /// (ts, open) every tick, for the growth rate.
     samples: VecDeque<(u64, u64)>,
 }
@@ -334,13 +347,14 @@ impl CallSite {
     /// Remembers `target` among the recent ones and returns the site's copy of it: the
     /// descriptors of a site mostly name the same few things (a leak of one file a million
     /// times), and sharing the string saves a heap block per descriptor.
-    fn note_target(&mut self, target: Arc<str>) -> Arc<str> {
-        if let Some(known) = self.targets.iter().find(|t| **t == target) {
+    fn note_target(&mut self, target: &str) -> ArcStr {
+        if let Some(known) = self.targets.iter().find(|t| t.as_str() == target) {
             return known.clone();
         }
         if self.targets.len() == MAX_TARGETS {
             self.targets.pop_front();
         }
+        let target = ArcStr::from(target);
         self.targets.push_back(target.clone());
         target
     }
@@ -384,7 +398,7 @@ pub struct Process {
 pub struct ProcessExit {
     pub ts: u64,
     pub code: Option<i32>,
-    pub open_at_exit: BTreeMap<i32, OpenFd>,
+    pub open_at_exit: FdMap,
 }
 
 impl Process {
@@ -399,7 +413,7 @@ impl Process {
 
 #[derive(Clone, Debug, Default)]
 struct FdTable {
-    fds: BTreeMap<i32, OpenFd>,
+    fds: FdMap,
     /// Processes using this table (more than one with CLONE_FILES).
     users: u32,
 }
@@ -504,7 +518,7 @@ impl Model {
                 self.close_range(*pid, *ts, *first, *last, *cloexec_only, *unshare);
             }
             Event::CloexecSet { pid, fd, cloexec } => {
-                if let Some(open) = self.table_mut(*pid).and_then(|t| t.fds.get_mut(fd)) {
+                if let Some(open) = self.table_mut(*pid).and_then(|t| t.fds.get_mut(*fd)) {
                     open.cloexec = *cloexec;
                 }
             }
@@ -556,7 +570,7 @@ impl Model {
         self.tables.insert(
             self.next_table,
             FdTable {
-                fds: BTreeMap::new(),
+                fds: FdMap::default(),
                 users: 1,
             },
         );
@@ -579,7 +593,7 @@ impl Model {
     }
 
     /// The descriptors `pid` has open now (or had at exit).
-    pub fn open_fds(&self, pid: Pid) -> Option<&BTreeMap<i32, OpenFd>> {
+    pub fn open_fds(&self, pid: Pid) -> Option<&FdMap> {
         let p = self.processes.get(&pid)?;
         match &p.exit {
             Some(exit) => Some(&exit.open_at_exit),
@@ -623,7 +637,7 @@ impl Model {
             kind: new.kind,
             origin,
         };
-        let replaced = self.adopt(pid, ts, new.fd, key, new.target.clone(), new.cloexec, ts);
+        let replaced = self.adopt(pid, ts, new.fd, key, &new.target, new.cloexec, ts);
         if replaced.is_some() && origin == Origin::Traced {
             // The kernel handed out a number we believed open: a close was never seen.
             self.corrections.reused += 1;
@@ -639,7 +653,7 @@ impl Model {
         ts: u64,
         num: i32,
         key: SiteKey,
-        target: Arc<str>,
+        target: &str,
         cloexec: bool,
         opened_ns: u64,
     ) -> Option<OpenFd> {
@@ -655,7 +669,7 @@ impl Model {
             OpenFd {
                 kind: key.kind,
                 target,
-                site,
+                site: u32::try_from(site).expect("fewer than 2^32 call sites"),
                 opened_ns,
                 cloexec,
             },
@@ -678,7 +692,7 @@ impl Model {
 
     /// Accounts for a descriptor that is gone.
     fn retire(&mut self, fd: &OpenFd, ts: u64) {
-        let s = &mut self.sites[fd.site];
+        let s = &mut self.sites[fd.site()];
         s.open = s.open.saturating_sub(1);
         s.closed += 1;
         let micros = ts.saturating_sub(fd.opened_ns) / 1000;
@@ -692,10 +706,10 @@ impl Model {
         self.ensure(pid, ts);
         let source = self
             .table_mut(pid)
-            .and_then(|t| t.fds.get(&from))
+            .and_then(|t| t.fds.get(from))
             .map(|f| (f.kind, f.target.clone()));
         let (kind, target) =
-            source.unwrap_or((FdKind::Other, Arc::from(format!("dup of fd {from}"))));
+            source.unwrap_or_else(|| (FdKind::Other, ArcStr::from(format!("dup of fd {from}"))));
         self.adopt(
             pid,
             ts,
@@ -706,7 +720,7 @@ impl Model {
                 kind,
                 origin: Origin::Traced,
             },
-            target,
+            &target,
             cloexec,
             ts,
         );
@@ -718,14 +732,16 @@ impl Model {
         self.ensure(pid, ts);
         let source = self
             .table_mut(pid)
-            .and_then(|t| t.fds.get(&pidfd))
+            .and_then(|t| t.fds.get(pidfd))
             .and_then(|f| f.target.strip_prefix("pid ")?.parse::<Pid>().ok())
-            .and_then(|remote| self.open_fds(remote)?.get(&remote_fd))
+            .and_then(|remote| self.open_fds(remote)?.get(remote_fd))
             .map(|f| (f.kind, f.target.clone()));
-        let (kind, target) = source.unwrap_or((
-            FdKind::Other,
-            Arc::from(format!("fd {remote_fd} of a pidfd's process")),
-        ));
+        let (kind, target) = source.unwrap_or_else(|| {
+            (
+                FdKind::Other,
+                ArcStr::from(format!("fd {remote_fd} of a pidfd's process")),
+            )
+        });
         self.adopt(
             pid,
             ts,
@@ -736,14 +752,14 @@ impl Model {
                 kind,
                 origin: Origin::Traced,
             },
-            target,
+            &target,
             true,
             ts,
         );
     }
 
     fn close(&mut self, pid: Pid, ts: u64, fd: i32) -> bool {
-        let Some(old) = self.table_mut(pid).and_then(|t| t.fds.remove(&fd)) else {
+        let Some(old) = self.table_mut(pid).and_then(|t| t.fds.remove(fd)) else {
             return false;
         };
         self.retire(&old, ts);
@@ -771,12 +787,12 @@ impl Model {
             return;
         }
         if cloexec_only {
-            for (_, fd) in table.fds.range_mut(first..=last) {
+            for fd in table.fds.range_mut(first, last) {
                 fd.cloexec = true;
             }
             return;
         }
-        let doomed: Vec<i32> = table.fds.range(first..=last).map(|(n, _)| *n).collect();
+        let doomed: Vec<i32> = table.fds.range(first, last).map(|(n, _)| n).collect();
         for n in doomed {
             self.close(pid, ts, n);
         }
@@ -825,7 +841,7 @@ impl Model {
                 t.fds
                     .iter()
                     .filter(|(_, f)| f.cloexec)
-                    .map(|(n, _)| *n)
+                    .map(|(n, _)| n)
                     .collect()
             })
             .unwrap_or_default();
@@ -861,19 +877,19 @@ impl Model {
         let inherited: Vec<(i32, OpenFd)> = self
             .tables
             .get(&parent_table)
-            .map(|t| t.fds.iter().map(|(n, f)| (*n, f.clone())).collect())
+            .map(|t| t.fds.iter().map(|(n, f)| (n, f.clone())).collect())
             .unwrap_or_default();
         // The child's descriptors keep the parent's call site (same stack, origin and kind),
         // counted under the child so each process's holdings add up.
         for (n, fd) in inherited {
-            let parent_site = &self.sites[fd.site];
+            let parent_site = &self.sites[fd.site()];
             let key = SiteKey {
                 pid: child,
                 stack: parent_site.stack,
                 kind: fd.kind,
                 origin: parent_site.origin,
             };
-            self.adopt(child, ts, n, key, fd.target, fd.cloexec, fd.opened_ns);
+            self.adopt(child, ts, n, key, &fd.target, fd.cloexec, fd.opened_ns);
         }
     }
 
@@ -890,23 +906,28 @@ impl Model {
         let Some(table) = self.tables.get_mut(&table_id) else {
             return;
         };
-        let open_at_exit = table.fds.clone();
         table.users = table.users.saturating_sub(1);
-        let last_user = table.users == 0;
+        let open_at_exit = if table.users == 0 {
+            let fds = self
+                .tables
+                .remove(&table_id)
+                .map(|t| t.fds)
+                .unwrap_or_default();
+            // Not counted as closes: `closed` and the lifetimes describe what the program did.
+            for fd in fds.values() {
+                let s = &mut self.sites[fd.site()];
+                s.open = s.open.saturating_sub(1);
+            }
+            fds
+        } else {
+            table.fds.clone()
+        };
         if let Some(p) = self.processes.get_mut(&pid) {
             p.exit = Some(ProcessExit {
                 ts,
                 code,
-                open_at_exit: open_at_exit.clone(),
+                open_at_exit,
             });
-        }
-        if last_user {
-            self.tables.remove(&table_id);
-            // Not counted as closes: `closed` and the lifetimes describe what the program did.
-            for fd in open_at_exit.values() {
-                let s = &mut self.sites[fd.site];
-                s.open = s.open.saturating_sub(1);
-            }
         }
         self.suspects.remove(&pid);
     }
@@ -970,18 +991,18 @@ impl Model {
             .fds
             .iter()
             .filter(|(n, f)| listed_map.get(n).is_none_or(|l| l.kind != f.kind))
-            .map(|(n, f)| (*n, f.kind))
+            .map(|(n, f)| (n, f.kind))
             .collect();
         let unknown: Vec<(i32, FdKind)> = listed
             .iter()
-            .filter(|l| table.fds.get(&l.fd).is_none_or(|f| f.kind != l.kind))
+            .filter(|l| table.fds.get(l.fd).is_none_or(|f| f.kind != l.kind))
             .map(|l| (l.fd, l.kind))
             .collect();
         let previous = self.suspects.remove(&pid).unwrap_or_default();
         for &(n, kind) in missing.iter().filter(|m| previous.missing.contains(m)) {
             if self
                 .table_mut(pid)
-                .is_some_and(|t| t.fds.get(&n).is_some_and(|f| f.kind == kind))
+                .is_some_and(|t| t.fds.get(n).is_some_and(|f| f.kind == kind))
             {
                 self.close(pid, ts, n);
                 self.corrections.removed += 1;
@@ -1075,5 +1096,6 @@ fn growth_per_min(samples: &VecDeque<(u64, u64)>) -> f64 {
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
 }
 
+mod fd_map;
 #[cfg(test)]
 mod tests;

@@ -303,10 +303,12 @@ impl RingReader {
         let _ = unsafe { libc::poll(&raw mut pfd, 1, ms) };
     }
 
-    /// Hands every available record to `f`; returns how many.
-    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+    /// Hands up to `limit` available records to `f`; returns how many.
+    pub fn drain(&mut self, limit: usize, mut f: impl FnMut(&[u8])) -> usize {
         let mut n = 0;
-        while let Some(item) = self.ring.next() {
+        while n < limit
+            && let Some(item) = self.ring.next()
+        {
             f(&item);
             n += 1;
         }

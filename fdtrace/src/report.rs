@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::WallClock,
-    model::{FdKind, Limit, Model, Origin, Pid, SiteId},
+    model::{FdKind, FdMap, Limit, Model, Origin, Pid, SiteId},
     stack::{Frame, Lang},
     tracer::Stacks,
 };
@@ -138,8 +138,8 @@ impl Report {
                 exited: p.exit.is_some(),
             });
             let mut by_site: BTreeMap<SiteId, Vec<(i32, &crate::model::OpenFd)>> = BTreeMap::new();
-            for (n, fd) in open.into_iter().flatten() {
-                by_site.entry(fd.site).or_default().push((*n, fd));
+            for (n, fd) in open.into_iter().flat_map(FdMap::iter) {
+                by_site.entry(fd.site()).or_default().push((n, fd));
             }
             for (site_id, fds) in by_site {
                 let site = &model.sites[site_id];

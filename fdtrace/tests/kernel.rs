@@ -54,10 +54,10 @@ fn table_differences(model: &Model, pid: Pid, listing: &Listing) -> Vec<String> 
     let table = model
         .open_fds(pid)
         .unwrap_or_else(|| panic!("no table for {pid}"));
-    let numbers: BTreeSet<i32> = table.keys().chain(listing.fds.keys()).copied().collect();
+    let numbers: BTreeSet<i32> = table.keys().chain(listing.fds.keys().copied()).collect();
     let mut diffs = Vec::new();
     for n in numbers {
-        let diff = match (table.get(&n), listing.fds.get(&n)) {
+        let diff = match (table.get(n), listing.fds.get(&n)) {
             (Some(f), None) => format!(
                 "fd {n}: model has {:?} {:?}, /proc has nothing",
                 f.kind, f.target
@@ -277,8 +277,8 @@ fn forked_child_keeps_the_parents_call_site() {
             .iter()
             .find(|(n, link)| **n > 2 && link.as_str() == target)
             .unwrap_or_else(|| panic!("{target} is not in {pid}'s listing {:?}", listing.fds));
-        let open = &model.open_fds(pid).unwrap()[fd];
-        let site = &model.sites[open.site];
+        let open = model.open_fds(pid).unwrap().get(*fd).unwrap();
+        let site = &model.sites[open.site()];
         assert_eq!(
             site.pid, pid,
             "the site of {target} in {pid} is counted under {}",
@@ -315,7 +315,7 @@ fn forked_child_keeps_the_parents_call_site() {
         .find(|(_, link)| link.as_str() == "/dev/urandom")
         .map(|(n, _)| *n)
         .expect("the thread's /dev/urandom is in the parent's listing");
-    assert!(model.open_fds(run.pid).unwrap().contains_key(&thread_fd));
+    assert!(model.open_fds(run.pid).unwrap().get(thread_fd).is_some());
     let by_thread = run.events.iter().any(|e| {
         matches!(e, Event::Opened { pid, tid, fds, .. }
             if *pid == run.pid && *tid != run.pid && fds.iter().any(|f| f.fd == thread_fd))
@@ -330,7 +330,12 @@ fn forked_child_keeps_the_parents_call_site() {
         site_functions(run.pid, "/dev/urandom")
     );
     assert_eq!(
-        model.open_fds(run.pid).unwrap()[&thread_fd].kind,
+        model
+            .open_fds(run.pid)
+            .unwrap()
+            .get(thread_fd)
+            .unwrap()
+            .kind,
         FdKind::File
     );
 }

@@ -112,11 +112,11 @@ fn dup2_onto_an_open_descriptor_closes_it() {
     });
     let table = m.open_fds(P).unwrap();
     assert_eq!(
-        table[&1].kind,
+        table.get(1).unwrap().kind,
         FdKind::File,
         "fd 1 now refers to fd 3's file"
     );
-    assert_eq!(&*table[&1].target, "/etc/hostname");
+    assert_eq!(&*table.get(1).unwrap().target, "/etc/hostname");
     assert_eq!(m.open_count(P), 3);
     let pipe = m.sites_of(P).find(|s| s.kind == FdKind::Pipe).unwrap();
     assert_eq!((pipe.open, pipe.closed), (0, 1));
@@ -167,7 +167,7 @@ fn close_range_closes_or_marks() {
         ts: 4 * MS,
         info: info(64),
     });
-    let left: Vec<i32> = m.open_fds(P).unwrap().keys().copied().collect();
+    let left: Vec<i32> = m.open_fds(P).unwrap().keys().collect();
     assert_eq!(left, vec![0, 1, 3, 4]);
 }
 
@@ -187,7 +187,7 @@ fn exec_closes_only_cloexec_descriptors() {
         ts: 3 * MS,
         info: info(64),
     });
-    let left: Vec<i32> = m.open_fds(P).unwrap().keys().copied().collect();
+    let left: Vec<i32> = m.open_fds(P).unwrap().keys().collect();
     assert_eq!(left, vec![0, 1, 5]);
 }
 
@@ -328,7 +328,7 @@ fn reconciliation_corrects_only_what_persists() {
         ts: 4 * MS,
         fds: listing,
     });
-    let left: Vec<i32> = m.open_fds(P).unwrap().keys().copied().collect();
+    let left: Vec<i32> = m.open_fds(P).unwrap().keys().collect();
     assert_eq!(left, vec![0, 1, 5]);
     assert_eq!(
         m.corrections,

@@ -9,7 +9,7 @@ use std::{
 
 use super::{Feed, format};
 use crate::{
-    model::{Corrections, FdKind, Limit, Model, NO_STACK, Origin, Pid, SiteId, StackId},
+    model::{Corrections, FdKind, FdMap, Limit, Model, NO_STACK, Origin, Pid, SiteId, StackId},
     probe::ProbeCost,
     report::{self, FrameReport},
 };
@@ -368,8 +368,8 @@ impl Collector {
         // The oldest open descriptor of each site, from the tables as they are now.
         let mut oldest: HashMap<SiteId, u64> = HashMap::new();
         for p in model.processes.values().filter(|p| p.alive()) {
-            for fd in model.open_fds(p.pid).into_iter().flat_map(|t| t.values()) {
-                let e = oldest.entry(fd.site).or_insert(fd.opened_ns);
+            for fd in model.open_fds(p.pid).into_iter().flat_map(FdMap::values) {
+                let e = oldest.entry(fd.site()).or_insert(fd.opened_ns);
                 *e = (*e).min(fd.opened_ns);
             }
         }
