@@ -78,20 +78,21 @@ pub fn fdt_sys_exit(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_sys_exit(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let regs_ptr: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let failed = ret == -syscalls::EMFILE || ret == -syscalls::ENFILE;
+    // Most syscalls on the machine (read, write, epoll_wait) concern no descriptor: the number
+    // alone dismisses them, before the traced-set lookup, which every other process would
+    // otherwise pay on every syscall.
+    let nr = reg!(regs_ptr, orig_rax) as u32;
+    if !failed && syscalls::action(nr) == Action::Ignore {
+        return Ok(());
+    }
     let (tgid, tid) = current();
     // SAFETY: a lookup; the value is copied out at once.
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let regs_ptr: *const pt_regs = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
-    let failed = ret == -syscalls::EMFILE || ret == -syscalls::ENFILE;
-    // Most syscalls of a traced server (read, write, epoll_wait) concern no descriptor: look
-    // at the number alone first and leave before loading the other registers.
-    let nr = reg!(regs_ptr, orig_rax) as u32;
-    if !failed && syscalls::action(nr) == Action::Ignore {
-        return Ok(());
-    }
     let args = [
         reg!(regs_ptr, rdi),
         reg!(regs_ptr, rsi),
