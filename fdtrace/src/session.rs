@@ -355,6 +355,11 @@ fn release_freed_memory() {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        log::debug!(
+            "stack memo: {} hits, {} misses",
+            self.tracer.memo.hits,
+            self.tracer.memo.misses
+        );
         self.stop.store(true, Ordering::Relaxed);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();

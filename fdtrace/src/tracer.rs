@@ -14,7 +14,7 @@ use crate::{
     mmap_events::MapEvent,
     model::{Errno, Event, FdKind, NO_STACK, NewFd, ProcessInfo, StackId},
     procfs, python,
-    stack::{Frame, RawFrame, Symbolizer, Unwinder},
+    stack::{Frame, RawFrame, StackMemo, Symbolizer, Unwinder},
 };
 
 const O_CLOEXEC: u64 = 0o2_000_000;
@@ -56,6 +56,8 @@ type StackKey = (Vec<RawFrame>, Vec<(u64, u64)>);
 
 pub struct Tracer {
     unwinder: Unwinder,
+    /// Native stacks by the registers and stack words they were unwound from.
+    pub memo: StackMemo,
     symbolizer: Symbolizer,
     python: python::Resolver,
     /// CPython interpreters found (or gone, `None`) since the session last looked: the probe's
@@ -103,6 +105,7 @@ impl Tracer {
     pub fn new() -> Self {
         Self {
             unwinder: Unwinder::new(),
+            memo: StackMemo::default(),
             symbolizer: Symbolizer::new(),
             python: python::Resolver::default(),
             python_changes: Vec::new(),
@@ -275,9 +278,33 @@ impl Tracer {
             return NO_STACK;
         };
         let pid = rec.header.tgid;
-        let frames = self
-            .unwinder
-            .unwind(pid, cap.ip, cap.sp, cap.bp, &cap.bytes);
+        let regs = (cap.ip, cap.sp, cap.bp);
+        // Python stacks also depend on the interpreter's frames: they are not memoized.
+        let native = rec.py.is_empty();
+        let space = self.unwinder.space_id(pid).filter(|_| native);
+        if let Some(space) = space
+            && let Some(id) = self.memo.get(pid, regs, space, &cap.bytes)
+        {
+            return id;
+        }
+        let mut reads = Vec::new();
+        let unwound = self.unwinder.unwind_reading(
+            pid,
+            cap.ip,
+            cap.sp,
+            cap.bp,
+            &cap.bytes,
+            native.then_some(&mut reads),
+        );
+        let id = self.intern_frames(pid, unwound.frames, rec);
+        if native && let Some(space) = unwound.space {
+            self.memo.insert(pid, regs, space, reads, id);
+        }
+        id
+    }
+
+    /// The id of an unwound stack (plus the record's Python frames), symbolizing it if new.
+    fn intern_frames(&mut self, pid: u32, frames: Vec<RawFrame>, rec: &Record) -> StackId {
         if frames.is_empty() && rec.py.is_empty() {
             return NO_STACK;
         }

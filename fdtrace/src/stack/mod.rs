@@ -9,6 +9,7 @@
 
 mod code_object;
 pub(crate) mod maps;
+mod memo;
 mod symbolize;
 mod unwind;
 
@@ -17,6 +18,7 @@ mod tests;
 
 use std::sync::Arc;
 
+pub use memo::StackMemo;
 pub use symbolize::Symbolizer;
 pub use unwind::{Mapping, Unwinder};
 

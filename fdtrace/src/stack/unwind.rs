@@ -55,6 +55,8 @@ struct CodeMapping {
 /// One address space as of the last read of its maps. Shared by a parent and the children it
 /// forks until they exec.
 struct AddressSpace {
+    /// Unique for the unwinder's life: unwinding repeats while this stays the same.
+    id: u64,
     /// The executable lines of the maps, to tell whether a reread changed anything.
     entries: Vec<MapEntry>,
     /// Sorted by `start`, disjoint.
@@ -115,6 +117,25 @@ pub struct Unwinder {
     modules_added: u32,
     /// Processes whose mappings come from kernel reports (`map`), kept across their forks.
     reported: HashSet<u32>,
+    spaces_built: u64,
+}
+
+/// The stack words an unwind read: (offset from sp, the word there, or `None` past the
+/// copy). With the same address space, registers and these words, it unwinds the same again
+/// (see [`super::StackMemo`]).
+pub type Reads = Vec<(u64, Option<u64>)>;
+
+/// The word at `offset` bytes into a stack copy, as the unwinder reads it.
+pub fn stack_word(stack: &[u8], offset: u64) -> Option<u64> {
+    let start = usize::try_from(offset).ok()?;
+    let word = stack.get(start..start.checked_add(8)?)?;
+    Some(u64::from_le_bytes(word.try_into().ok()?))
+}
+
+/// An unwound stack and, when the walk was complete, the address space it was unwound in.
+pub struct Unwound {
+    pub frames: Vec<RawFrame>,
+    pub space: Option<u64>,
 }
 
 impl Default for Unwinder {
@@ -131,7 +152,14 @@ impl Unwinder {
             cache: CacheX86_64::new(),
             modules_added: 0,
             reported: HashSet::default(),
+            spaces_built: 0,
         }
+    }
+
+    /// The id of `pid`'s current address space (see [`Unwound::space`]).
+    pub fn space_id(&mut self, pid: u32) -> Option<u64> {
+        self.rebuild_if_stale(pid);
+        Some(self.processes.get(&pid)?.space.as_ref()?.id)
     }
 
     /// (Re)reads `/proc/PID/maps`; called at attach and after exec.
@@ -253,26 +281,45 @@ impl Unwinder {
     /// case a library was loaded since), at the end of the copy, after 128 frames, or when
     /// the unwinder fails; it returns the frames found until then.
     pub fn unwind(&mut self, pid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Vec<RawFrame> {
-        self.rebuild_if_stale(pid);
-        let mut frames = Vec::with_capacity(32);
-        // A process never read (one we missed at attach) counts as all addresses unknown.
-        let complete = self.walk(pid, ip, sp, bp, stack, &mut frames);
-        if !complete && self.reread_if_due(pid) {
-            frames.clear();
-            self.walk(pid, ip, sp, bp, stack, &mut frames);
-        }
-        frames
+        self.unwind_reading(pid, ip, sp, bp, stack, None).frames
     }
 
-    /// Unwinds into `frames`; returns false when an address was outside the known mappings.
-    fn walk(
+    /// [`Unwinder::unwind`], also noting in `reads` every stack word the walk read.
+    pub fn unwind_reading(
         &mut self,
         pid: u32,
         ip: u64,
         sp: u64,
         bp: u64,
         stack: &[u8],
+        mut reads: Option<&mut Reads>,
+    ) -> Unwound {
+        self.rebuild_if_stale(pid);
+        let mut frames = Vec::with_capacity(32);
+        // A process never read (one we missed at attach) counts as all addresses unknown.
+        let mut complete = self.walk(pid, (ip, sp, bp), stack, &mut frames, reads.as_deref_mut());
+        if !complete && self.reread_if_due(pid) {
+            frames.clear();
+            if let Some(reads) = reads.as_deref_mut() {
+                reads.clear();
+            }
+            complete = self.walk(pid, (ip, sp, bp), stack, &mut frames, reads);
+        }
+        let space = complete
+            .then(|| Some(self.processes.get(&pid)?.space.as_ref()?.id))
+            .flatten();
+        Unwound { frames, space }
+    }
+
+    /// Unwinds from `(ip, sp, bp)` into `frames`; returns false when an address was outside
+    /// the known mappings.
+    fn walk(
+        &mut self,
+        pid: u32,
+        (ip, sp, bp): (u64, u64, u64),
+        stack: &[u8],
         frames: &mut Vec<RawFrame>,
+        mut reads: Option<&mut Reads>,
     ) -> bool {
         let Some(space) = self.processes.get(&pid).and_then(|p| p.space.as_deref()) else {
             frames.push(RawFrame {
@@ -283,11 +330,16 @@ impl Unwinder {
             return false;
         };
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
-            let start = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(drop)?;
-            let word = stack
-                .get(start..start.checked_add(8).ok_or(())?)
-                .ok_or(())?;
-            Ok(u64::from_le_bytes(word.try_into().map_err(drop)?))
+            let offset = addr.wrapping_sub(sp);
+            let word = if addr < sp {
+                None
+            } else {
+                stack_word(stack, offset)
+            };
+            if let Some(reads) = reads.as_deref_mut() {
+                reads.push((offset, word));
+            }
+            word.ok_or(())
         };
         let regs = UnwindRegsX86_64::new(ip, sp, bp);
         let mut iter = space
@@ -392,7 +444,9 @@ impl Unwinder {
             self.cache = CacheX86_64::new();
             self.modules_added = 0;
         }
+        self.spaces_built += 1;
         Arc::new(AddressSpace {
+            id: self.spaces_built,
             entries,
             code,
             unwinder,

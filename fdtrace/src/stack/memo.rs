@@ -1,0 +1,172 @@
+//! Remembers which stack an unwind produced, so that the same call path is not unwound again.
+//!
+//! A server opens its files from the same few places at the same stack depth: nginx's open
+//! of a static file has the same `ip` and `sp` for every request, and unwinding its 12 to 19
+//! frames was a third of fdtrace's time under load. An unwind is a function of the address
+//! space, the registers and the stack words it reads, so a result is reused when the
+//! `(pid, ip, sp)` and the words it read (at their offsets from `sp`) are the same.
+//!
+//! Some of those inputs are data, though: without frame pointers `bp` holds whatever the
+//! code keeps there, and a frame that saved it gives the walk a word that differs every call
+//! (nginx: a request pointer, 1184 bytes up). The walk may also depend on them, where a
+//! function does keep a frame pointer. So a memo is first tied to all of them; when an unwind
+//! with another `bp`, or other values in some words, read at exactly the same offsets and gave
+//! the same stack, no address came from those values, and they stop being compared.
+
+use foldhash::HashMap;
+
+use super::unwind::{Reads, stack_word};
+
+/// More distinct (pid, ip, sp) than this, and the memo starts over: it serves hot paths.
+const MAX_ENTRIES: usize = 65_536;
+
+#[derive(Debug)]
+struct Entry {
+    space: u64,
+    bp: u64,
+    bp_irrelevant: bool,
+    reads: Reads,
+    /// Per read: whether its value decides the walk (until shown otherwise).
+    decides: Vec<bool>,
+    stack: u32,
+}
+
+/// Stack ids by the registers and stack words that produced them.
+#[derive(Debug, Default)]
+pub struct StackMemo {
+    entries: HashMap<(u32, u64, u64), Entry>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl StackMemo {
+    /// The stack id remembered for this capture, if the same unwind would give it again.
+    pub fn get(
+        &mut self,
+        pid: u32,
+        (ip, sp, bp): (u64, u64, u64),
+        space: u64,
+        stack: &[u8],
+    ) -> Option<u32> {
+        let found = self.entries.get(&(pid, ip, sp)).filter(|e| {
+            e.space == space
+                && (e.bp == bp || e.bp_irrelevant)
+                && e.reads
+                    .iter()
+                    .zip(&e.decides)
+                    .all(|(&(offset, word), &decides)| {
+                        !decides || stack_word(stack, offset) == word
+                    })
+        });
+        if let Some(e) = found {
+            self.hits += 1;
+            Some(e.stack)
+        } else {
+            self.misses += 1;
+            None
+        }
+    }
+
+    /// Remembers what an unwind in `space` read and produced.
+    pub fn insert(
+        &mut self,
+        pid: u32,
+        (ip, sp, bp): (u64, u64, u64),
+        space: u64,
+        reads: Reads,
+        stack: u32,
+    ) {
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.clear();
+        }
+        let key = (pid, ip, sp);
+        if let Some(e) = self.entries.get_mut(&key)
+            && e.space == space
+            && e.stack == stack
+            && e.reads.len() == reads.len()
+            && e.reads.iter().zip(&reads).all(|(a, b)| a.0 == b.0)
+        {
+            // The same offsets and the same stack from another bp or other values: those
+            // inputs decided nothing.
+            e.bp_irrelevant |= e.bp != bp;
+            for (decides, (old, new)) in e.decides.iter_mut().zip(e.reads.iter().zip(&reads)) {
+                *decides &= old.1 == new.1;
+            }
+            return;
+        }
+        self.entries.insert(
+            key,
+            Entry {
+                space,
+                bp,
+                bp_irrelevant: false,
+                decides: vec![true; reads.len()],
+                reads,
+                stack,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(values: &[u64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_memo_needs_the_same_words_space_and_registers() {
+        let mut memo = StackMemo::default();
+        let stack = words(&[1, 0x4000, 3, 0x5000]);
+        let reads = vec![(8, Some(0x4000)), (24, Some(0x5000)), (32, None)];
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads.clone(), 42);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack), Some(42));
+        // Words it did not read may change.
+        let other = words(&[9, 0x4000, 9, 0x5000]);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &other), Some(42));
+        // A word it read may not, nor may a read past the copy start to succeed.
+        let changed = words(&[1, 0x4000, 3, 0x5008]);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &changed), None);
+        let longer = words(&[1, 0x4000, 3, 0x5000, 0x6000]);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &longer), None);
+        // Another space (the maps changed), process, ip or sp.
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 2, &stack), None);
+        assert_eq!(memo.get(8, (0x10, 0x100, 0xbb), 1, &stack), None);
+        assert_eq!(memo.get(7, (0x11, 0x100, 0xbb), 1, &stack), None);
+        assert_eq!(memo.get(7, (0x10, 0x108, 0xbb), 1, &stack), None);
+        // Another bp, until an unwind with another bp read the same words.
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), 1, &stack), None);
+        memo.insert(7, (0x10, 0x100, 0xcc), 1, reads.clone(), 42);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), 1, &stack), Some(42));
+    }
+
+    #[test]
+    fn a_word_that_changed_nothing_stops_being_compared() {
+        let mut memo = StackMemo::default();
+        let reads = |saved_bp| vec![(8, Some(0x4000)), (16, Some(saved_bp)), (24, Some(0x5000))];
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xaaa), 42);
+        let stack = |saved_bp| words(&[0, 0x4000, saved_bp, 0x5000]);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack(0xccc)), None);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xccc), 42);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack(0xddd)), Some(42));
+        // The return addresses still count.
+        let moved = words(&[0, 0x4008, 0xddd, 0x5000]);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &moved), None);
+        // Another stack from the same offsets is a new memo, compared in full again.
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xeee), 43);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack(0xfff)), None);
+    }
+
+    #[test]
+    fn a_bp_that_changed_the_reads_stays_part_of_the_key() {
+        let mut memo = StackMemo::default();
+        let stack = words(&[1, 2, 3, 4]);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], 42);
+        // With bp 0xcc the walk read elsewhere: bp matters here.
+        memo.insert(7, (0x10, 0x100, 0xcc), 1, vec![(16, Some(3))], 43);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), 1, &stack), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), 1, &stack), Some(43));
+    }
+}
