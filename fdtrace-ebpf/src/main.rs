@@ -161,19 +161,88 @@ fn emit_limit(mut header: RecordHeader) -> Result<(), ()> {
     emit_header(&header)
 }
 
-/// Assembles a stacked record in the per-CPU scratch buffer and outputs the used part of it.
+/// Outputs a record with the caller's stack: native processes write it straight into a ring
+/// reservation of the next size up (see `emit_direct`); CPython processes, and stacks past
+/// the largest size, assemble it in the per-CPU scratch buffer first.
 #[inline(always)]
 fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) -> Result<(), ()> {
+    let want = stack_wanted(regs, traced);
+    let py = python::interpreter(header.tgid);
+    if py.is_none() {
+        let fits = |class: usize| want as usize <= class - STACKED_FIXED;
+        if fits(1024) {
+            return emit_direct::<1024>(&header, regs, aux, want);
+        } else if fits(2048) {
+            return emit_direct::<2048>(&header, regs, aux, want);
+        } else if fits(4096) {
+            return emit_direct::<4096>(&header, regs, aux, want);
+        } else if fits(8192) {
+            return emit_direct::<8192>(&header, regs, aux, want);
+        }
+    }
     let rec = SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: the scratch slot is this CPU's and programs do not nest on one CPU here.
     let rec: &mut StackedRecord = unsafe { &mut *rec };
     rec.header = header;
     rec.header.kind = kind::STACKED;
-    let aux_len = read_aux(rec, aux);
-    let py_count = python::frames(rec);
+    // SAFETY: the aux array is AUX_MAX bytes.
+    let aux_len = unsafe { read_aux(&header.args, rec.aux.as_mut_ptr(), aux) };
+    let py_count = py.map_or(0, |py| python::frames(rec, &py));
     let offset = if py_count == 0 { 0 } else { PY_BYTES };
-    let stack_len = copy_stack(rec, offset, regs, traced);
-    rec.stack = StackHeader {
+    // SAFETY: offset <= PY_BYTES, and the stack is bounded by STACK_MAX: inside the tail.
+    let dst = unsafe { rec.tail.as_mut_ptr().add(offset) };
+    let stack_len = copy_stack(dst, STACK_MAX as u32, regs.sp, want);
+    rec.stack = stack_header(regs, stack_len, aux_len, py_count);
+    emit_scratch(rec, STACKED_FIXED + offset + stack_len)
+}
+
+/// Writes a native stacked record of `C` bytes in place in the ring: header, registers, aux
+/// and the stack read from user memory straight into it.
+///
+/// Assembling it in the per-CPU scratch buffer and outputting it from there copied it twice.
+/// The record is larger than its content by up to half (userspace reads `stack_len`), which
+/// the ring's 16 MiB absorbs.
+#[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the kernel aligns ring records to 8 bytes, as the header and registers need"
+)]
+fn emit_direct<const C: usize>(
+    header: &RecordHeader,
+    regs: &Regs,
+    aux: Aux,
+    want: u64,
+) -> Result<(), ()> {
+    const AUX_AT: usize = size_of::<RecordHeader>() + size_of::<StackHeader>();
+    let Some(mut entry) = maps::reserve::<C>() else {
+        return Err(());
+    };
+    let dst = entry.as_mut_ptr();
+    // SAFETY: C > STACKED_FIXED bytes: the header, the registers, the aux area, then the
+    // stack bounded by C - STACKED_FIXED; the ring's records are 8-aligned.
+    unsafe {
+        dst.cast::<RecordHeader>().write(RecordHeader {
+            kind: kind::STACKED,
+            ..*header
+        });
+        let aux_len = read_aux(&header.args, dst.add(AUX_AT), aux);
+        let stack_len = copy_stack(
+            dst.add(STACKED_FIXED),
+            (C - STACKED_FIXED) as u32,
+            regs.sp,
+            want,
+        );
+        dst.add(size_of::<RecordHeader>())
+            .cast::<StackHeader>()
+            .write(stack_header(regs, stack_len, aux_len, 0));
+    }
+    maps::submit(entry);
+    Ok(())
+}
+
+#[inline(always)]
+fn stack_header(regs: &Regs, stack_len: usize, aux_len: u32, py_count: u32) -> StackHeader {
+    StackHeader {
         ip: regs.ip,
         sp: regs.sp,
         bp: regs.bp,
@@ -181,30 +250,31 @@ fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) ->
         aux_len,
         py_count,
         pad: 0,
-    };
-    emit_scratch(rec, STACKED_FIXED + offset + stack_len)
+    }
 }
 
-/// Copies the extra facts of a creation into `rec.aux`; returns how many bytes are meaningful.
+/// Copies the extra facts of a creation to `dst`; returns how many bytes are meaningful.
+///
+/// # Safety
+/// `dst` has room for AUX_MAX bytes.
 #[inline(always)]
-fn read_aux(rec: &mut StackedRecord, aux: Aux) -> u32 {
-    let args = rec.header.args;
+unsafe fn read_aux(args: &[u64; 6], dst: *mut u8, aux: Aux) -> u32 {
     let read = match aux {
         Aux::None => return 0,
         Aux::Path(n) => {
             let src = args[n & 3] as *const u8;
             // SAFETY: the helper checks the user pointer and bounds the copy by AUX_MAX.
-            let r = unsafe {
-                bpf_probe_read_user_str(rec.aux.as_mut_ptr().cast(), AUX_MAX as u32, src.cast())
-            };
+            let r = unsafe { bpf_probe_read_user_str(dst.cast(), AUX_MAX as u32, src.cast()) };
             if r > 0 { Ok(r as u32 - 1) } else { Err(()) }
         }
-        Aux::PeerAddr => read_peer(rec, args[1], args[2]),
+        // SAFETY: as the caller promised.
+        Aux::PeerAddr => unsafe { read_peer(dst, args[1], args[2]) },
         Aux::FdPair(n) => {
             // SAFETY: a user pointer the kernel just wrote two ints through.
             unsafe { bpf_probe_read_user(args[n & 3] as *const [i32; 2]) }
                 .map(|pair| {
-                    rec.aux[..8].copy_from_slice(&pair_bytes(pair));
+                    // SAFETY: 8 of the AUX_MAX bytes.
+                    unsafe { dst.cast::<[u8; 8]>().write_unaligned(pair_bytes(pair)) };
                     8
                 })
                 .map_err(|_| ())
@@ -224,8 +294,11 @@ fn pair_bytes(pair: [i32; 2]) -> [u8; 8] {
 }
 
 /// The peer address accept wrote through `addr`, `*addrlen` bytes long (none when NULL).
+///
+/// # Safety
+/// `dst` has room for AUX_MAX bytes.
 #[inline(always)]
-fn read_peer(rec: &mut StackedRecord, addr: u64, addrlen: u64) -> Result<u32, ()> {
+unsafe fn read_peer(dst: *mut u8, addr: u64, addrlen: u64) -> Result<u32, ()> {
     if addr == 0 || addrlen == 0 {
         return Ok(0);
     }
@@ -236,19 +309,16 @@ fn read_peer(rec: &mut StackedRecord, addr: u64, addrlen: u64) -> Result<u32, ()
     if len == 0 {
         return Ok(0);
     }
-    // SAFETY: bounded by the aux buffer.
-    let r = unsafe { read_user_raw(rec.aux.as_mut_ptr().cast(), len, addr as *const _) };
+    // SAFETY: bounded by the aux area.
+    let r = unsafe { read_user_raw(dst.cast(), len, addr as *const _) };
     if r == 0 { Ok(len) } else { Err(()) }
 }
 
-/// Copies up to FDT_STACK_BYTES of user stack from sp into the tail at `offset`; returns the
-/// length.
-///
-/// bpf_probe_read_user fails whole if any page of the range is missing, so the copy is clamped
-/// to the end of the stack mapping when userspace told us where it is, and retried up to the
-/// end of sp's page when it still fails (thread stacks, whose bounds we do not know).
+/// How many bytes of stack to copy from sp: FDT_STACK_BYTES, clamped to the end of the main
+/// thread's stack when userspace told us where it is (what lies above, argv and the
+/// environment, helps no unwind).
 #[inline(always)]
-fn copy_stack(rec: &mut StackedRecord, offset: usize, regs: &Regs, traced: &Traced) -> usize {
+fn stack_wanted(regs: &Regs, traced: &Traced) -> u64 {
     // SAFETY: a global written only by the loader.
     let want = u64::from(unsafe { core::ptr::read_volatile(&raw const FDT_STACK_BYTES) });
     let sp = regs.sp;
@@ -260,14 +330,21 @@ fn copy_stack(rec: &mut StackedRecord, offset: usize, regs: &Regs, traced: &Trac
     if traced.stack_lo <= sp && sp < traced.stack_hi && traced.stack_hi - sp < len {
         len = traced.stack_hi - sp;
     }
-    if len == 0 {
-        return 0;
-    }
-    if read_stack(rec, offset, sp, len) {
-        return len as usize;
+    len
+}
+
+/// Copies `want` bytes (at most `cap`, a constant once inlined) of user stack from sp to
+/// `dst`; returns the length.
+///
+/// bpf_probe_read_user fails whole if any page of the range is missing, so a failed copy is
+/// retried up to the end of sp's page (thread stacks, whose bounds we do not know).
+#[inline(always)]
+fn copy_stack(dst: *mut u8, cap: u32, sp: u64, want: u64) -> usize {
+    if read_stack(dst, cap, sp, want) {
+        return want as usize;
     }
     let to_page_end = 4096 - (sp & 4095);
-    if to_page_end < len && read_stack(rec, offset, sp, to_page_end) {
+    if to_page_end < want && read_stack(dst, cap, sp, to_page_end) {
         count(Counter::StackClamped);
         return to_page_end as usize;
     }
@@ -276,17 +353,14 @@ fn copy_stack(rec: &mut StackedRecord, offset: usize, regs: &Regs, traced: &Trac
 }
 
 #[inline(always)]
-fn read_stack(rec: &mut StackedRecord, offset: usize, sp: u64, len: u64) -> bool {
-    // The mask restates the bound for the verifier: len <= STACK_MAX already holds.
+fn read_stack(dst: *mut u8, cap: u32, sp: u64, len: u64) -> bool {
+    // The mask restates the bound for the verifier: len <= cap <= STACK_MAX already holds.
     let len = (len as u32) & (STACK_MAX as u32 * 2 - 1);
-    if len > STACK_MAX as u32 || offset > PY_BYTES {
+    if len == 0 || len > cap {
         return false;
     }
-    // SAFETY: offset <= PY_BYTES and len <= STACK_MAX: inside the tail.
-    unsafe {
-        let dst = rec.tail.as_mut_ptr().add(offset);
-        read_user_raw(dst.cast(), len, sp as *const _) == 0
-    }
+    // SAFETY: the caller's destination has room for cap bytes.
+    unsafe { read_user_raw(dst.cast(), len, sp as *const _) == 0 }
 }
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]

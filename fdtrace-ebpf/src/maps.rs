@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
     COUNTERS as COUNTER_SLOTS, Counter, PyProc, RecordHeader, StackedRecord, Traced,
@@ -69,4 +69,19 @@ pub fn emit_scratch(rec: &StackedRecord, len: usize) -> Result<(), ()> {
     EVENTS.output::<[u8]>(bytes, wakeup_flag()).map_err(|_| {
         count(Counter::RingFull);
     })
+}
+
+/// Reserves `C` bytes of the ring, counting a full ring.
+#[inline(always)]
+pub fn reserve<const C: usize>() -> Option<RingBufBytes<'static>> {
+    let entry = EVENTS.reserve_bytes(C, 0);
+    if entry.is_none() {
+        count(Counter::RingFull);
+    }
+    entry
+}
+
+#[inline(always)]
+pub fn submit(entry: RingBufBytes<'_>) {
+    entry.submit(wakeup_flag());
 }

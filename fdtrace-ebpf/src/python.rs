@@ -12,7 +12,7 @@
 //! from userspace, so one walk serves 3.10 (`PyFrameObject`s linked by `f_back`) to 3.13.
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
-use fdtrace_common::{PY_FRAMES_MAX, PY_THREADS_MAX, PyFrame, PyOffsets, StackedRecord};
+use fdtrace_common::{PY_FRAMES_MAX, PY_THREADS_MAX, PyFrame, PyOffsets, PyProc, StackedRecord};
 
 use crate::maps::PYTHON;
 
@@ -22,16 +22,18 @@ fn read_u64(addr: u64) -> u64 {
     unsafe { bpf_probe_read_user(addr as *const u64) }.unwrap_or(0)
 }
 
+/// The interpreter of process `tgid`, if userspace found one.
+#[inline(always)]
+pub fn interpreter(tgid: u32) -> Option<PyProc> {
+    // SAFETY: a lookup; the value is copied out at once.
+    unsafe { PYTHON.get(tgid) }.copied()
+}
+
 /// Fills the start of `rec.tail` with the calling thread's frames, innermost first; returns
 /// how many.
 #[inline(always)]
-pub fn frames(rec: &mut StackedRecord) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((id >> 32) as u32, id as u32);
-    // SAFETY: a lookup; the value is copied out at once.
-    let Some(py) = (unsafe { PYTHON.get(tgid) }).copied() else {
-        return 0;
-    };
+pub fn frames(rec: &mut StackedRecord, py: &PyProc) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
     let off = py.offsets;
     let interp = read_u64(py.runtime + u64::from(off.runtime_interpreters_head));
     if interp == 0 {
