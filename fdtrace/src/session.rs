@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use bytes::BytesMut;
 
 use crate::{
     clock::{WallClock, monotonic_ns},
@@ -30,6 +31,8 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// When the traced processes hold more than this together, they are reconciled less often:
 /// listing /proc/PID/fd costs about 1 us per descriptor.
 const LARGE_TABLE: u64 = 100_000;
+/// Decoded records share memory allocated this much at a time.
+const ARENA_CHUNK: usize = 256 << 10;
 /// Records the reader decodes into one batch.
 const BATCH_RECORDS: usize = 4096;
 /// Decoded records waiting for the tracer, in bytes. Past this the reader leaves records in
@@ -301,6 +304,7 @@ fn read_ring(
     queued_bytes: &AtomicUsize,
 ) {
     let mut wait = Duration::from_millis(2);
+    let mut arena = BytesMut::new();
     while !stop.load(Ordering::Relaxed) {
         if queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX {
             std::thread::sleep(Duration::from_millis(1));
@@ -313,13 +317,18 @@ fn read_ring(
                 records: Vec::new(),
                 bytes: 0,
             };
-            let n = reader.drain(BATCH_RECORDS, |bytes| match decode::decode(bytes) {
-                Ok(rec) => {
-                    batch.bytes += bytes.len() + size_of::<Record>();
-                    batch.records.push(rec);
+            let n = reader.drain(BATCH_RECORDS, |bytes| {
+                if arena.capacity() < bytes.len() {
+                    arena.reserve(ARENA_CHUNK.max(bytes.len()));
                 }
-                Err(_) => {
-                    decode_errors.fetch_add(1, Ordering::Relaxed);
+                match decode::decode_into(bytes, &mut arena) {
+                    Ok(rec) => {
+                        batch.bytes += bytes.len() + size_of::<Record>();
+                        batch.records.push(rec);
+                    }
+                    Err(_) => {
+                        decode_errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
             drained += batch.bytes;
