@@ -24,7 +24,10 @@ pub struct StackCapture {
     pub ip: u64,
     pub sp: u64,
     pub bp: u64,
+    /// Empty when `known` is set.
     pub bytes: Bytes,
+    /// The stack id the reader recognized this capture as (see `stack::StackMemo`).
+    pub known: Option<u32>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -41,15 +44,23 @@ const HEADER: usize = size_of::<RecordHeader>();
 
 /// Decodes one record, copying what it holds into fresh memory.
 pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
-    decode_into(buf, &mut BytesMut::new())
+    decode_into(buf, &mut BytesMut::new(), |_, _, _| None)
 }
+
+/// Recognizes a native stack capture by (pid, (ip, sp, bp), stack bytes): its stack id.
+pub trait Recognize: FnOnce(u32, (u64, u64, u64), &[u8]) -> Option<u32> {}
+impl<F: FnOnce(u32, (u64, u64, u64), &[u8]) -> Option<u32>> Recognize for F {}
 
 /// Decodes one record; its variable parts (aux, stack copy) are copied into `arena` and
 /// shared from there. Decoding a batch into one arena makes one allocation for thousands of
 /// records, where a `Vec` each for aux and stack made two per record (a quarter of fdtrace's
 /// time under nginx went to malloc and free). Only the used part of a record is copied: the
-/// probes reserve ring records in size classes.
-pub fn decode_into(ring: &[u8], arena: &mut BytesMut) -> Result<Record, DecodeError> {
+/// probes reserve ring records in size classes. A stack `recognize` knows is not copied at all.
+pub fn decode_into(
+    ring: &[u8],
+    arena: &mut BytesMut,
+    recognize: impl Recognize,
+) -> Result<Record, DecodeError> {
     let len = ring.len();
     if len < HEADER {
         return Err(DecodeError::Short(len));
@@ -103,8 +114,15 @@ pub fn decode_into(ring: &[u8], arena: &mut BytesMut) -> Result<Record, DecodeEr
                 .collect();
             let aux_at = HEADER + size_of::<StackHeader>();
             let stack_at = STACKED_FIXED + py_bytes;
+            let stack = &ring[stack_at..stack_at + stack_len];
+            let registers = (regs.ip, regs.sp, regs.bp);
+            let known = (header.kind == kind::STACKED && regs.py_count == 0)
+                .then(|| recognize(header.tgid, registers, stack))
+                .flatten();
             arena.extend_from_slice(&ring[aux_at..aux_at + aux_len]);
-            arena.extend_from_slice(&ring[stack_at..stack_at + stack_len]);
+            if known.is_none() {
+                arena.extend_from_slice(stack);
+            }
             let mut copied = arena.split().freeze();
             let stack_bytes = copied.split_off(aux_len);
             let stack = (header.kind == kind::STACKED).then_some(StackCapture {
@@ -112,6 +130,7 @@ pub fn decode_into(ring: &[u8], arena: &mut BytesMut) -> Result<Record, DecodeEr
                 sp: regs.sp,
                 bp: regs.bp,
                 bytes: stack_bytes,
+                known,
             });
             Ok(Record {
                 header,
@@ -190,6 +209,7 @@ mod tests {
                 sp: 2,
                 bp: 3,
                 bytes: Bytes::from(vec![7; 40]),
+                known: None,
             }),
             aux: Bytes::from_static(b"/etc/hostname"),
             py: vec![
@@ -204,6 +224,31 @@ mod tests {
             ],
         };
         assert_eq!(decode(&encode(&rec)).unwrap(), rec);
+    }
+
+    #[test]
+    fn a_recognized_stack_is_not_copied() {
+        let rec = Record {
+            header: header(kind::STACKED),
+            stack: Some(StackCapture {
+                ip: 1,
+                sp: 2,
+                bp: 3,
+                bytes: Bytes::from(vec![7; 40]),
+                known: None,
+            }),
+            aux: Bytes::from_static(b"/x"),
+            py: vec![],
+        };
+        let mut arena = BytesMut::new();
+        let decoded = decode_into(&encode(&rec), &mut arena, |pid, regs, stack| {
+            assert_eq!((pid, regs, stack.len()), (10, (1, 2, 3), 40));
+            Some(5)
+        })
+        .unwrap();
+        let stack = decoded.stack.unwrap();
+        assert_eq!((stack.known, stack.bytes.len()), (Some(5), 0));
+        assert_eq!(&decoded.aux[..], b"/x");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, Receiver},
     },
@@ -22,6 +22,7 @@ use crate::{
     probe::{ProbeOptions, Probes, RingReader},
     procfs,
     report::Report,
+    stack::StackMemo,
     tracer::Tracer,
 };
 
@@ -47,11 +48,9 @@ pub struct Session {
     pub model: Model,
     pub clock: WallClock,
     records: Receiver<Batch>,
-    queued_bytes: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     records_since_trim: usize,
-    stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
-    decode_errors: Arc<AtomicU64>,
     lost_seen: u64,
     last_tick: Instant,
     last_reconcile: Instant,
@@ -63,6 +62,15 @@ pub struct Session {
 }
 
 type Observer = Box<dyn FnMut(&Event)>;
+
+/// What the session and its ring reader thread share.
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    decode_errors: AtomicU64,
+    /// Bytes of decoded records sent and not yet taken.
+    queued_bytes: AtomicUsize,
+}
 
 /// Decoded records and what they cost in memory.
 struct Batch {
@@ -82,26 +90,22 @@ impl Session {
         let mut probes = Probes::load(options)?;
         let mut reader = probes.reader()?;
         let (tx, records) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let decode_errors = Arc::new(AtomicU64::new(0));
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let (stop_r, errors_r, queued_r) =
-            (stop.clone(), decode_errors.clone(), queued_bytes.clone());
+        let shared = Arc::new(Shared::default());
+        let tracer = Tracer::new();
+        let (shared_r, memo) = (shared.clone(), tracer.memo.clone());
         let reader = std::thread::Builder::new()
             .name("fdtrace-ring".into())
-            .spawn(move || read_ring(&mut reader, &tx, &stop_r, &errors_r, &queued_r))
+            .spawn(move || read_ring(&mut reader, &tx, &shared_r, &memo))
             .context("starting the ring buffer reader")?;
         Ok(Self {
             probes,
-            tracer: Tracer::new(),
+            tracer,
             model: Model::new(),
             clock: WallClock::measure(),
             records,
-            queued_bytes,
+            shared,
             records_since_trim: 0,
-            stop,
             reader: Some(reader),
-            decode_errors,
             lost_seen: 0,
             last_tick: Instant::now(),
             last_reconcile: Instant::now(),
@@ -168,7 +172,9 @@ impl Session {
         let mut items: Vec<Item> = Vec::new();
         let mut next = self.records.recv_timeout(timeout).ok();
         while let Some(batch) = next {
-            self.queued_bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
+            self.shared
+                .queued_bytes
+                .fetch_sub(batch.bytes, Ordering::Relaxed);
             self.records_since_trim += batch.records.len();
             items.extend(batch.records.into_iter().map(Item::Record));
             next = self.records.try_recv().ok();
@@ -216,7 +222,8 @@ impl Session {
     }
 
     fn periodic(&mut self) {
-        let lost = self.probes.counters().ring_full + self.decode_errors.load(Ordering::Relaxed);
+        let lost =
+            self.probes.counters().ring_full + self.shared.decode_errors.load(Ordering::Relaxed);
         let new_loss = lost > self.lost_seen;
         if new_loss {
             self.apply(&Event::Lost {
@@ -299,14 +306,13 @@ impl Session {
 fn read_ring(
     reader: &mut RingReader,
     tx: &mpsc::Sender<Batch>,
-    stop: &AtomicBool,
-    decode_errors: &AtomicU64,
-    queued_bytes: &AtomicUsize,
+    shared: &Shared,
+    memo: &RwLock<StackMemo>,
 ) {
     let mut wait = Duration::from_millis(2);
     let mut arena = BytesMut::new();
-    while !stop.load(Ordering::Relaxed) {
-        if queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX {
+    while !shared.stop.load(Ordering::Relaxed) {
+        if shared.queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
@@ -317,28 +323,35 @@ fn read_ring(
                 records: Vec::new(),
                 bytes: 0,
             };
+            // Held for one batch: the tracer writes only when it unwound something new.
+            let known = memo.read().unwrap_or_else(PoisonError::into_inner);
             let n = reader.drain(BATCH_RECORDS, |bytes| {
                 if arena.capacity() < bytes.len() {
                     arena.reserve(ARENA_CHUNK.max(bytes.len()));
                 }
-                match decode::decode_into(bytes, &mut arena) {
+                let recognize = |pid, regs, stack: &[u8]| known.get(pid, regs, stack);
+                match decode::decode_into(bytes, &mut arena, recognize) {
                     Ok(rec) => {
                         batch.bytes += bytes.len() + size_of::<Record>();
                         batch.records.push(rec);
                     }
                     Err(_) => {
-                        decode_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.decode_errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             });
+            drop(known);
             drained += batch.bytes;
             if !batch.records.is_empty() {
-                queued_bytes.fetch_add(batch.bytes, Ordering::Relaxed);
+                shared
+                    .queued_bytes
+                    .fetch_add(batch.bytes, Ordering::Relaxed);
                 if tx.send(batch).is_err() {
                     return;
                 }
             }
-            if n < BATCH_RECORDS || queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX {
+            if n < BATCH_RECORDS || shared.queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX
+            {
                 break;
             }
         }
@@ -364,12 +377,7 @@ fn release_freed_memory() {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        log::debug!(
-            "stack memo: {} hits, {} misses",
-            self.tracer.memo.hits,
-            self.tracer.memo.misses
-        );
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }

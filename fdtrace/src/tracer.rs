@@ -1,7 +1,10 @@
 //! Turns probe [`Record`]s into model [`Event`]s: syscall semantics, /proc facts for new
 //! processes, and stacks unwound and interned as they arrive.
 
-use std::{net::Ipv4Addr, net::Ipv6Addr, sync::Arc};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::{Arc, PoisonError, RwLock},
+};
 
 // Every stack-bearing event is looked up by its raw frames: SipHash was a tenth of the
 // tracer's time on a tight open/close loop.
@@ -56,8 +59,9 @@ type StackKey = (Vec<RawFrame>, Vec<(u64, u64)>);
 
 pub struct Tracer {
     unwinder: Unwinder,
-    /// Native stacks by the registers and stack words they were unwound from.
-    pub memo: StackMemo,
+    /// Native stacks by the registers and stack words they were unwound from; the ring
+    /// reader consults it too.
+    pub memo: Arc<RwLock<StackMemo>>,
     symbolizer: Symbolizer,
     python: python::Resolver,
     /// CPython interpreters found (or gone, `None`) since the session last looked: the probe's
@@ -105,7 +109,7 @@ impl Tracer {
     pub fn new() -> Self {
         Self {
             unwinder: Unwinder::new(),
-            memo: StackMemo::default(),
+            memo: Arc::default(),
             symbolizer: Symbolizer::new(),
             python: python::Resolver::default(),
             python_changes: Vec::new(),
@@ -147,6 +151,13 @@ impl Tracer {
         }
     }
 
+    fn forget_memos(&self, pid: u32) {
+        self.memo
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(pid);
+    }
+
     /// Looks for CPython in a process's /proc maps (attached processes).
     fn find_python(&mut self, pid: u32) {
         if let Some(found) = python::detect_in_process(pid) {
@@ -174,6 +185,7 @@ impl Tracer {
             kind::EXIT => {
                 self.unwinder.forget(pid);
                 self.python.forget(pid);
+                self.forget_memos(pid);
                 vec![Event::Exited {
                     pid,
                     ts,
@@ -186,6 +198,7 @@ impl Tracer {
                 // The probe dropped the process from its Python map at exec. A launched
                 // process's new interpreter was already found in its mapping reports, which
                 // come before this record.
+                self.forget_memos(pid);
                 if !self.unwinder.is_reported(pid) {
                     self.python.forget(pid);
                     let _ = self.unwinder.refresh(pid);
@@ -277,16 +290,12 @@ impl Tracer {
         let Some(cap) = &rec.stack else {
             return NO_STACK;
         };
-        let pid = rec.header.tgid;
-        let regs = (cap.ip, cap.sp, cap.bp);
-        // Python stacks also depend on the interpreter's frames: they are not memoized.
-        let native = rec.py.is_empty();
-        let space = self.unwinder.space_id(pid).filter(|_| native);
-        if let Some(space) = space
-            && let Some(id) = self.memo.get(pid, regs, space, &cap.bytes)
-        {
+        if let Some(id) = cap.known {
             return id;
         }
+        let pid = rec.header.tgid;
+        // Python stacks also depend on the interpreter's frames: they are not memoized.
+        let native = rec.py.is_empty();
         let mut reads = Vec::new();
         let unwound = self.unwinder.unwind_reading(
             pid,
@@ -298,7 +307,11 @@ impl Tracer {
         );
         let id = self.intern_frames(pid, unwound.frames, rec);
         if native && let Some(space) = unwound.space {
-            self.memo.insert(pid, regs, space, reads, id);
+            let regs = (cap.ip, cap.sp, cap.bp);
+            self.memo
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(pid, regs, space, reads, id);
         }
         id
     }

@@ -13,16 +13,21 @@
 //! with another `bp`, or other values in some words, read at exactly the same offsets and gave
 //! the same stack, no address came from those values, and they stop being compared.
 
+//!
+//! The ring reader consults the memo (shared behind a lock) before copying a record out of the
+//! ring: a hit needs only the stack id, not the stack, whose copy was the reader's main cost.
+//! A process's memos are dropped when its address space changes (exec, a library mapped),
+//! since the same words could then unwind differently.
+
 use foldhash::HashMap;
 
 use super::unwind::{Reads, stack_word};
 
-/// More distinct (pid, ip, sp) than this, and the memo starts over: it serves hot paths.
+/// More memos than this, and the memo starts over: it serves hot paths.
 const MAX_ENTRIES: usize = 65_536;
 
 #[derive(Debug)]
 struct Entry {
-    space: u64,
     bp: u64,
     bp_irrelevant: bool,
     reads: Reads,
@@ -31,43 +36,34 @@ struct Entry {
     stack: u32,
 }
 
+/// One process's memos, all made in one address space.
+#[derive(Debug, Default)]
+struct ProcessMemo {
+    space: u64,
+    entries: HashMap<(u64, u64), Entry>,
+}
+
 /// Stack ids by the registers and stack words that produced them.
 #[derive(Debug, Default)]
 pub struct StackMemo {
-    entries: HashMap<(u32, u64, u64), Entry>,
-    pub hits: u64,
-    pub misses: u64,
+    processes: HashMap<u32, ProcessMemo>,
+    entries: usize,
 }
 
 impl StackMemo {
-    /// The stack id remembered for this capture, if the same unwind would give it again.
-    pub fn get(
-        &mut self,
-        pid: u32,
-        (ip, sp, bp): (u64, u64, u64),
-        space: u64,
-        stack: &[u8],
-    ) -> Option<u32> {
-        let found = self.entries.get(&(pid, ip, sp)).filter(|e| {
-            e.space == space
-                && (e.bp == bp || e.bp_irrelevant)
-                && e.reads
-                    .iter()
-                    .zip(&e.decides)
-                    .all(|(&(offset, word), &decides)| {
-                        !decides || stack_word(stack, offset) == word
-                    })
-        });
-        if let Some(e) = found {
-            self.hits += 1;
-            Some(e.stack)
-        } else {
-            self.misses += 1;
-            None
-        }
+    /// The stack id remembered for this capture of `pid`'s stack (`stack` holds the bytes at
+    /// `sp..`), if the same unwind would give it again.
+    pub fn get(&self, pid: u32, (ip, sp, bp): (u64, u64, u64), stack: &[u8]) -> Option<u32> {
+        let e = self.processes.get(&pid)?.entries.get(&(ip, sp))?;
+        let same = (e.bp == bp || e.bp_irrelevant)
+            && e.reads
+                .iter()
+                .zip(&e.decides)
+                .all(|(&(offset, word), &decides)| !decides || stack_word(stack, offset) == word);
+        same.then_some(e.stack)
     }
 
-    /// Remembers what an unwind in `space` read and produced.
+    /// Remembers what an unwind of `pid`'s stack in address space `space` read and produced.
     pub fn insert(
         &mut self,
         pid: u32,
@@ -76,12 +72,17 @@ impl StackMemo {
         reads: Reads,
         stack: u32,
     ) {
-        if self.entries.len() >= MAX_ENTRIES {
-            self.entries.clear();
+        if self.entries >= MAX_ENTRIES {
+            self.processes.clear();
+            self.entries = 0;
         }
-        let key = (pid, ip, sp);
-        if let Some(e) = self.entries.get_mut(&key)
-            && e.space == space
+        let process = self.processes.entry(pid).or_default();
+        if process.space != space {
+            self.entries -= process.entries.len();
+            process.entries.clear();
+            process.space = space;
+        }
+        if let Some(e) = process.entries.get_mut(&(ip, sp))
             && e.stack == stack
             && e.reads.len() == reads.len()
             && e.reads.iter().zip(&reads).all(|(a, b)| a.0 == b.0)
@@ -94,17 +95,23 @@ impl StackMemo {
             }
             return;
         }
-        self.entries.insert(
-            key,
-            Entry {
-                space,
-                bp,
-                bp_irrelevant: false,
-                decides: vec![true; reads.len()],
-                reads,
-                stack,
-            },
-        );
+        let entry = Entry {
+            bp,
+            bp_irrelevant: false,
+            decides: vec![true; reads.len()],
+            reads,
+            stack,
+        };
+        if process.entries.insert((ip, sp), entry).is_none() {
+            self.entries += 1;
+        }
+    }
+
+    /// Drops `pid`'s memos (it exited or exec'd).
+    pub fn forget(&mut self, pid: u32) {
+        if let Some(process) = self.processes.remove(&pid) {
+            self.entries -= process.entries.len();
+        }
     }
 }
 
@@ -122,24 +129,23 @@ mod tests {
         let stack = words(&[1, 0x4000, 3, 0x5000]);
         let reads = vec![(8, Some(0x4000)), (24, Some(0x5000)), (32, None)];
         memo.insert(7, (0x10, 0x100, 0xbb), 1, reads.clone(), 42);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack), Some(42));
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack), Some(42));
         // Words it did not read may change.
         let other = words(&[9, 0x4000, 9, 0x5000]);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &other), Some(42));
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &other), Some(42));
         // A word it read may not, nor may a read past the copy start to succeed.
         let changed = words(&[1, 0x4000, 3, 0x5008]);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &changed), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &changed), None);
         let longer = words(&[1, 0x4000, 3, 0x5000, 0x6000]);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &longer), None);
-        // Another space (the maps changed), process, ip or sp.
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 2, &stack), None);
-        assert_eq!(memo.get(8, (0x10, 0x100, 0xbb), 1, &stack), None);
-        assert_eq!(memo.get(7, (0x11, 0x100, 0xbb), 1, &stack), None);
-        assert_eq!(memo.get(7, (0x10, 0x108, 0xbb), 1, &stack), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &longer), None);
+        // Another process, ip or sp.
+        assert_eq!(memo.get(8, (0x10, 0x100, 0xbb), &stack), None);
+        assert_eq!(memo.get(7, (0x11, 0x100, 0xbb), &stack), None);
+        assert_eq!(memo.get(7, (0x10, 0x108, 0xbb), &stack), None);
         // Another bp, until an unwind with another bp read the same words.
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), 1, &stack), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), &stack), None);
         memo.insert(7, (0x10, 0x100, 0xcc), 1, reads.clone(), 42);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), 1, &stack), Some(42));
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), &stack), Some(42));
     }
 
     #[test]
@@ -148,15 +154,28 @@ mod tests {
         let reads = |saved_bp| vec![(8, Some(0x4000)), (16, Some(saved_bp)), (24, Some(0x5000))];
         memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xaaa), 42);
         let stack = |saved_bp| words(&[0, 0x4000, saved_bp, 0x5000]);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack(0xccc)), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack(0xccc)), None);
         memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xccc), 42);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack(0xddd)), Some(42));
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack(0xddd)), Some(42));
         // The return addresses still count.
         let moved = words(&[0, 0x4008, 0xddd, 0x5000]);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &moved), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &moved), None);
         // Another stack from the same offsets is a new memo, compared in full again.
         memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xeee), 43);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), 1, &stack(0xfff)), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack(0xfff)), None);
+    }
+
+    #[test]
+    fn a_new_address_space_or_program_drops_the_memos() {
+        let mut memo = StackMemo::default();
+        let stack = words(&[1, 2]);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], 42);
+        memo.insert(7, (0x20, 0x100, 0xbb), 2, vec![(8, Some(2))], 43);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack), None);
+        assert_eq!(memo.get(7, (0x20, 0x100, 0xbb), &stack), Some(43));
+        memo.forget(7);
+        assert_eq!(memo.get(7, (0x20, 0x100, 0xbb), &stack), None);
+        assert_eq!(memo.entries, 0);
     }
 
     #[test]
@@ -166,7 +185,7 @@ mod tests {
         memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], 42);
         // With bp 0xcc the walk read elsewhere: bp matters here.
         memo.insert(7, (0x10, 0x100, 0xcc), 1, vec![(16, Some(3))], 43);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), 1, &stack), None);
-        assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), 1, &stack), Some(43));
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), &stack), None);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), &stack), Some(43));
     }
 }
