@@ -33,7 +33,37 @@ struct Entry {
     reads: Reads,
     /// Per read: whether its value decides the walk (until shown otherwise).
     decides: Vec<bool>,
+    /// The deciding reads by offset: the words are compared in the ring, where each cache
+    /// line comes from the CPU the probe ran on, and ascending reads let the prefetcher help.
+    checks: Vec<(u64, Option<u64>)>,
     stack: u32,
+}
+
+impl Entry {
+    fn new(bp: u64, reads: Reads, stack: u32) -> Self {
+        let mut entry = Self {
+            bp,
+            bp_irrelevant: false,
+            decides: vec![true; reads.len()],
+            reads,
+            checks: Vec::new(),
+            stack,
+        };
+        entry.sort_checks();
+        entry
+    }
+
+    fn sort_checks(&mut self) {
+        self.checks = self
+            .reads
+            .iter()
+            .zip(&self.decides)
+            .filter(|&(_, &decides)| decides)
+            .map(|(&read, _)| read)
+            .collect();
+        self.checks.sort_unstable_by_key(|&(offset, _)| offset);
+        self.checks.dedup();
+    }
 }
 
 /// One process's memos, all made in one address space.
@@ -93,16 +123,14 @@ impl StackMemo {
             for (decides, (old, new)) in e.decides.iter_mut().zip(e.reads.iter().zip(&reads)) {
                 *decides &= old.1 == new.1;
             }
+            e.sort_checks();
             return;
         }
-        let entry = Entry {
-            bp,
-            bp_irrelevant: false,
-            decides: vec![true; reads.len()],
-            reads,
-            stack,
-        };
-        if process.entries.insert((ip, sp), entry).is_none() {
+        if process
+            .entries
+            .insert((ip, sp), Entry::new(bp, reads, stack))
+            .is_none()
+        {
             self.entries += 1;
         }
     }
