@@ -15,7 +15,8 @@ pub mod names {
     pub const MAP_EVENTS: &str = "FDT_EVENTS";
     /// `PerCpuArray<u64>` of [`crate::Counter`]s.
     pub const MAP_COUNTERS: &str = "FDT_COUNTERS";
-    /// `PerCpuArray<StackedRecord>`: where a stack-bearing record is assembled before output.
+    /// `PerCpuArray<StackedRecord>`: where a stack-bearing record with Python frames, or one
+    /// too large for the ring's size classes, is assembled before output.
     pub const MAP_SCRATCH: &str = "FDT_SCRATCH";
     /// `HashMap<u32 tgid, PyProc>`: traced processes running CPython, and where to look.
     pub const MAP_PYTHON: &str = "FDT_PYTHON";
@@ -23,6 +24,8 @@ pub mod names {
     pub const GLOBAL_STACK_BYTES: &str = "FDT_STACK_BYTES";
     /// Global `u32`: 1 to add forked children to the traced set, 0 to leave them untraced.
     pub const GLOBAL_FOLLOW: &str = "FDT_FOLLOW";
+    /// Global `u64`: ring bytes waiting past which a record wakes the reader.
+    pub const GLOBAL_WAKEUP_BYTES: &str = "FDT_WAKEUP_BYTES";
 
     /// raw_tracepoint on `sys_exit`: every descriptor change and every EMFILE/ENFILE.
     pub const PROG_SYS_EXIT: &str = "fdt_sys_exit";

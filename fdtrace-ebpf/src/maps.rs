@@ -18,6 +18,10 @@ pub static TRACED: HashMap<u32, Traced> = HashMap::with_max_entries(16384, 0);
 #[map(name = "FDT_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
+/// A quarter of the ring's size, set by userspace at load time with the size.
+#[unsafe(no_mangle)]
+static FDT_WAKEUP_BYTES: u64 = 4 << 20;
+
 #[map(name = "FDT_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -42,7 +46,9 @@ pub fn count(counter: Counter) {
 #[inline(always)]
 fn wakeup_flag() -> u64 {
     const AVAIL_DATA: u64 = 0;
-    if EVENTS.query(AVAIL_DATA) > (4 << 20) {
+    // SAFETY: a global written only by the loader.
+    let quarter = unsafe { core::ptr::read_volatile(&raw const FDT_WAKEUP_BYTES) };
+    if EVENTS.query(AVAIL_DATA) > quarter {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

@@ -102,6 +102,12 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_STACK_BYTES, &options.stack_bytes, true)
             .override_global(names::GLOBAL_FOLLOW, &u32::from(options.follow), true)
+            // A quarter of the ring, whatever its size.
+            .override_global(
+                names::GLOBAL_WAKEUP_BYTES,
+                &(u64::from(options.ring_bytes) / 4),
+                true,
+            )
             .map_max_entries(names::MAP_EVENTS, options.ring_bytes)
             .load(OBJECT)
             .map_err(|e| kernel_error("object", &e))?;
