@@ -31,15 +31,15 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use fdtrace_common::{
-    AUX_MAX, Counter, PY_BYTES, RecordHeader, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord,
-    Traced, kind,
+    AUX_MAX, Counter, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader,
+    StackedRecord, Traced, kind,
     syscalls::{self, Action, Aux},
 };
 use maps::{PYTHON, SCRATCH, TRACED, count, emit_header, emit_scratch};
 
 /// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
 #[unsafe(no_mangle)]
-static FDT_STACK_BYTES: u32 = fdtrace_common::STACK_DEFAULT;
+static FDT_STACK_BYTES: u32 = STACK_DEFAULT;
 
 /// Whether forked children are traced; set by userspace at load time.
 #[unsafe(no_mangle)]
@@ -163,21 +163,23 @@ fn emit_limit(mut header: RecordHeader) -> Result<(), ()> {
 
 /// Outputs a record with the caller's stack: native processes write it straight into a ring
 /// reservation of the next size up (see `emit_direct`); CPython processes, and stacks past
-/// the largest size, assemble it in the per-CPU scratch buffer first.
+/// the default size, assemble it in the per-CPU scratch buffer first.
 #[inline(always)]
 fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) -> Result<(), ()> {
-    let want = stack_wanted(regs, traced);
     let py = python::interpreter(header.tgid);
+    // Three sizes, so that a record wastes at most half of its reservation: each is verified
+    // separately. The stack length is computed apart on each path, so the verifier explores
+    // the scratch path once rather than once per range of it (which had doubled the load).
     if py.is_none() {
-        let fits = |class: usize| want as usize <= class - STACKED_FIXED;
-        if fits(1024) {
+        let want = stack_wanted(regs, traced);
+        if want as usize <= 1024 - STACKED_FIXED {
             return emit_direct::<1024>(&header, regs, aux, want);
-        } else if fits(2048) {
+        } else if want as usize <= 2048 - STACKED_FIXED {
             return emit_direct::<2048>(&header, regs, aux, want);
-        } else if fits(4096) {
-            return emit_direct::<4096>(&header, regs, aux, want);
-        } else if fits(8192) {
-            return emit_direct::<8192>(&header, regs, aux, want);
+        } else if want as usize <= STACK_DEFAULT as usize {
+            return emit_direct::<{ STACKED_FIXED + STACK_DEFAULT as usize }>(
+                &header, regs, aux, want,
+            );
         }
     }
     let rec = SCRATCH.get_ptr_mut(0).ok_or(())?;
@@ -191,6 +193,7 @@ fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) ->
     let offset = if py_count == 0 { 0 } else { PY_BYTES };
     // SAFETY: offset <= PY_BYTES, and the stack is bounded by STACK_MAX: inside the tail.
     let dst = unsafe { rec.tail.as_mut_ptr().add(offset) };
+    let want = stack_wanted(regs, traced);
     let stack_len = copy_stack(dst, STACK_MAX as u32, regs.sp, want);
     rec.stack = stack_header(regs, stack_len, aux_len, py_count);
     emit_scratch(rec, STACKED_FIXED + offset + stack_len)

@@ -18,6 +18,16 @@ pub struct Record {
     pub py: Vec<PyFrame>,
 }
 
+impl Record {
+    /// What the record holds in memory: itself and its share of the arena.
+    pub fn heap_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.aux.len()
+            + self.stack.as_ref().map_or(0, |s| s.bytes.len())
+            + self.py.len() * size_of::<PyFrame>()
+    }
+}
+
 /// The user registers at the syscall and a copy of the stack from `sp` upwards.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StackCapture {

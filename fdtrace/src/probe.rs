@@ -99,6 +99,10 @@ impl Probes {
         }
         ensure_tracefs()?;
         raise_memlock();
+        // The tp_btf attach point needs the kernel's BTF, which aya's loader also parses
+        // for itself (`EbpfLoader::new`, no way to share it): parse ours meanwhile on another
+        // thread, each parse being about 45 ms of the start.
+        let btf = std::thread::spawn(Btf::from_sys_fs);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_STACK_BYTES, &options.stack_bytes, true)
             .override_global(names::GLOBAL_FOLLOW, &u32::from(options.follow), true)
@@ -112,10 +116,16 @@ impl Probes {
             .load(OBJECT)
             .map_err(|e| kernel_error("object", &e))?;
 
-        let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Kernel {
-            program: names::PROG_SYS_EXIT,
-            detail: format!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"),
-        })?;
+        let btf = btf
+            .join()
+            .map_err(|_| ProbeError::Kernel {
+                program: names::PROG_SYS_EXIT,
+                detail: "reading the kernel's BTF panicked".into(),
+            })?
+            .map_err(|e| ProbeError::Kernel {
+                program: names::PROG_SYS_EXIT,
+                detail: format!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"),
+            })?;
         let prog: &mut BtfTracePoint = program(&mut ebpf, names::PROG_SYS_EXIT)?;
         prog.load("sys_exit", &btf)
             .map_err(|e| kernel_error(names::PROG_SYS_EXIT, &e))?;

@@ -40,7 +40,9 @@ const BATCH_RECORDS: usize = 4096;
 /// the ring, and when a burst outlasts the ring too the kernel counts what it could not store:
 /// fdtrace's memory stays bounded and the loss is reported and reconciled, where an unbounded
 /// queue grew by hundreds of MB during a burst from fifty processes (and glibc kept the pages).
-const QUEUED_BYTES_MAX: usize = 32 << 20;
+/// It holds the first burst while the tracer symbolizes its first stacks, before the stack
+/// memo can spare the reader the copies (100k records of a tight loop, 67 MB, in a debug build).
+const QUEUED_BYTES_MAX: usize = 128 << 20;
 
 pub struct Session {
     probes: Probes,
@@ -332,7 +334,7 @@ fn read_ring(
                 let recognize = |pid, regs, stack: &[u8]| known.get(pid, regs, stack);
                 match decode::decode_into(bytes, &mut arena, recognize) {
                     Ok(rec) => {
-                        batch.bytes += bytes.len() + size_of::<Record>();
+                        batch.bytes += rec.heap_bytes();
                         batch.records.push(rec);
                     }
                     Err(_) => {
