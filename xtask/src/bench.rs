@@ -34,7 +34,7 @@ struct Holding {
 
 /// Alternating rounds for the loop and for nginx.
 const LOOP_ROUNDS: usize = 5;
-const NGINX_ROUNDS: usize = 3;
+const NGINX_ROUNDS: usize = 5;
 /// Iterations of the open/close loop (strace gets fewer: it costs ~190 us per iteration).
 const LOOP_ITERATIONS: u64 = 300_000;
 const STRACE_ITERATIONS: u64 = 20_000;
@@ -396,40 +396,52 @@ impl Bench {
         };
         wrk()?; // warm-up
         let report = dir.join("fdtrace.json");
-        let (mut pairs, mut dropped) = (Vec::new(), 0);
-        for _ in 0..NGINX_ROUNDS {
-            let base = wrk()?;
+        let traced = |extra: &[&str]| -> anyhow::Result<(f64, u64)> {
             let tracer = Tracer::start(
                 Command::new(&self.fdtrace)
                     .args(["--pid", &nginx.pid().to_string(), "--follow", "--no-tui"])
+                    .args(extra)
                     .args(["--format", "json", "-o"])
                     .arg(&report),
                 &dir.join("fdtrace.log"),
             )?;
-            let traced = wrk()?;
+            let rate = wrk()?;
             tracer.stop()?;
-            dropped += dropped_events(&report)?;
-            pairs.push((base, traced));
+            Ok((rate, dropped_events(&report)?))
+        };
+        // (untraced, default, stacks off) per round.
+        let (mut rounds, mut dropped) = (Vec::new(), [0, 0]);
+        for _ in 0..NGINX_ROUNDS {
+            let base = wrk()?;
+            let (full, lost) = traced(&[])?;
+            dropped[0] += lost;
+            let (bare, lost) = traced(&["--stack-bytes", "0"])?;
+            dropped[1] += lost;
+            rounds.push((base, full, bare));
         }
         drop(nginx);
-        let ratio = median(&pairs.iter().map(|(b, t)| t / b).collect::<Vec<_>>());
-        rows.push(
-            Row::new(
-                "nginx: untraced",
-                Some(median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>())),
-                "req/s",
-            )
-            .ratio(1.0),
-        );
+        let column =
+            |f: fn(&(f64, f64, f64)) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        rows.push(Row::new("nginx: untraced", Some(column(|r| r.0)), "req/s").ratio(1.0));
+        let ratio = column(|r| r.1 / r.0);
         rows.push(
             Row::new(
                 "nginx: fdtrace --pid master --follow",
-                Some(median(&pairs.iter().map(|p| p.1).collect::<Vec<_>>())),
+                Some(column(|r| r.1)),
                 "req/s",
             )
             .ratio(ratio)
-            .target(">= 0.98x", ratio >= 0.98 && dropped == 0)
-            .note(format!("dropped_events {dropped}")),
+            .target(">= 0.98x", ratio >= 0.98 && dropped[0] == 0)
+            .note(format!("dropped_events {}", dropped[0])),
+        );
+        rows.push(
+            Row::new(
+                "nginx: the same, --stack-bytes 0",
+                Some(column(|r| r.2)),
+                "req/s",
+            )
+            .ratio(column(|r| r.2 / r.0))
+            .note(format!("dropped_events {}", dropped[1])),
         );
         Ok(())
     }
