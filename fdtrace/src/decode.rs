@@ -210,9 +210,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stacked_round_trips() {
-        let rec = Record {
+    /// A stacked record: registers 1, 2, 3 and 40 bytes of stack.
+    fn stacked(aux: &'static [u8], py: Vec<PyFrame>) -> Record {
+        Record {
             header: header(kind::STACKED),
             stack: Some(StackCapture {
                 ip: 1,
@@ -221,35 +221,30 @@ mod tests {
                 bytes: Bytes::from(vec![7; 40]),
                 known: None,
             }),
-            aux: Bytes::from_static(b"/etc/hostname"),
-            py: vec![
-                PyFrame {
-                    code: 0x1001,
-                    instr: 0x2000,
-                },
-                PyFrame {
-                    code: 0x3000,
-                    instr: 0x4000,
-                },
-            ],
-        };
+            aux: Bytes::from_static(aux),
+            py,
+        }
+    }
+
+    #[test]
+    fn stacked_round_trips() {
+        let py = vec![
+            PyFrame {
+                code: 0x1001,
+                instr: 0x2000,
+            },
+            PyFrame {
+                code: 0x3000,
+                instr: 0x4000,
+            },
+        ];
+        let rec = stacked(b"/etc/hostname", py);
         assert_eq!(decode(&encode(&rec)).unwrap(), rec);
     }
 
     #[test]
     fn a_recognized_stack_is_not_copied() {
-        let rec = Record {
-            header: header(kind::STACKED),
-            stack: Some(StackCapture {
-                ip: 1,
-                sp: 2,
-                bp: 3,
-                bytes: Bytes::from(vec![7; 40]),
-                known: None,
-            }),
-            aux: Bytes::from_static(b"/x"),
-            py: vec![],
-        };
+        let rec = stacked(b"/x", vec![]);
         let mut arena = BytesMut::new();
         let decoded = decode_into(&encode(&rec), &mut arena, |pid, regs, stack| {
             assert_eq!((pid, regs, stack.len()), (10, (1, 2, 3), 40));
