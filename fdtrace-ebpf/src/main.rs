@@ -172,7 +172,9 @@ fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) ->
     // the scratch path once rather than once per range of it (which had doubled the load).
     if py.is_none() {
         let want = stack_wanted(regs, traced);
-        if want as usize <= 1024 - STACKED_FIXED {
+        if want == 0 {
+            // Capture off: the scratch path sends the exact 376 bytes, not a 1 KiB record.
+        } else if want as usize <= 1024 - STACKED_FIXED {
             return emit_direct::<1024>(&header, regs, aux, want);
         } else if want as usize <= 2048 - STACKED_FIXED {
             return emit_direct::<2048>(&header, regs, aux, want);
