@@ -34,7 +34,7 @@ struct Holding {
 
 /// Alternating rounds for the loop and for nginx.
 const LOOP_ROUNDS: usize = 5;
-const NGINX_ROUNDS: usize = 5;
+const NGINX_ROUNDS: usize = 4;
 /// Iterations of the open/close loop (strace gets fewer: it costs ~190 us per iteration).
 const LOOP_ITERATIONS: u64 = 300_000;
 const STRACE_ITERATIONS: u64 = 20_000;
@@ -396,12 +396,12 @@ impl Bench {
         };
         wrk()?; // warm-up
         let report = dir.join("fdtrace.json");
-        let traced = |extra: &[&str]| -> anyhow::Result<(f64, u64)> {
+        let master = nginx.pid().to_string();
+        let traced = |args: &[&str]| -> anyhow::Result<(f64, u64)> {
             let tracer = Tracer::start(
                 Command::new(&self.fdtrace)
-                    .args(["--pid", &nginx.pid().to_string(), "--follow", "--no-tui"])
-                    .args(extra)
-                    .args(["--format", "json", "-o"])
+                    .args(args)
+                    .args(["--no-tui", "--format", "json", "-o"])
                     .arg(&report),
                 &dir.join("fdtrace.log"),
             )?;
@@ -409,19 +409,28 @@ impl Bench {
             tracer.stop()?;
             Ok((rate, dropped_events(&report)?))
         };
-        // (untraced, default, stacks off) per round.
+        // The floor: the probes attached, tracing an idle process instead of nginx.
+        let mut idle = Command::new("sleep")
+            .arg("3600")
+            .spawn()
+            .context("starting sleep")?;
+        let idle_pid = idle.id().to_string();
+        // (untraced, default, stacks off, floor) per round.
         let (mut rounds, mut dropped) = (Vec::new(), [0, 0]);
         for _ in 0..NGINX_ROUNDS {
             let base = wrk()?;
-            let (full, lost) = traced(&[])?;
+            let (full, lost) = traced(&["--pid", &master, "--follow"])?;
             dropped[0] += lost;
-            let (bare, lost) = traced(&["--stack-bytes", "0"])?;
+            let (bare, lost) = traced(&["--pid", &master, "--follow", "--stack-bytes", "0"])?;
             dropped[1] += lost;
-            rounds.push((base, full, bare));
+            let (floor, _) = traced(&["--pid", &idle_pid])?;
+            rounds.push((base, full, bare, floor));
         }
+        let _ = idle.kill();
+        let _ = idle.wait();
         drop(nginx);
         let column =
-            |f: fn(&(f64, f64, f64)) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+            |f: fn(&(f64, f64, f64, f64)) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
         rows.push(Row::new("nginx: untraced", Some(column(|r| r.0)), "req/s").ratio(1.0));
         let ratio = column(|r| r.1 / r.0);
         rows.push(
@@ -442,6 +451,15 @@ impl Bench {
             )
             .ratio(column(|r| r.2 / r.0))
             .note(format!("dropped_events {}", dropped[1])),
+        );
+        rows.push(
+            Row::new(
+                "nginx: probes attached, nginx not traced (floor)",
+                Some(column(|r| r.3)),
+                "req/s",
+            )
+            .ratio(column(|r| r.3 / r.0))
+            .note("fdtrace --pid of an idle process"),
         );
         Ok(())
     }
