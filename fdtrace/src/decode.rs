@@ -57,19 +57,16 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     decode_into(buf, &mut BytesMut::new(), |_, _, _| None)
 }
 
-/// Recognizes a native stack capture by (pid, (ip, sp, bp), stack bytes): its stack id.
-pub trait Recognize: FnOnce(u32, (u64, u64, u64), &[u8]) -> Option<u32> {}
-impl<F: FnOnce(u32, (u64, u64, u64), &[u8]) -> Option<u32>> Recognize for F {}
-
 /// Decodes one record; its variable parts (aux, stack copy) are copied into `arena` and
 /// shared from there. Decoding a batch into one arena makes one allocation for thousands of
 /// records, where a `Vec` each for aux and stack made two per record (a quarter of fdtrace's
 /// time under nginx went to malloc and free). Only the used part of a record is copied: the
-/// probes reserve ring records in size classes. A stack `recognize` knows is not copied at all.
+/// probes reserve ring records in size classes. A native stack `recognize` knows, by (pid,
+/// (ip, sp, bp), stack bytes), is not copied at all: the record carries its stack id.
 pub fn decode_into(
     ring: &[u8],
     arena: &mut BytesMut,
-    recognize: impl Recognize,
+    recognize: impl FnOnce(u32, (u64, u64, u64), &[u8]) -> Option<u32>,
 ) -> Result<Record, DecodeError> {
     let len = ring.len();
     if len < HEADER {
