@@ -26,9 +26,16 @@ pub mod names {
     pub const GLOBAL_FOLLOW: &str = "FDT_FOLLOW";
     /// Global `u64`: ring bytes waiting past which a record wakes the reader.
     pub const GLOBAL_WAKEUP_BYTES: &str = "FDT_WAKEUP_BYTES";
+    /// Global [`crate::KernelLayout`]: tracepoint field and kernel struct offsets, read from
+    /// the running kernel at load.
+    pub const GLOBAL_LAYOUT: &str = "FDT_LAYOUT";
 
-    /// raw_tracepoint on `sys_exit`: every descriptor change and every EMFILE/ENFILE.
+    /// BTF-typed tracepoint (`tp_btf`) on `sys_exit`: every descriptor change and every
+    /// EMFILE/ENFILE, reading the caller's registers with plain loads.
     pub const PROG_SYS_EXIT: &str = "fdt_sys_exit";
+    /// The same as a raw tracepoint, reading the registers with `bpf_probe_read_kernel`: for
+    /// kernels whose verifier refuses the typed program (6.1: "reg type unsupported").
+    pub const PROG_SYS_EXIT_RAW: &str = "fdt_sys_exit_raw";
     /// tracepoint `sched/sched_process_fork`: follows children in the kernel.
     pub const PROG_FORK: &str = "fdt_fork";
     /// tracepoint `sched/sched_process_exit`: a process's last thread leaves.
@@ -67,10 +74,39 @@ pub enum Counter {
     StackClamped = 2,
     /// A path, address or descriptor pair could not be read from user memory.
     AuxReadFailed = 3,
+    /// A forked child could not be added to the full traced-process map: it is not followed.
+    TracedFull = 4,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 4;
+pub const COUNTERS: u32 = 5;
+
+/// Where the probes find what they read from tracepoint records and kernel structures, as
+/// the running kernel lays them out: userspace reads it from tracefs format files and BTF at
+/// load (`fdtrace::layout`), so nothing depends on one kernel's offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `child_pid` in `sched/sched_process_fork` (44 up to 6.12, 20 once the comms became
+    /// `__data_loc` strings).
+    pub fork_child_pid: u32,
+    /// The `filename` `__data_loc` word in `sched/sched_process_exec`.
+    pub exec_filename: u32,
+    /// `group_dead` in `sched/sched_process_exit`, or [`NO_FIELD`] on kernels whose record
+    /// lacks it (before 6.16); the probe then asks the task itself (the two offsets below).
+    pub exit_group_dead: u32,
+    /// `task_struct.signal`, from BTF.
+    pub task_signal: u32,
+    /// `signal_struct.live`, from BTF: the count of live threads, already decremented when
+    /// `sched_process_exit` fires, so 0 means the last thread is leaving.
+    pub signal_live: u32,
+    /// 1 to send the probes' own diagnostics (`--debug-probes`), 0 for none.
+    pub debug: u32,
+}
+const _: () = assert!(size_of::<KernelLayout>() == 24);
+
+/// A [`KernelLayout`] field this kernel does not have.
+pub const NO_FIELD: u32 = u32::MAX;
 
 /// Value of the traced-process map.
 #[repr(C)]
@@ -218,4 +254,6 @@ mod pod {
     unsafe impl aya::Pod for super::Traced {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PyProc {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelLayout {}
 }

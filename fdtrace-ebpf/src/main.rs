@@ -1,11 +1,14 @@
 //! fdtrace's kernel probes.
 //!
-//! One BTF-typed raw tracepoint on `sys_exit` sees every syscall's result with the caller's
-//! registers still in `pt_regs`, so one program records every descriptor creation, every drop
-//! and every EMFILE/ENFILE from any syscall; PLATFORM.md has the measurements behind that
-//! choice. Being BTF-typed, it reads the registers with plain loads, not `bpf_probe_read_kernel`
-//! calls (about 5% of a traced open/close loop went to those). Sched tracepoints follow forks,
-//! execs and exits. Every program checks the traced-process map first.
+//! One program on the `sys_exit` tracepoint sees every syscall's result with the caller's
+//! registers still in `pt_regs`, so it records every descriptor creation, every drop and every
+//! EMFILE/ENFILE from any syscall; PLATFORM.md has the measurements behind that choice. It
+//! comes in two builds, chosen at load: BTF-typed (`tp_btf`), which reads the registers with
+//! plain loads (about 5% of a traced open/close loop went to `bpf_probe_read_kernel` calls),
+//! and a raw tracepoint that reads them with that helper, for kernels whose verifier refuses
+//! the typed one (Debian 12's 6.1). Sched tracepoints follow forks, execs and exits; the
+//! offsets they read come from the running kernel (`FDT_LAYOUT`). Every program checks the
+//! traced-process map first.
 #![no_std]
 #![no_main]
 #![expect(
@@ -23,16 +26,17 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
         generated::{
-            bpf_get_current_task_btf, bpf_probe_read_kernel_str,
+            bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel_str,
             bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str, bpf_task_pt_regs,
         },
     },
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AUX_MAX, Counter, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader,
-    StackedRecord, Traced, kind,
+    AUX_MAX, Counter, KernelLayout, NO_FIELD, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX,
+    STACKED_FIXED, StackHeader, StackedRecord, Traced, kind,
     syscalls::{self, Action, Aux},
 };
 use maps::{PYTHON, SCRATCH, TRACED, count, emit_header, emit_scratch};
@@ -44,6 +48,24 @@ static FDT_STACK_BYTES: u32 = STACK_DEFAULT;
 /// Whether forked children are traced; set by userspace at load time.
 #[unsafe(no_mangle)]
 static FDT_FOLLOW: u32 = 1;
+
+/// The running kernel's offsets, set by userspace at load time. The zeros here are never used:
+/// userspace refuses to load when it cannot read a layout.
+#[unsafe(no_mangle)]
+static FDT_LAYOUT: KernelLayout = KernelLayout {
+    fork_child_pid: 0,
+    exec_filename: 0,
+    exit_group_dead: NO_FIELD,
+    task_signal: 0,
+    signal_live: 0,
+    debug: 0,
+};
+
+#[inline(always)]
+fn layout() -> KernelLayout {
+    // SAFETY: a global written only by the loader.
+    unsafe { core::ptr::read_volatile(&raw const FDT_LAYOUT) }
+}
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -61,6 +83,26 @@ struct Regs {
     bp: u64,
 }
 
+/// The syscall's arguments and the registers for unwinding.
+#[derive(Clone, Copy)]
+struct UserRegs {
+    args: [u64; 6],
+    regs: Regs,
+}
+
+impl From<&pt_regs> for UserRegs {
+    fn from(r: &pt_regs) -> Self {
+        Self {
+            args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
+            regs: Regs {
+                ip: r.rip,
+                sp: r.rsp,
+                bp: r.rbp,
+            },
+        }
+    }
+}
+
 /// One field of the tracepoint's `struct pt_regs *`: the verifier knows its BTF type and lets
 /// the program load from it directly (a fault reads 0 instead of crashing).
 macro_rules! reg {
@@ -72,19 +114,55 @@ macro_rules! reg {
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn fdt_sys_exit(ctx: BtfTracePointContext) -> i32 {
-    match try_sys_exit(&ctx) {
+    let regs: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let nr = reg!(regs, orig_rax) as u32;
+    let load = || UserRegs {
+        args: [
+            reg!(regs, rdi),
+            reg!(regs, rsi),
+            reg!(regs, rdx),
+            reg!(regs, r10),
+            reg!(regs, r8),
+            reg!(regs, r9),
+        ],
+        regs: Regs {
+            ip: reg!(regs, rip),
+            sp: reg!(regs, rsp),
+            bp: reg!(regs, rbp),
+        },
+    };
+    match try_sys_exit(nr, ret, || Some(load())) {
         Ok(()) | Err(()) => 0,
     }
 }
 
-fn try_sys_exit(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    let regs_ptr: *const pt_regs = ctx.arg(0);
+/// The raw-tracepoint build of `fdt_sys_exit`. `pt_regs` is the user register frame, whose
+/// x86_64 layout is ABI (ptrace's `user_regs_struct`), so reading it by the bindings' layout
+/// depends on no kernel version.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn fdt_sys_exit_raw(ctx: RawTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
+    // SAFETY: a kernel pointer from the tracepoint; the helper checks the read.
+    let Ok(nr) = (unsafe { bpf_probe_read_kernel(&raw const (*regs).orig_rax) }) else {
+        return 0;
+    };
+    // SAFETY: as above, the whole frame in one read.
+    let load = || unsafe { bpf_probe_read_kernel(regs) }.ok();
+    match try_sys_exit(nr as u32, ret, || load().map(|r| UserRegs::from(&r))) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// What both builds of the `sys_exit` program do: `load` reads the caller's registers, and is
+/// only called for syscalls of traced processes that concern descriptors.
+#[inline(always)]
+fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> Result<(), ()> {
     let failed = ret == -syscalls::EMFILE || ret == -syscalls::ENFILE;
     // Most syscalls on the machine (read, write, epoll_wait) concern no descriptor: the number
     // alone dismisses them, before the traced-set lookup, which every other process would
     // otherwise pay on every syscall.
-    let nr = reg!(regs_ptr, orig_rax) as u32;
     if !failed && syscalls::action(nr) == Action::Ignore {
         return Ok(());
     }
@@ -93,19 +171,7 @@ fn try_sys_exit(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let args = [
-        reg!(regs_ptr, rdi),
-        reg!(regs_ptr, rsi),
-        reg!(regs_ptr, rdx),
-        reg!(regs_ptr, r10),
-        reg!(regs_ptr, r8),
-        reg!(regs_ptr, r9),
-    ];
-    let regs = Regs {
-        ip: reg!(regs_ptr, rip),
-        sp: reg!(regs_ptr, rsp),
-        bp: reg!(regs_ptr, rbp),
-    };
+    let UserRegs { args, regs } = load().ok_or(())?;
     let header = RecordHeader {
         kind: kind::SYSCALL,
         nr,
@@ -383,16 +449,41 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
-    // Offsets from events/sched/sched_process_fork/format.
-    // SAFETY: reads inside the tracepoint record.
-    let child: i32 = unsafe { ctx.read_at(20) }.map_err(|_| ())?;
+    let layout = layout();
+    // SAFETY: a read inside the tracepoint record, at the offset its format file gave.
+    let child: i32 = unsafe { ctx.read_at(layout.fork_child_pid as usize) }.map_err(|_| ())?;
     let (nr, flags) = clone_flags();
+    if child <= 0 {
+        // A layout the loader misread: say so rather than trace pid 0.
+        if layout.debug != 0 {
+            warn!(
+                ctx,
+                "fork in {}: child pid read as {} at offset {}", tgid, child, layout.fork_child_pid
+            );
+        }
+        return Err(());
+    }
     // SAFETY: a global written only by the loader.
     let follow = unsafe { core::ptr::read_volatile(&raw const FDT_FOLLOW) };
     if flags & CLONE_THREAD != 0 || follow == 0 {
         return Ok(());
     }
-    TRACED.insert(child as u32, traced, 0).map_err(|_| ())?;
+    if TRACED.insert(child as u32, traced, 0).is_err() {
+        count(Counter::TracedFull);
+        if layout.debug != 0 {
+            warn!(
+                ctx,
+                "fork in {}: traced map full, child {} not followed", tgid, child
+            );
+        }
+        return Err(());
+    }
+    if layout.debug != 0 {
+        debug!(
+            ctx,
+            "fork in {}: child {} followed (syscall {})", tgid, child, nr
+        );
+    }
     // A forked CPython is the same interpreter at the same addresses.
     // SAFETY: a lookup; the value is copied out at once.
     if let Some(py) = unsafe { PYTHON.get(tgid) }.copied() {
@@ -465,10 +556,10 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         ret: 0,
         args: [word(0), word(1), 0, 0, 0, 0],
     };
-    // filename is a __data_loc at offset 8 (events/sched/sched_process_exec/format): the low
-    // 16 bits are its offset from the record start.
-    // SAFETY: a read inside the tracepoint record.
-    let loc: u32 = unsafe { ctx.read_at(8) }.map_err(|_| ())?;
+    // filename is a __data_loc word: the low 16 bits are the string's offset from the record
+    // start, the high 16 its length.
+    // SAFETY: a read inside the tracepoint record, where its format file put the word.
+    let loc: u32 = unsafe { ctx.read_at(layout().exec_filename as usize) }.map_err(|_| ())?;
     let src = (ctx.as_ptr() as usize + (loc & 0xffff) as usize) as *const u8;
     // SAFETY: the helper bounds the copy by AUX_MAX.
     let r = unsafe {
@@ -502,10 +593,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
     if unsafe { TRACED.get(tgid) }.is_none() {
         return Ok(());
     }
-    // Offset of group_dead in events/sched/sched_process_exit/format: the last thread is leaving.
-    // SAFETY: a read inside the tracepoint record.
-    let group_dead: u8 = unsafe { ctx.read_at(32) }.map_err(|_| ())?;
-    if group_dead == 0 {
+    if !group_dead(ctx)? {
         return Ok(());
     }
     let _ = TRACED.remove(tgid);
@@ -519,6 +607,37 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
         ret: 0,
         args: [0; 6],
     })
+}
+
+/// Whether the exiting thread is its process's last.
+///
+/// Kernels since 6.16 put `group_dead` in the record. Older ones do not, but do_exit has
+/// already decremented `signal->live` when the tracepoint fires
+/// (https://elixir.bootlin.com/linux/v6.1/source/kernel/exit.c#L805), so a count of 0 says
+/// the same; its offsets come from BTF.
+#[inline(always)]
+fn group_dead(ctx: &TracePointContext) -> Result<bool, ()> {
+    let layout = layout();
+    if layout.exit_group_dead != NO_FIELD {
+        // SAFETY: a read inside the tracepoint record, where its format file put the field.
+        let dead: u8 = unsafe { ctx.read_at(layout.exit_group_dead as usize) }.map_err(|_| ())?;
+        return Ok(dead != 0);
+    }
+    // SAFETY: the current task, and kernel pointers read through the checking helper.
+    let live: i32 = unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let signal: *const u8 =
+            bpf_probe_read_kernel(task.add(layout.task_signal as usize).cast()).map_err(|_| ())?;
+        bpf_probe_read_kernel(signal.add(layout.signal_live as usize).cast()).map_err(|_| ())?
+    };
+    if layout.debug != 0 {
+        let (tgid, tid) = current();
+        debug!(
+            ctx,
+            "exit of {} thread {}: signal->live {}", tgid, tid, live
+        );
+    }
+    Ok(live == 0)
 }
 
 #[cfg(not(test))]

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod export;
 pub mod headroom;
 pub mod launch;
+pub mod layout;
 pub mod mmap_events;
 pub mod model;
 pub mod probe;

@@ -10,10 +10,12 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
-use fdtrace_common::{COUNTERS, Counter, PyProc, Traced, names};
+use fdtrace_common::{COUNTERS, Counter, KernelLayout, PyProc, Traced, names};
 use thiserror::Error;
+
+use crate::layout::{self, ExitSource, LayoutError};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fdtrace.bpf.o"));
 
@@ -35,6 +37,12 @@ pub enum ProbeError {
         program: &'static str,
         detail: String,
     },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(
+        "this kernel cannot run fdtrace's probes: {0} (fdtrace needs Linux 5.11 or newer with BTF and the BPF ring buffer; tested on 6.1, 6.12 and 6.18)"
+    )]
+    Unsupported(String),
     #[error("the probes' {0} map is missing from the object")]
     MissingMap(&'static str),
     #[error("updating the traced-process map failed: {0}")]
@@ -42,6 +50,10 @@ pub enum ProbeError {
 }
 
 #[derive(Clone, Copy, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each named where it is set"
+)]
 pub struct ProbeOptions {
     /// Bytes of user stack copied at each creation and failure (0: no stacks).
     pub stack_bytes: u32,
@@ -53,6 +65,60 @@ pub struct ProbeOptions {
     /// They time every run of every BPF program on the machine (two clock reads per syscall
     /// here), so only the live terminal UI asks for them.
     pub stats: bool,
+    /// Take the paths older kernels need even where this one offers better: the raw
+    /// tracepoint for `sys_exit` and `signal->live` for exits. For testing those paths on any
+    /// kernel.
+    pub fallbacks: bool,
+    /// Load the probes' own diagnostics (aya-log) and log them (`--debug-probes`).
+    pub debug: bool,
+}
+
+/// The program type the `sys_exit` probe was loaded as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SysExitProgram {
+    /// BTF-typed tracepoint: registers read with plain loads.
+    TpBtf,
+    /// Raw tracepoint: registers read with `bpf_probe_read_kernel`. Carries why tp_btf was not
+    /// used (the kernel's refusal, or that fallbacks were asked for).
+    RawTp { why: String },
+}
+
+/// What was chosen at load, for the log and `fdtrace --version --verbose`.
+#[derive(Clone, Debug)]
+pub struct ProbeChoices {
+    pub sys_exit: SysExitProgram,
+    pub exit: ExitSource,
+    pub layout: KernelLayout,
+}
+
+impl std::fmt::Display for ProbeChoices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sys_exit {
+            SysExitProgram::TpBtf => writeln!(f, "sys_exit probe: tp_btf (typed register loads)")?,
+            SysExitProgram::RawTp { why } => writeln!(
+                f,
+                "sys_exit probe: raw_tp (registers read with bpf_probe_read_kernel; {why})"
+            )?,
+        }
+        let l = &self.layout;
+        writeln!(
+            f,
+            "sched_process_fork child_pid at {}, sched_process_exec filename at {}",
+            l.fork_child_pid, l.exec_filename
+        )?;
+        match self.exit {
+            ExitSource::RecordField => write!(
+                f,
+                "process exit: group_dead at {} in sched_process_exit",
+                l.exit_group_dead
+            ),
+            ExitSource::SignalLive => write!(
+                f,
+                "process exit: task_struct.signal at {} -> signal_struct.live at {} (BTF)",
+                l.task_signal, l.signal_live
+            ),
+        }
+    }
 }
 
 impl Default for ProbeOptions {
@@ -62,6 +128,8 @@ impl Default for ProbeOptions {
             ring_bytes: 16 << 20,
             follow: true,
             stats: false,
+            fallbacks: false,
+            debug: false,
         }
     }
 }
@@ -72,6 +140,9 @@ pub struct Probes {
     traced: HashMap<MapData, u32, Traced>,
     python: HashMap<MapData, u32, PyProc>,
     counters: PerCpuArray<MapData, u64>,
+    choices: ProbeChoices,
+    /// The probes' diagnostics (`--debug-probes`), drained into the log by `flush_logs`.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     // Keeps kernel BPF run-time statistics on while we live, when asked for.
     _stats: Option<OwnedFd>,
 }
@@ -83,6 +154,7 @@ pub struct Counters {
     pub stack_read_failed: u64,
     pub stack_clamped: u64,
     pub aux_read_failed: u64,
+    pub traced_full: u64,
 }
 
 /// The probes' own cost so far, from the kernel's BPF statistics.
@@ -97,15 +169,24 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
-        ensure_tracefs()?;
+        let tracefs = ensure_tracefs()?;
+        let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+        if !btf_path.exists() {
+            return Err(ProbeError::Unsupported(
+                "it has no BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)".into(),
+            ));
+        }
+        let (mut kernel_layout, exit) = layout::detect(&tracefs, options.fallbacks)?;
+        kernel_layout.debug = u32::from(options.debug);
         raise_memlock();
         // The tp_btf attach point needs the kernel's BTF, which aya's loader also parses
         // for itself (`EbpfLoader::new`, no way to share it): parse ours meanwhile on another
         // thread, each parse being about 45 ms of the start.
-        let btf = std::thread::spawn(Btf::from_sys_fs);
+        let btf = (!options.fallbacks).then(|| std::thread::spawn(Btf::from_sys_fs));
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_STACK_BYTES, &options.stack_bytes, true)
             .override_global(names::GLOBAL_FOLLOW, &u32::from(options.follow), true)
+            .override_global(names::GLOBAL_LAYOUT, &kernel_layout, true)
             // A quarter of the ring, whatever its size.
             .override_global(
                 names::GLOBAL_WAKEUP_BYTES,
@@ -114,32 +195,47 @@ impl Probes {
             )
             .map_max_entries(names::MAP_EVENTS, options.ring_bytes)
             .load(OBJECT)
-            .map_err(|e| kernel_error("object", &e))?;
+            .map_err(|e| unsupported_or(kernel_error("object", &e)))?;
+        // Before any program runs, so that no diagnostic is lost.
+        let logger = if options.debug {
+            Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| kernel_error("aya-log", &e))?)
+        } else {
+            None
+        };
 
-        let btf = btf
-            .join()
-            .map_err(|_| ProbeError::Kernel {
-                program: names::PROG_SYS_EXIT,
-                detail: "reading the kernel's BTF panicked".into(),
-            })?
-            .map_err(|e| ProbeError::Kernel {
-                program: names::PROG_SYS_EXIT,
-                detail: format!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"),
-            })?;
-        let prog: &mut BtfTracePoint = program(&mut ebpf, names::PROG_SYS_EXIT)?;
-        prog.load("sys_exit", &btf)
-            .map_err(|e| kernel_error(names::PROG_SYS_EXIT, &e))?;
-        prog.attach()
-            .map_err(|e| kernel_error(names::PROG_SYS_EXIT, &e))?;
+        let sys_exit = match btf {
+            Some(btf) => load_sys_exit_typed(&mut ebpf, btf),
+            None => Err("fallbacks asked for".to_string()),
+        };
+        let sys_exit = match sys_exit {
+            Ok(()) => SysExitProgram::TpBtf,
+            Err(why) => {
+                let prog: &mut RawTracePoint = program(&mut ebpf, names::PROG_SYS_EXIT_RAW)?;
+                prog.load()
+                    .map_err(|e| unsupported_or(kernel_error(names::PROG_SYS_EXIT_RAW, &e)))?;
+                prog.attach("sys_exit")
+                    .map_err(|e| kernel_error(names::PROG_SYS_EXIT_RAW, &e))?;
+                SysExitProgram::RawTp { why }
+            }
+        };
         for (name, tp) in [
             (names::PROG_FORK, "sched_process_fork"),
             (names::PROG_EXEC, "sched_process_exec"),
             (names::PROG_EXIT, "sched_process_exit"),
         ] {
             let prog: &mut TracePoint = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| kernel_error(name, &e))?;
+            prog.load()
+                .map_err(|e| unsupported_or(kernel_error(name, &e)))?;
             prog.attach("sched", tp)
                 .map_err(|e| kernel_error(name, &e))?;
+        }
+        let choices = ProbeChoices {
+            sys_exit,
+            exit,
+            layout: kernel_layout,
+        };
+        for line in choices.to_string().lines() {
+            log::info!("probes: {line}");
         }
 
         let traced = HashMap::try_from(
@@ -163,8 +259,22 @@ impl Probes {
             traced,
             python,
             counters,
+            choices,
+            logger,
             _stats: stats,
         })
+    }
+
+    /// What was chosen at load.
+    pub fn choices(&self) -> &ProbeChoices {
+        &self.choices
+    }
+
+    /// Moves the probes' diagnostics, if asked for, into the log.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// The ring buffer reader; call once.
@@ -209,12 +319,13 @@ impl Probes {
                 .get(&(c as u32), 0)
                 .map_or(0, |v| v.iter().sum())
         };
-        debug_assert_eq!(COUNTERS, 4);
+        debug_assert_eq!(COUNTERS, 5);
         Counters {
             ring_full: sum(Counter::RingFull),
             stack_read_failed: sum(Counter::StackReadFailed),
             stack_clamped: sum(Counter::StackClamped),
             aux_read_failed: sum(Counter::AuxReadFailed),
+            traced_full: sum(Counter::TracedFull),
         }
     }
 
@@ -228,6 +339,56 @@ impl Probes {
             }
         }
         cost
+    }
+}
+
+/// Loads and attaches the BTF-typed `sys_exit` program; on failure, says why in one line (the
+/// verifier's first words), for the raw tracepoint to take over.
+fn load_sys_exit_typed(
+    ebpf: &mut Ebpf,
+    btf: std::thread::JoinHandle<Result<Btf, aya::BtfError>>,
+) -> Result<(), String> {
+    let btf = btf
+        .join()
+        .map_err(|_| "reading the kernel's BTF panicked".to_string())?
+        .map_err(|e| format!("reading the kernel's BTF: {e}"))?;
+    let prog: &mut BtfTracePoint =
+        program(ebpf, names::PROG_SYS_EXIT).map_err(|e| e.to_string())?;
+    let refused = |e: &dyn std::error::Error| {
+        let err = kernel_error(names::PROG_SYS_EXIT, e);
+        log::info!("probes: tp_btf sys_exit refused, falling back to raw_tp: {err}");
+        format!("tp_btf refused: {err}")
+    };
+    prog.load("sys_exit", &btf).map_err(|e| refused(&e))?;
+    prog.attach().map_err(|e| refused(&e))?;
+    Ok(())
+}
+
+/// The oldest kernel whose helpers the probes all have: `bpf_task_pt_regs` came in 5.15 (the
+/// ring buffer in 5.8, `bpf_get_current_task_btf` in 5.11).
+const MIN_KERNEL: (u32, u32) = (5, 15);
+
+/// The running kernel's (major, minor), from uname.
+pub fn kernel_version() -> Option<(u32, u32, String)> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_string();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor, release))
+}
+
+/// A load failure on a kernel older than the probes need says that first: distributions
+/// backport features, so an old version alone is no reason to refuse.
+fn unsupported_or(err: ProbeError) -> ProbeError {
+    match kernel_version() {
+        Some((major, minor, release)) if (major, minor) < MIN_KERNEL => {
+            ProbeError::Unsupported(format!(
+                "Linux {release} is older than {}.{}, which the probes' helpers need ({err})",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ))
+        }
+        _ => err,
     }
 }
 
@@ -261,11 +422,14 @@ fn kernel_error(program: &'static str, err: &dyn std::error::Error) -> ProbeErro
     ProbeError::Kernel { program, detail }
 }
 
-/// aya's tracepoint attach reads event ids from tracefs, which may not be mounted.
-fn ensure_tracefs() -> Result<(), ProbeError> {
+/// aya's tracepoint attach reads event ids from tracefs, which may not be mounted. Returns
+/// where it is.
+fn ensure_tracefs() -> Result<std::path::PathBuf, ProbeError> {
     let dir = Path::new("/sys/kernel/tracing");
-    if dir.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
-        return Ok(());
+    for candidate in [dir, Path::new("/sys/kernel/debug/tracing")] {
+        if candidate.join("events").exists() {
+            return Ok(candidate.to_path_buf());
+        }
     }
     let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in literal");
     let (src, target, fstype) = (c("tracefs"), c("/sys/kernel/tracing"), c("tracefs"));
@@ -286,7 +450,7 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
         }
         return Err(ProbeError::NoTracefs(err));
     }
-    Ok(())
+    Ok(dir.to_path_buf())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Later ones use the memory cgroup,

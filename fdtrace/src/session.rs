@@ -224,6 +224,7 @@ impl Session {
     }
 
     fn periodic(&mut self) {
+        self.probes.flush_logs();
         let lost =
             self.probes.counters().ring_full + self.shared.decode_errors.load(Ordering::Relaxed);
         let new_loss = lost > self.lost_seen;
@@ -288,6 +289,10 @@ impl Session {
 
     pub fn counters(&self) -> crate::probe::Counters {
         self.probes.counters()
+    }
+
+    pub fn probe_choices(&self) -> &crate::probe::ProbeChoices {
+        self.probes.choices()
     }
 
     pub fn probe_cost(&self) -> crate::probe::ProbeCost {

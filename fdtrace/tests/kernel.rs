@@ -79,13 +79,24 @@ fn table_differences(model: &Model, pid: Pid, listing: &Listing) -> Vec<String> 
 #[test]
 #[ignore = "root"]
 fn every_creation_and_drop_matches_proc_self_fd() {
+    check_every_creation_and_drop(ProbeOptions::default());
+}
+
+/// The raw tracepoint and the BTF exit path that older kernels (6.1, 6.12) take, on this one.
+#[test]
+#[ignore = "root"]
+fn every_creation_and_drop_matches_proc_self_fd_on_the_older_kernels_paths() {
+    check_every_creation_and_drop(ProbeOptions {
+        fallbacks: true,
+        ..ProbeOptions::default()
+    });
+}
+
+fn check_every_creation_and_drop(options: ProbeOptions) {
     let fixture = common::build_c("sys_all.c", &["-O2", "-g"]);
     let out = out_file("sys-all");
     let started = Instant::now();
-    let run = common::run_traced(
-        &[fixture.to_str().unwrap(), out.to_str().unwrap()],
-        ProbeOptions::default(),
-    );
+    let run = common::run_traced(&[fixture.to_str().unwrap(), out.to_str().unwrap()], options);
     eprintln!("sys_all traced in {:?}", started.elapsed());
     assert_eq!(run.exit_code, 0, "the fixture failed (see its stderr)");
     let listing = read_listing(&out);
@@ -211,6 +222,19 @@ fn every_creation_and_drop_matches_proc_self_fd() {
 #[test]
 #[ignore = "root"]
 fn forked_child_keeps_the_parents_call_site() {
+    check_forked_child(ProbeOptions::default());
+}
+
+#[test]
+#[ignore = "root"]
+fn forked_child_keeps_the_parents_call_site_on_the_older_kernels_paths() {
+    check_forked_child(ProbeOptions {
+        fallbacks: true,
+        ..ProbeOptions::default()
+    });
+}
+
+fn check_forked_child(options: ProbeOptions) {
     let fixture = common::build_c(
         "sys_fork.c",
         &["-O2", "-fomit-frame-pointer", "-g", "-pthread"],
@@ -223,7 +247,7 @@ fn forked_child_keeps_the_parents_call_site() {
             child_out.to_str().unwrap(),
             parent_out.to_str().unwrap(),
         ],
-        ProbeOptions::default(),
+        options,
     );
     eprintln!("sys_fork traced in {:?}", started.elapsed());
     assert_eq!(run.exit_code, 0, "the fixture failed");

@@ -20,7 +20,7 @@ use crate::{
 #[derive(Debug, Parser)]
 #[command(
     name = "fdtrace",
-    version,
+    disable_version_flag = true,
     about = "Which call sites hold a process's file descriptors, which keep growing, and what filled the table when accept() failed with EMFILE",
     override_usage = "sudo fdtrace --pid PID [--pid PID ...] [--follow] [--no-tui] [--warn-at PERCENT]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] [--warn-at PERCENT] -- CMD [ARGS...]\n       sudo fdtrace record (--pid PID ... | -- CMD [ARGS...]) -o FILE [--duration SECS] [--redact]\n       fdtrace replay FILE\n       fdtrace report FILE [--format text|markdown|json] [-o FILE]\n       fdtrace export FILE --format perfetto|folded|svg [-o FILE]",
     after_help = "The live view (--pid, replay) is a terminal UI when standard output is a terminal; press ? in it for its keys. While it runs, logs go to $XDG_STATE_HOME/fdtrace.log, or /tmp/fdtrace-UID.log when XDG_STATE_HOME is unset (level from FDTRACE_LOG, default info).",
@@ -31,6 +31,13 @@ pub struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     attach: AttachArgs,
+    /// Print the version (with --verbose: the kernel, and which probe types and kernel offsets
+    /// fdtrace would use on it, which loads the probes and so needs root).
+    #[arg(short = 'V', long)]
+    version: bool,
+    /// With --version: what fdtrace finds on this kernel.
+    #[arg(long, requires = "version")]
+    verbose: bool,
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +70,15 @@ pub(crate) struct ProbeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = fdtrace_common::STACK_DEFAULT,
           value_parser = clap::value_parser!(u32).range(0..=fdtrace_common::STACK_MAX as i64))]
     pub(crate) stack_bytes: u32,
+    /// Log the probes' own diagnostics (which program types and kernel offsets they use, forks
+    /// followed, layout mismatches) to the log file and standard error: send them in when
+    /// fdtrace misbehaves on your kernel.
+    #[arg(long)]
+    pub(crate) debug_probes: bool,
+    /// Use the probe paths older kernels need even where this kernel offers better ones (raw
+    /// tracepoint for sys_exit, thread counts from BTF for exits): for testing them.
+    #[arg(long, hide = true)]
+    pub(crate) probe_fallbacks: bool,
 }
 
 impl ProbeArgs {
@@ -71,6 +87,8 @@ impl ProbeArgs {
             stack_bytes: self.stack_bytes,
             follow,
             stats,
+            fallbacks: self.probe_fallbacks,
+            debug: self.debug_probes,
             ..ProbeOptions::default()
         }
     }
@@ -122,6 +140,16 @@ pub(crate) struct RunArgs {
 
 pub fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if cli.version {
+        return version(cli.verbose);
+    }
+    let debug_probes = match &cli.command {
+        Some(Command::Run(args)) => args.probe.debug_probes,
+        Some(Command::Record(args)) => args.probe.debug_probes,
+        None => cli.attach.probe.debug_probes,
+        Some(_) => false,
+    };
+    crate::tui::logfile::install(&crate::tui::log_path(), debug_probes);
     match cli.command {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Record(args)) => record::record(&args),
@@ -133,6 +161,31 @@ pub fn main() -> anyhow::Result<ExitCode> {
         }
         None => live::attach(&cli.attach),
     }
+}
+
+/// `--version`, and with `--verbose` what the probes choose on this kernel (by loading them).
+fn version(verbose: bool) -> anyhow::Result<ExitCode> {
+    println!("fdtrace {}", env!("CARGO_PKG_VERSION"));
+    if !verbose {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some((_, _, release)) = probe::kernel_version() {
+        println!("kernel: Linux {release}");
+    }
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    println!(
+        "BTF: {}",
+        if btf {
+            "/sys/kernel/btf/vmlinux"
+        } else {
+            "absent"
+        }
+    );
+    check_privileges()?;
+    let probes = probe::Probes::load(ProbeOptions::default())?;
+    print!("{}", probes.choices());
+    println!();
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn check_privileges() -> anyhow::Result<()> {

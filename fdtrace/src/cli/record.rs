@@ -37,7 +37,7 @@ pub(crate) struct RecordArgs {
     #[arg(long)]
     redact: bool,
     #[command(flatten)]
-    probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
     /// The command to run and record, and its arguments.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,

@@ -5,8 +5,16 @@ use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
+
+/// Whether log records are also printed on standard error (`--debug-probes`, so that a user on
+/// an odd kernel sees the probes' diagnostics at once). Off while the terminal UI owns the
+/// screen, when standard error is the log itself.
+pub static ECHO: AtomicBool = AtomicBool::new(false);
 
 /// `$XDG_STATE_HOME/fdtrace.log` when that is set, else `/tmp/fdtrace-<uid>.log`.
 pub fn log_path() -> PathBuf {
@@ -34,11 +42,19 @@ pub(super) fn open(path: &Path) -> std::io::Result<File> {
 struct FileLogger {
     file: Mutex<File>,
     level: log::LevelFilter,
+    /// The level for fdtrace's own records and its probes' (whose target is the probes'
+    /// crate, `fdtrace`): `--debug-probes` raises it without aya's own debug chatter.
+    own_level: log::LevelFilter,
 }
 
 impl log::Log for FileLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= self.level
+        let level = if metadata.target().starts_with("fdtrace") {
+            self.own_level
+        } else {
+            self.level
+        };
+        metadata.level() <= level
     }
 
     fn log(&self, record: &log::Record) {
@@ -46,14 +62,17 @@ impl log::Log for FileLogger {
             return;
         }
         let now = crate::clock::rfc3339(i128::from(crate::clock::now(libc::CLOCK_REALTIME)));
+        let line = format!(
+            "{now} {} {}: {}",
+            record.level(),
+            record.target(),
+            record.args()
+        );
         if let Ok(mut file) = self.file.lock() {
-            let _ = writeln!(
-                file,
-                "{now} {} {}: {}",
-                record.level(),
-                record.target(),
-                record.args()
-            );
+            let _ = writeln!(file, "{line}");
+        }
+        if ECHO.load(Ordering::Relaxed) {
+            let _ = writeln!(std::io::stderr(), "fdtrace: {line}");
         }
     }
 
@@ -64,9 +83,10 @@ impl log::Log for FileLogger {
     }
 }
 
-/// Sends the `log` crate's records to `path` (level from `FDTRACE_LOG`, default info). Does
-/// nothing when the file cannot be opened or a logger is already installed.
-pub(super) fn install(path: &Path) {
+/// Sends the `log` crate's records to `path` (level from `FDTRACE_LOG`, default info; debug
+/// and echoed on standard error with `debug`). Does nothing when the file cannot be opened or a
+/// logger is already installed.
+pub fn install(path: &Path, debug: bool) {
     let Ok(file) = open(path) else {
         return;
     };
@@ -74,12 +94,19 @@ pub(super) fn install(path: &Path) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(log::LevelFilter::Info);
+    let own_level = if debug {
+        level.max(log::LevelFilter::Debug)
+    } else {
+        level
+    };
+    ECHO.store(debug, Ordering::Relaxed);
     // Leaked once: the logger lives as long as the process (log's `std` feature is off).
     let logger: &'static FileLogger = Box::leak(Box::new(FileLogger {
         file: Mutex::new(file),
         level,
+        own_level,
     }));
     if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
+        log::set_max_level(level.max(own_level));
     }
 }

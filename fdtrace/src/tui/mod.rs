@@ -30,7 +30,7 @@ mod app;
 mod format;
 mod header;
 mod incidents;
-mod logfile;
+pub mod logfile;
 mod popups;
 mod sites;
 mod terminal;
@@ -157,7 +157,8 @@ const FRAME: Duration = Duration::from_millis(250);
 /// [`log_path`].
 pub fn run(feed: &mut dyn Feed, options: TuiOptions) -> anyhow::Result<()> {
     let log = log_path();
-    logfile::install(&log);
+    logfile::install(&log, false);
+    logfile::ECHO.store(false, std::sync::atomic::Ordering::Relaxed);
     log::info!("terminal UI started ({})", feed.position());
     let mut guard = terminal::TerminalGuard::enter(&log).context("setting up the terminal")?;
     let TuiOptions {

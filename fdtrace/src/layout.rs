@@ -1,0 +1,369 @@
+//! The running kernel's layouts, as the probes need them: tracepoint record fields from
+//! tracefs format files, and the two kernel struct members the exit probe reads on kernels
+//! whose exit record lacks `group_dead`, from BTF. Nothing here is an offset copied from one
+//! machine: where a field is missing the probes refuse to load, naming it.
+
+use std::{fs, path::Path};
+
+use fdtrace_common::{KernelLayout, NO_FIELD};
+use thiserror::Error;
+
+/// What the kernel did not tell us, each the one line a user on an odd kernel can send in.
+#[derive(Debug, Error)]
+pub enum LayoutError {
+    #[error("reading the {tracepoint} tracepoint's format ({path}): {source}")]
+    Format {
+        tracepoint: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "this kernel's {tracepoint} tracepoint has no usable `{field}` field ({why}): fdtrace does not support this kernel yet"
+    )]
+    Field {
+        tracepoint: &'static str,
+        field: &'static str,
+        why: String,
+    },
+    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
+    Btf(String),
+    #[error(
+        "the kernel's BTF has no {0}: fdtrace cannot tell when a process's last thread exits on this kernel"
+    )]
+    BtfMember(&'static str),
+}
+
+/// One field of a tracepoint record, as its format file describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Field {
+    /// The declaration before the name, e.g. `pid_t` or `__data_loc char[]`.
+    pub ty: String,
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Parses `field:TYPE NAME; offset:N; size:N; signed:N;` lines into (name, field).
+pub fn parse_format(text: &str) -> Vec<(String, Field)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut decl = None;
+            let mut offset = None;
+            let mut size = None;
+            for part in line.trim().split(';') {
+                let part = part.trim();
+                if let Some(d) = part.strip_prefix("field:") {
+                    decl = Some(d.trim());
+                } else if let Some(o) = part.strip_prefix("offset:") {
+                    offset = o.parse().ok();
+                } else if let Some(s) = part.strip_prefix("size:") {
+                    size = s.parse().ok();
+                }
+            }
+            let decl = decl?;
+            // The name is the last word, an array suffix (`comm[16]`) dropped.
+            let (ty, name) = decl.rsplit_once(' ')?;
+            let name = name.split('[').next()?;
+            let ty = if decl.ends_with(']') && !ty.ends_with("[]") {
+                format!("{ty}[]")
+            } else {
+                ty.to_string()
+            };
+            Some((
+                name.to_string(),
+                Field {
+                    ty,
+                    offset: offset?,
+                    size: size?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Reads a tracepoint's fields from tracefs (which the caller has made sure is mounted).
+fn tracepoint_fields(
+    tracefs: &Path,
+    tracepoint: &'static str,
+) -> Result<Vec<(String, Field)>, LayoutError> {
+    let path = tracefs.join("events").join(tracepoint).join("format");
+    let text = fs::read_to_string(&path).map_err(|source| LayoutError::Format {
+        tracepoint,
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(parse_format(&text))
+}
+
+/// A field that must exist with `size` bytes; `data_loc` asks for a `__data_loc` string.
+fn required(
+    fields: &[(String, Field)],
+    tracepoint: &'static str,
+    field: &'static str,
+    size: u32,
+    data_loc: bool,
+) -> Result<u32, LayoutError> {
+    let err = |why: String| LayoutError::Field {
+        tracepoint,
+        field,
+        why,
+    };
+    let (_, f) = fields
+        .iter()
+        .find(|(name, _)| name == field)
+        .ok_or_else(|| err("absent".into()))?;
+    if f.size != size {
+        return Err(err(format!("{} bytes, expected {size}", f.size)));
+    }
+    if data_loc != f.ty.starts_with("__data_loc") {
+        return Err(err(format!("declared `{}`", f.ty)));
+    }
+    Ok(f.offset)
+}
+
+/// Which way the layout was found, for the log and `--version --verbose`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitSource {
+    /// `group_dead` in the exit record (kernels since 6.16).
+    RecordField,
+    /// `task->signal->live`, offsets from BTF (older kernels, or forced for testing).
+    SignalLive,
+}
+
+/// Reads every offset the probes use from the running kernel. `force_btf_exit` takes the
+/// older kernels' path for the exit probe even where the record has the field, so that path
+/// is tested on any kernel.
+pub fn detect(
+    tracefs: &Path,
+    force_btf_exit: bool,
+) -> Result<(KernelLayout, ExitSource), LayoutError> {
+    const FORK: &str = "sched/sched_process_fork";
+    const EXEC: &str = "sched/sched_process_exec";
+    const EXIT: &str = "sched/sched_process_exit";
+    let fork = tracepoint_fields(tracefs, FORK)?;
+    let exec = tracepoint_fields(tracefs, EXEC)?;
+    let exit = tracepoint_fields(tracefs, EXIT)?;
+    let mut layout = KernelLayout {
+        fork_child_pid: required(&fork, FORK, "child_pid", 4, false)?,
+        exec_filename: required(&exec, EXEC, "filename", 4, true)?,
+        exit_group_dead: NO_FIELD,
+        task_signal: 0,
+        signal_live: 0,
+        debug: 0,
+    };
+    let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
+    if group_dead && !force_btf_exit {
+        layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
+        return Ok((layout, ExitSource::RecordField));
+    }
+    let btf = fs::read("/sys/kernel/btf/vmlinux").map_err(|e| LayoutError::Btf(e.to_string()))?;
+    let btf = BtfTypes::parse(&btf).map_err(LayoutError::Btf)?;
+    layout.task_signal = btf
+        .member_offset("task_struct", "signal")
+        .ok_or(LayoutError::BtfMember("task_struct.signal"))?;
+    layout.signal_live = btf
+        .member_offset("signal_struct", "live")
+        .ok_or(LayoutError::BtfMember("signal_struct.live"))?;
+    Ok((layout, ExitSource::SignalLive))
+}
+
+/// Just enough of a BTF blob to find struct members by name: the type section walked once,
+/// keeping the structs.
+pub struct BtfTypes<'a> {
+    strings: &'a [u8],
+    /// (name offset, members: (name offset, bit offset)), for every struct.
+    structs: Vec<(u32, Vec<(u32, u32)>)>,
+}
+
+// Kinds, from include/uapi/linux/btf.h.
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+impl<'a> BtfTypes<'a> {
+    pub fn parse(data: &'a [u8]) -> Result<Self, String> {
+        let u32_at = |at: usize| -> Result<u32, String> {
+            data.get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or_else(|| format!("truncated at byte {at}"))
+        };
+        if data.get(0..2) != Some(&[0x9f, 0xeb]) {
+            return Err("not little-endian BTF (bad magic)".into());
+        }
+        let hdr_len = u32_at(4)? as usize;
+        let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
+        let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
+        let types = hdr_len + type_off;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or("string section out of bounds")?;
+        let mut structs = Vec::new();
+        let mut at = types;
+        while at < types + type_len {
+            let name = u32_at(at)?;
+            let info = u32_at(at + 4)?;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 != 0;
+            at += 12;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION => {
+                    if kind == KIND_STRUCT {
+                        let mut members = Vec::with_capacity(vlen);
+                        for i in 0..vlen {
+                            let m = at + i * 12;
+                            let offset = u32_at(m + 8)?;
+                            // With kind_flag the high byte is a bitfield's size.
+                            let bits = if kind_flag {
+                                offset & 0x00ff_ffff
+                            } else {
+                                offset
+                            };
+                            members.push((u32_at(m)?, bits));
+                        }
+                        structs.push((name, members));
+                    }
+                    vlen * 12
+                }
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG.
+                2 | 7..=12 | 16 | 18 => 0,
+                other => return Err(format!("unknown BTF kind {other}")),
+            };
+            at += extra;
+        }
+        Ok(Self { strings, structs })
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let rest = self.strings.get(offset as usize..).unwrap_or_default();
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    /// The byte offset of `member` in the first struct named `name` that has it (vmlinux has
+    /// one of each; modules' BTF is not read).
+    pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+        self.structs
+            .iter()
+            .filter(|(n, _)| self.name(*n) == name.as_bytes())
+            .find_map(|(_, members)| {
+                members
+                    .iter()
+                    .find(|(m, _)| self.name(*m) == member.as_bytes())
+                    .map(|(_, bits)| bits / 8)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORK_6_1: &str = "name: sched_process_fork
+ID: 288
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;
+\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;
+
+print fmt: \"comm=%s pid=%d child_comm=%s child_pid=%d\", REC->parent_comm, REC->parent_pid, REC->child_comm, REC->child_pid
+";
+
+    const FORK_6_18: &str = "format:
+\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;
+\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn fork_child_pid_moves_between_kernels_and_is_found_in_both() {
+        let old = parse_format(FORK_6_1);
+        let new = parse_format(FORK_6_18);
+        let fork = "sched/sched_process_fork";
+        assert_eq!(required(&old, fork, "child_pid", 4, false).unwrap(), 44);
+        assert_eq!(required(&new, fork, "child_pid", 4, false).unwrap(), 20);
+        let comm = old.iter().find(|(n, _)| n == "child_comm").unwrap();
+        assert_eq!(comm.1.ty, "char[]");
+        assert_eq!(comm.1.size, 16);
+    }
+
+    #[test]
+    fn a_missing_or_resized_field_is_refused_by_name() {
+        let fields = parse_format(FORK_6_18);
+        let fork = "sched/sched_process_fork";
+        let err = required(&fields, fork, "child_tgid", 4, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this kernel's sched/sched_process_fork tracepoint has no usable `child_tgid` field \
+             (absent): fdtrace does not support this kernel yet"
+        );
+        let err = required(&fields, fork, "child_pid", 8, false).unwrap_err();
+        assert!(err.to_string().contains("4 bytes, expected 8"), "{err}");
+        let err = required(&fields, fork, "child_comm", 4, false).unwrap_err();
+        assert!(err.to_string().contains("__data_loc"), "{err}");
+    }
+
+    #[test]
+    fn this_kernels_layout_is_read() {
+        // Skipped quietly only where tracefs is not readable (an unprivileged build machine);
+        // the root tests load the probes with this layout on every kernel of the matrix.
+        let tracefs = Path::new("/sys/kernel/tracing");
+        if !tracefs.join("events/sched").exists() {
+            eprintln!("tracefs not mounted: layout detection is exercised by the root tests");
+            return;
+        }
+        let (auto, _) = detect(tracefs, false).unwrap();
+        let (btf, source) = detect(tracefs, true).unwrap();
+        assert_eq!(source, ExitSource::SignalLive);
+        assert_eq!(auto.fork_child_pid, btf.fork_child_pid);
+        assert!(btf.task_signal > 0 && btf.signal_live < 4096, "{btf:?}");
+    }
+
+    #[test]
+    fn btf_of_a_tiny_struct() {
+        // struct s { int a; long b; } with its int type, built by hand.
+        let strings = b"\0int\0s\0a\0b\0";
+        let mut types = Vec::new();
+        let mut ty = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        ty(&[1, KIND_INT << 24, 4, 32]); // int
+        ty(&[5, (KIND_STRUCT << 24) | 2, 16, 7, 1, 0, 9, 1, 64]); // s { a @0, b @64 bits }
+        let mut blob = vec![0x9f, 0xeb, 1, 0];
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            blob.extend_from_slice(&w.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(strings);
+        let btf = BtfTypes::parse(&blob).unwrap();
+        assert_eq!(btf.member_offset("s", "a"), Some(0));
+        assert_eq!(btf.member_offset("s", "b"), Some(8));
+        assert_eq!(btf.member_offset("s", "c"), None);
+        assert_eq!(btf.member_offset("t", "a"), None);
+    }
+}
