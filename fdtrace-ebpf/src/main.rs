@@ -596,7 +596,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
     if !group_dead(ctx)? {
         return Ok(());
     }
+    // Both maps forget the process here, in the kernel, before its pid can be reused.
     let _ = TRACED.remove(tgid);
+    let _ = PYTHON.remove(tgid);
     emit_header(&RecordHeader {
         kind: kind::EXIT,
         nr: 0,

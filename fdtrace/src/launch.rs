@@ -18,6 +18,52 @@ impl StoppedChild {
     }
 }
 
+/// Why a command cannot be run, as a shell reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("No such file or directory")]
+    NotFound,
+    #[error("Permission denied")]
+    NotExecutable,
+}
+
+impl CommandError {
+    /// The shell's status for it: 127 not found, 126 found but not executable.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NotFound => 127,
+            Self::NotExecutable => 126,
+        }
+    }
+}
+
+/// Finds `command` as execvp would (a path when it has a slash, else a search of PATH), so
+/// that a typo is one line and not a traced fdtrace child failing its exec.
+pub fn check_command(command: &str) -> Result<(), CommandError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let runnable = |path: &std::path::Path| -> Result<(), CommandError> {
+        let meta = std::fs::metadata(path).map_err(|_| CommandError::NotFound)?;
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            Ok(())
+        } else {
+            Err(CommandError::NotExecutable)
+        }
+    };
+    if command.contains('/') {
+        return runnable(std::path::Path::new(command));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut found = Err(CommandError::NotFound);
+    for dir in std::env::split_paths(&path) {
+        match runnable(&dir.join(command)) {
+            Ok(()) => return Ok(()),
+            Err(CommandError::NotExecutable) => found = Err(CommandError::NotExecutable),
+            Err(CommandError::NotFound) => {}
+        }
+    }
+    found
+}
+
 /// Forks; the child closes every descriptor but stdio (so CMD gets nothing of fdtrace's),
 /// stops itself, and execs CMD once the parent has added it to the traced set.
 pub fn spawn_stopped(command: &[String]) -> anyhow::Result<StoppedChild> {

@@ -295,9 +295,23 @@ impl Probes {
         Ok(())
     }
 
+    /// Moves the stack bounds of a traced `pid` that has executed a new program, only if the
+    /// kernel still traces it: the exec record is read after the fact, and a process that has
+    /// exited since must not be traced again (its pid may go to a stranger).
+    pub fn retrace_exec(&mut self, pid: u32, stack: Option<(u64, u64)>) {
+        const BPF_EXIST: u64 = 2;
+        let (stack_lo, stack_hi) = stack.unwrap_or_default();
+        let _ = self
+            .traced
+            .insert(pid, Traced { stack_lo, stack_hi }, BPF_EXIST);
+    }
+
     /// Tells the probe where `pid`'s CPython interpreter is (or that it has none).
     pub fn set_python(&mut self, pid: u32, proc: Option<PyProc>) {
         let _ = match proc {
+            // Userspace learns of interpreters after the fact: one of a process that has exited
+            // since (the exit probe removed it from both maps) must not come back.
+            Some(_) if self.traced.get(&pid, 0).is_err() => return,
             Some(proc) => self.python.insert(pid, proc, 0),
             None => self.python.remove(&pid),
         };

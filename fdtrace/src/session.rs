@@ -72,6 +72,9 @@ struct Shared {
     decode_errors: AtomicU64,
     /// Bytes of decoded records sent and not yet taken.
     queued_bytes: AtomicUsize,
+    /// A monotonic time before which every record written to the ring has been sent to the
+    /// session: the start of the last drain that emptied the ring.
+    drained_until: AtomicU64,
 }
 
 /// Decoded records and what they cost in memory.
@@ -168,6 +171,13 @@ impl Session {
         }
     }
 
+    /// A monotonic time before which every record the probes wrote has reached the session's
+    /// queue. Read it, then [`Session::pump`] (which takes everything queued): the model has
+    /// then caught up with that moment, such as a launched command's exit.
+    pub fn drained_until(&self) -> u64 {
+        self.shared.drained_until.load(Ordering::Acquire)
+    }
+
     /// Consumes what the probes delivered, waiting up to `timeout` for it; then does the
     /// periodic work that is due. Returns the new events.
     pub fn pump(&mut self, timeout: Duration) -> Vec<Event> {
@@ -210,7 +220,7 @@ impl Session {
             for event in self.tracer.translate(&rec) {
                 if let Event::Exec { pid, .. } = &event {
                     // The new image has a new stack: the probe's clamp must follow.
-                    let _ = self.probes.trace(*pid, procfs::main_stack(*pid));
+                    self.probes.retrace_exec(*pid, procfs::main_stack(*pid));
                 }
                 self.apply(&event);
                 out.push(event);
@@ -325,6 +335,7 @@ fn read_ring(
         }
         reader.wait(wait);
         let mut drained = 0;
+        let started = monotonic_ns();
         loop {
             let mut batch = Batch {
                 records: Vec::new(),
@@ -357,8 +368,12 @@ fn read_ring(
                     return;
                 }
             }
-            if n < BATCH_RECORDS || shared.queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX
-            {
+            if n < BATCH_RECORDS {
+                // After the send: a session that reads this time has the batches too.
+                shared.drained_until.store(started, Ordering::Release);
+                break;
+            }
+            if shared.queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX {
                 break;
             }
         }

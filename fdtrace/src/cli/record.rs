@@ -60,6 +60,10 @@ pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
             bail!("no process with pid {pid}");
         }
     }
+    if let Some(command) = args.command.first() {
+        launch::check_command(command)
+            .map_err(|err| anyhow::anyhow!("cannot run {command}: {err}"))?;
+    }
     check_privileges()?;
     let launching = !args.command.is_empty();
     let mut session = Session::start(args.probe.options(args.follow || launching, false))?;

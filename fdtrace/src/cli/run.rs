@@ -8,16 +8,26 @@ use std::{
 
 use super::{RunArgs, check_privileges, emit_report};
 use crate::{
+    clock::monotonic_ns,
     headroom::{self, Crossing},
     launch,
     session::Session,
     signals,
 };
 
+/// How long `run` waits, after the command exited, for the tracer to consume what was written
+/// before: only a tracer stalled for good takes this long.
+const CATCH_UP_MAX: Duration = Duration::from_secs(30);
+
 /// The exit status when a process crossed `--warn-at` and no `--error-exitcode` was given.
 pub(crate) const WARN_EXIT: u8 = 3;
 
 pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    if let Err(err) = launch::check_command(&args.command[0]) {
+        // As a shell says it, and with its status: nothing ran, so there is nothing to report.
+        eprintln!("fdtrace: cannot run {}: {err}", args.command[0]);
+        return Ok(ExitCode::from(err.exit_code()));
+    }
     check_privileges()?;
     let mut session = Session::start(args.probe.options(true, false))?;
     let child = launch::spawn_stopped(&args.command)?;
@@ -32,9 +42,9 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     });
 
     let mut status = None;
-    let mut deadline = None;
     let mut watch = args.warn_at.map(headroom::Watch::new);
     loop {
+        let drained = session.drained_until();
         let events = session.pump(Duration::from_millis(50));
         if let Some(watch) = &mut watch {
             watch.observe(&session.model, &events);
@@ -49,16 +59,25 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         if status.is_none()
             && let Ok(code) = exited.try_recv()
         {
-            status = Some(code);
-            deadline = Some(Instant::now() + Duration::from_millis(500));
+            status = Some((code, monotonic_ns(), Instant::now()));
         }
-        if let (Some(code), Some(deadline)) = (status, deadline) {
+        if let Some((code, exit_ns, exit_at)) = status {
             let seen_exit = session
                 .model
                 .processes
                 .get(&pid)
                 .is_some_and(|p| !p.alive());
-            if seen_exit || Instant::now() > deadline {
+            // The exit record may have been lost: once everything written before the exit has
+            // been consumed, the model is as complete as it will get.
+            if seen_exit || drained >= exit_ns {
+                session.set_exit_code(pid, code);
+                break;
+            }
+            if exit_at.elapsed() > CATCH_UP_MAX {
+                eprintln!(
+                    "fdtrace: the tracer had not caught up {}s after the command exited; reporting what it has",
+                    CATCH_UP_MAX.as_secs()
+                );
                 session.set_exit_code(pid, code);
                 break;
             }
@@ -73,7 +92,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             warning(crossing, args.warn_at.unwrap_or(100.0), &session)
         );
     }
-    let code = status.unwrap_or(1);
+    let code = status.map_or(1, |(code, _, _)| code);
     Ok(match args.error_exitcode {
         Some(n) if report.leaked() > 0 || !crossings.is_empty() => ExitCode::from(n),
         None if !crossings.is_empty() => ExitCode::from(WARN_EXIT),
