@@ -100,10 +100,17 @@ pub struct KernelLayout {
     /// `signal_struct.live`, from BTF: the count of live threads, already decremented when
     /// `sched_process_exit` fires, so 0 means the last thread is leaving.
     pub signal_live: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds` and `fdtable.fd`, from BTF:
+    /// the close probe looks at the slot it freed, to tell whether another thread's creation
+    /// took the number before the close returned.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
     /// 1 to send the probes' own diagnostics (`--debug-probes`), 0 for none.
     pub debug: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 24);
+const _: () = assert!(size_of::<KernelLayout>() == 40);
 
 /// A [`KernelLayout`] field this kernel does not have.
 pub const NO_FIELD: u32 = u32::MAX;

@@ -5,6 +5,9 @@
 pub const READ: u32 = 0;
 pub const OPEN: u32 = 2;
 pub const CLOSE: u32 = 3;
+/// The argument slot of a close record that the probe overwrites (close takes one argument):
+/// 1 when another thread's creation had the number again by the time close returned.
+pub const CLOSE_REOPENED: usize = 5;
 pub const PIPE: u32 = 22;
 pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;

@@ -58,6 +58,10 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     exit_group_dead: NO_FIELD,
     task_signal: 0,
     signal_live: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
     debug: 0,
 };
 
@@ -205,11 +209,50 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             None => Ok(()),
         },
         // close drops the descriptor whatever it returns, except when it was not open.
-        Action::Change if nr == syscalls::CLOSE && ret != -syscalls::EBADF => emit_header(&header),
+        Action::Change if nr == syscalls::CLOSE && ret != -syscalls::EBADF => {
+            let mut header = header;
+            header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
+            // Stamped after the look: a creation that took the number and returned before the
+            // slot was seen empty is ordered before this close.
+            // SAFETY: no preconditions.
+            header.ts_ns = unsafe { bpf_ktime_get_ns() };
+            emit_header(&header)
+        }
         Action::Change if nr != syscalls::CLOSE && ret == 0 => emit_header(&header),
         // Failed creations and changes, and syscalls that do neither.
         Action::Create(_) | Action::Depends | Action::Change | Action::Ignore => Ok(()),
     }
+}
+
+/// 1 when descriptor `fd` of the current process is open again as its close returns: the
+/// close freed the number inside the syscall, and another thread's creation took it and may
+/// have reached sys_exit first. Userspace needs this to apply the two in the right order.
+#[inline(always)]
+fn slot_taken(fd: u64) -> u64 {
+    let l = layout();
+    // Offsets from the running kernel's BTF; every pointer is read through the checking helper.
+    let taken = || -> Result<bool, ()> {
+        // SAFETY: no preconditions.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let files: *const u8 = kernel_field(task, l.task_files)?;
+        let fdt: *const u8 = kernel_field(files, l.files_fdt)?;
+        let max: u32 = kernel_field(fdt, l.fdt_max_fds)?;
+        if fd >= u64::from(max) {
+            return Ok(false);
+        }
+        let slots: *const u8 = kernel_field(fdt, l.fdt_fd)?;
+        let file: u64 = kernel_field(slots, (fd * 8) as u32)?;
+        Ok(file != 0)
+    };
+    taken().map_or(0, u64::from)
+}
+
+/// Reads a `T` at `offset` bytes into a kernel object, through the checking helper (so an
+/// unaligned or bad address is an error, not a fault).
+#[inline(always)]
+fn kernel_field<T>(base: *const u8, offset: u32) -> Result<T, ()> {
+    // SAFETY: bpf_probe_read_kernel copies bytewise and checks the address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
 }
 
 /// A new RLIMIT_NOFILE, read from the caller's struct rlimit while it is still there.
@@ -625,13 +668,10 @@ fn group_dead(ctx: &TracePointContext) -> Result<bool, ()> {
         let dead: u8 = unsafe { ctx.read_at(layout.exit_group_dead as usize) }.map_err(|_| ())?;
         return Ok(dead != 0);
     }
-    // SAFETY: the current task, and kernel pointers read through the checking helper.
-    let live: i32 = unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let signal: *const u8 =
-            bpf_probe_read_kernel(task.add(layout.task_signal as usize).cast()).map_err(|_| ())?;
-        bpf_probe_read_kernel(signal.add(layout.signal_live as usize).cast()).map_err(|_| ())?
-    };
+    // SAFETY: no preconditions.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let signal: *const u8 = kernel_field(task, layout.task_signal)?;
+    let live: i32 = kernel_field(signal, layout.signal_live)?;
     if layout.debug != 0 {
         let (tgid, tid) = current();
         debug!(

@@ -233,7 +233,12 @@ mod tests {
     }
 
     fn closed(pid: Pid, ts: u64, n: i32) -> Event {
-        Event::Closed { pid, ts, fd: n }
+        Event::Closed {
+            pid,
+            ts,
+            fd: n,
+            reopened: false,
+        }
     }
 
     /// Applies `events` to `model` and lets `watch` look at them, as a pump does.

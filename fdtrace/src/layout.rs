@@ -29,9 +29,9 @@ pub enum LayoutError {
     #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
     Btf(String),
     #[error(
-        "the kernel's BTF has no {0}: fdtrace cannot tell when a process's last thread exits on this kernel"
+        "the kernel's BTF has no {0}.{1}, which the probes read: fdtrace does not support this kernel yet"
     )]
-    BtfMember(&'static str),
+    BtfMember(&'static str, &'static str),
 }
 
 /// One field of a tracepoint record, as its format file describes it.
@@ -147,23 +147,25 @@ pub fn detect(
         fork_child_pid: required(&fork, FORK, "child_pid", 4, false)?,
         exec_filename: required(&exec, EXEC, "filename", 4, true)?,
         exit_group_dead: NO_FIELD,
-        task_signal: 0,
-        signal_live: 0,
-        debug: 0,
+        ..KernelLayout::default()
     };
+    let btf = fs::read("/sys/kernel/btf/vmlinux").map_err(|e| LayoutError::Btf(e.to_string()))?;
+    let btf = BtfTypes::parse(&btf).map_err(LayoutError::Btf)?;
+    let member = |name: &'static str, member: &'static str| {
+        btf.member_offset(name, member)
+            .ok_or(LayoutError::BtfMember(name, member))
+    };
+    layout.task_files = member("task_struct", "files")?;
+    layout.files_fdt = member("files_struct", "fdt")?;
+    layout.fdt_max_fds = member("fdtable", "max_fds")?;
+    layout.fdt_fd = member("fdtable", "fd")?;
     let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
     if group_dead && !force_btf_exit {
         layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
         return Ok((layout, ExitSource::RecordField));
     }
-    let btf = fs::read("/sys/kernel/btf/vmlinux").map_err(|e| LayoutError::Btf(e.to_string()))?;
-    let btf = BtfTypes::parse(&btf).map_err(LayoutError::Btf)?;
-    layout.task_signal = btf
-        .member_offset("task_struct", "signal")
-        .ok_or(LayoutError::BtfMember("task_struct.signal"))?;
-    layout.signal_live = btf
-        .member_offset("signal_struct", "live")
-        .ok_or(LayoutError::BtfMember("signal_struct.live"))?;
+    layout.task_signal = member("task_struct", "signal")?;
+    layout.signal_live = member("signal_struct", "live")?;
     Ok((layout, ExitSource::SignalLive))
 }
 

@@ -169,10 +169,13 @@ pub enum Event {
         to: i32,
         stack: StackId,
     },
+    /// `reopened`: another thread's creation had the number again by the time this close
+    /// returned (the probe looked), so a creation of it may come before this in time order.
     Closed {
         pid: Pid,
         ts: u64,
         fd: i32,
+        reopened: bool,
     },
     /// close_range; with `cloexec_only` the range is only marked close-on-exec.
     ClosedRange {
@@ -440,6 +443,10 @@ pub struct Corrections {
 /// retrying accept() fails thousands of times a minute, and each one repeats the same blame.
 pub const MAX_INCIDENTS: usize = 1_000;
 
+/// How long a displaced number waits for the racing close that explains it, and such a close
+/// for its creation. The two return microseconds apart, so a second is generous.
+const RACE_WAIT_NS: u64 = 1_000_000_000;
+
 #[derive(Debug, Default)]
 pub struct Model {
     pub processes: BTreeMap<Pid, Process>,
@@ -453,6 +460,15 @@ pub struct Model {
     pub dropped: u64,
     pub corrections: Corrections,
     suspects: HashMap<Pid, Suspects>,
+    /// Numbers a creation got while the table held them open, by when. A close frees its
+    /// number inside the syscall, so another thread's creation can take the number and return
+    /// first: such a close says so (`reopened`) and explains the displacement, before or
+    /// after it in time order. One no close explains within [`RACE_WAIT_NS`] was a missed
+    /// close, counted as a correction.
+    displaced: HashMap<(Pid, i32), u64>,
+    /// Closes that found their number taken again before the creation that took it reached
+    /// the model: that creation will displace the old descriptor, and this explains it.
+    reopened_closes: HashMap<(Pid, i32), u64>,
     pub first_ns: u64,
     pub last_ns: u64,
 }
@@ -504,8 +520,13 @@ impl Model {
             } => {
                 self.fetch(*pid, *ts, *pidfd, *remote_fd, *to, *stack);
             }
-            Event::Closed { pid, ts, fd } => {
-                self.close(*pid, *ts, *fd);
+            Event::Closed {
+                pid,
+                ts,
+                fd,
+                reopened,
+            } => {
+                self.traced_close(*pid, *ts, *fd, *reopened);
             }
             Event::ClosedRange {
                 pid,
@@ -639,8 +660,34 @@ impl Model {
         };
         let replaced = self.adopt(pid, ts, new.fd, key, &new.target, new.cloexec, ts);
         if replaced.is_some() && origin == Origin::Traced {
-            // The kernel handed out a number we believed open: a close was never seen.
-            self.corrections.reused += 1;
+            // The kernel handed out a number we believed open: its close raced with this
+            // creation (see `displaced`), or was never seen.
+            let key = (pid, new.fd);
+            if self.reopened_closes.remove(&key).is_none()
+                && self.displaced.insert(key, ts).is_some()
+            {
+                // Displaced twice with no close between: one close was surely missed.
+                self.corrections.reused += 1;
+            }
+        }
+    }
+
+    /// A close the probes saw; see [`Model::displaced`].
+    fn traced_close(&mut self, pid: Pid, ts: u64, fd: i32, reopened: bool) {
+        let key = (pid, fd);
+        if reopened {
+            // Whatever the table holds at this number is the creation's that took it (which
+            // displaced this close's descriptor already) or this close's own (which that
+            // creation will displace): either way it is not to be removed here.
+            if self.displaced.remove(&key).is_none() {
+                self.reopened_closes.insert(key, ts);
+            }
+            return;
+        }
+        if !self.close(pid, ts, fd) {
+            // Nothing to close: this close's descriptor was displaced by a creation (whose own
+            // descriptor was closed in between), and this explains it.
+            self.displaced.remove(&key);
         }
     }
 
@@ -1027,6 +1074,14 @@ impl Model {
     }
 
     fn tick(&mut self, ts: u64) {
+        let before = self.displaced.len();
+        self.displaced
+            .retain(|_, at| ts.saturating_sub(*at) < RACE_WAIT_NS);
+        self.corrections.reused += (before - self.displaced.len()) as u64;
+        // A reopened close whose creation displaced nothing (the number was a dup2 target, or
+        // the creation was lost) explains nothing.
+        self.reopened_closes
+            .retain(|_, at| ts.saturating_sub(*at) < RACE_WAIT_NS);
         let counts: Vec<(Pid, u64)> = self
             .processes
             .values()

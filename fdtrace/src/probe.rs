@@ -117,7 +117,12 @@ impl std::fmt::Display for ProbeChoices {
                 "process exit: task_struct.signal at {} -> signal_struct.live at {} (BTF)",
                 l.task_signal, l.signal_live
             ),
-        }
+        }?;
+        write!(
+            f,
+            "\nclose races: task_struct.files at {} -> files_struct.fdt at {} -> fdtable.max_fds at {}, fd at {} (BTF)",
+            l.task_files, l.files_fdt, l.fdt_max_fds, l.fdt_fd
+        )
     }
 }
 

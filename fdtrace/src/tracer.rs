@@ -247,6 +247,7 @@ impl Tracer {
                 pid,
                 ts,
                 fd: a[0] as i32,
+                reopened: a[sc::CLOSE_REOPENED] != 0,
             },
             sc::CLOSE_RANGE => Event::ClosedRange {
                 pid,

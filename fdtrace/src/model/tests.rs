@@ -75,6 +75,7 @@ fn open_and_close_track_sites_and_lifetimes() {
         pid: P,
         ts: 12 * MS,
         fd: 8,
+        reopened: false,
     });
     assert_eq!(site_open(&m, P, 7), 5);
     assert_eq!(site_open(&m, P, 9), 0);
@@ -92,6 +93,7 @@ fn closing_an_unknown_descriptor_changes_nothing() {
         pid: P,
         ts: 2 * MS,
         fd: 40,
+        reopened: false,
     });
     assert_eq!(m.open_count(P), 2);
 }
@@ -206,6 +208,7 @@ fn fork_copies_the_table_with_call_sites() {
         pid: P,
         ts: 5 * MS,
         fd: 3,
+        reopened: false,
     });
     assert_eq!(m.open_count(200), 4);
     assert_eq!(m.open_count(P), 2);
@@ -238,6 +241,7 @@ fn clone_files_shares_one_table() {
         pid: P,
         ts: 6 * MS,
         fd: 3,
+        reopened: false,
     });
     assert_eq!(m.open_count(P), 2);
     assert_eq!(
@@ -290,6 +294,7 @@ fn emfile_blames_the_holders_at_that_instant() {
             pid: P,
             ts: 4 * MS,
             fd: n,
+            reopened: false,
         });
     }
     let inc = &m.incidents[0];
@@ -410,4 +415,73 @@ fn pid_reuse_after_exit_starts_fresh() {
     });
     assert!(m.processes[&200].alive());
     assert_eq!(m.open_count(200), 2);
+}
+
+fn close(m: &mut Model, ts: u64, n: i32, reopened: bool) {
+    m.apply(&Event::Closed {
+        pid: P,
+        ts,
+        fd: n,
+        reopened,
+    });
+}
+
+/// Thread A closes 5 while thread B opens and gets 5: B's creation can reach sys_exit, and so
+/// the model, before A's close does.
+#[test]
+fn a_close_racing_with_a_creation_of_its_number_keeps_the_new_descriptor() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 5, 7, false);
+    // B's creation first, then A's close, which saw the slot taken again.
+    open(&mut m, P, 3 * MS, 5, 9, false);
+    close(&mut m, 3 * MS + 1, 5, true);
+    assert_eq!(site_open(&m, P, 9), 1, "the new descriptor survives");
+    assert_eq!(site_open(&m, P, 7), 0);
+    // The other order: the close first (it also saw the slot taken), then the creation.
+    close(&mut m, 4 * MS, 5, true);
+    open(&mut m, P, 4 * MS + 1, 5, 11, false);
+    assert_eq!(site_open(&m, P, 9), 0);
+    assert_eq!(site_open(&m, P, 11), 1);
+    m.apply(&Event::Tick { ts: 10_000 * MS });
+    assert_eq!(m.open_count(P), 3);
+    assert_eq!(m.corrections.reused, 0, "both orders are exact");
+}
+
+#[test]
+fn a_displaced_descriptor_whose_close_never_comes_is_a_correction() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 5, 7, false);
+    open(&mut m, P, 3 * MS, 5, 9, false);
+    m.apply(&Event::Tick { ts: 500 * MS });
+    assert_eq!(m.corrections.reused, 0, "the racing close may still come");
+    m.apply(&Event::Tick { ts: 2_000 * MS });
+    assert_eq!(m.corrections.reused, 1);
+    assert_eq!(site_open(&m, P, 9), 1);
+    // A close that found the number free closes the current descriptor, whatever came before.
+    open(&mut m, P, 2_001 * MS, 5, 11, false);
+    close(&mut m, 2_002 * MS, 5, false);
+    assert_eq!(m.open_count(P), 2);
+    m.apply(&Event::Tick { ts: 4_000 * MS });
+    assert_eq!(m.corrections.reused, 2);
+}
+
+/// A closes 5; B opens 5 and closes it again, both before A's close returns and looks at the
+/// slot (empty by then): A's close comes last, finds nothing to close, and explains B's
+/// displacement of A's descriptor.
+#[test]
+fn a_late_close_after_the_new_descriptor_came_and_went_is_exact() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 5, 7, false);
+    open(&mut m, P, 3 * MS, 5, 9, false);
+    close(&mut m, 3 * MS + 1, 5, false);
+    close(&mut m, 3 * MS + 2, 5, false);
+    m.apply(&Event::Tick { ts: 5_000 * MS });
+    assert_eq!(m.open_count(P), 2);
+    assert_eq!(m.corrections.reused, 0);
+    let sites: Vec<(u64, u64)> = m
+        .sites_of(P)
+        .filter(|s| s.stack == 7 || s.stack == 9)
+        .map(|s| (s.opened, s.closed))
+        .collect();
+    assert_eq!(sites, vec![(1, 1), (1, 1)]);
 }

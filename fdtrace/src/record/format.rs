@@ -1,4 +1,4 @@
-//! The recording file format, version 1.
+//! The recording file format, version 2 (version 1 lacked `reopened` on closes).
 //!
 //! ```text
 //! prelude   MAGIC (8 bytes) · format version (u16 LE) · flags (u16 LE, 0)
@@ -24,7 +24,7 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"\x89fdtrace";
 /// Bumped on any change a version-1 reader would misread.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 pub const PRELUDE_LEN: usize = MAGIC.len() + 4;
 pub const CHUNK_HEADER_LEN: usize = 8;
 /// Larger chunks are refused as damage (the writer stays far below).

@@ -13,6 +13,10 @@ use super::format::{
 pub enum ReadError {
     #[error("is not an fdtrace recording")]
     NotRecording,
+    #[error(
+        "was written by an older fdtrace (format {0}; this one reads format {FORMAT_VERSION}): report it with that version"
+    )]
+    Older(u16),
     #[error("was written by a newer fdtrace (format {0}; this one reads format {FORMAT_VERSION})")]
     Newer(u16),
     #[error("was cut or damaged before its header ended: there is nothing to read")]
@@ -143,6 +147,9 @@ pub fn parse_with(bytes: &[u8], verify_checksums: bool) -> Result<Recording, Rea
     }
     if version == 0 {
         return Err(ReadError::NotRecording);
+    }
+    if version < FORMAT_VERSION {
+        return Err(ReadError::Older(version));
     }
     let mut at = PRELUDE_LEN;
     let header = match chunk(&bytes[at..], verify) {

@@ -346,6 +346,7 @@ mod tests {
                     pid: 7,
                     ts: 4_000_000_000,
                     fd: 3,
+                    reopened: false,
                 }),
             ],
             damage: None,

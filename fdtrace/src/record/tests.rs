@@ -98,6 +98,7 @@ fn scenario(iterations: i32) -> (Vec<Frame>, Vec<Frame>, Vec<Event>) {
             pid: 42,
             ts,
             fd: 1000,
+            reopened: false,
         });
         if i % 1000 == 0 && i / 1000 < 20 {
             events.push(Event::Opened {
@@ -235,7 +236,7 @@ fn damage_in_the_middle_keeps_what_came_before() {
 }
 
 #[test]
-fn junk_and_newer_versions_are_refused() {
+fn junk_and_other_versions_are_refused() {
     for junk in [
         &b""[..],
         b"hello",
@@ -250,11 +251,15 @@ fn junk_and_newer_versions_are_refused() {
     let mut newer = reader::prelude_of_version(super::format::FORMAT_VERSION + 1).to_vec();
     newer.extend_from_slice(b"whatever comes next");
     let err = reader::parse(&newer).unwrap_err();
-    assert!(matches!(err, ReadError::Newer(2)));
+    assert!(matches!(err, ReadError::Newer(3)));
     assert_eq!(
         err.to_string(),
-        "was written by a newer fdtrace (format 2; this one reads format 1)"
+        "was written by a newer fdtrace (format 3; this one reads format 2)"
     );
+    let mut older = reader::prelude_of_version(1).to_vec();
+    older.extend_from_slice(b"closes without reopened");
+    let err = reader::parse(&older).unwrap_err();
+    assert!(matches!(err, ReadError::Older(1)), "{err}");
     let path = temp("junk");
     std::fs::write(&path, b"not a recording at all").unwrap();
     let err = reader::open(&path).unwrap_err();

@@ -215,6 +215,7 @@ fn scenario(requests: u64, failures: u64, live: bool) -> (TestFeed, App) {
             pid: PID,
             ts: ts + 3 * MS + n % 4 * MS,
             fd: num,
+            reopened: false,
         });
         events.push(Event::Opened {
             pid: PID,
