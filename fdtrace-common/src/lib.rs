@@ -76,10 +76,13 @@ pub enum Counter {
     AuxReadFailed = 3,
     /// A forked child could not be added to the full traced-process map: it is not followed.
     TracedFull = 4,
+    /// A creation in a CPython process got no Python frames: the calling thread was not found
+    /// in the interpreter's thread list, or its frame chain could not be read.
+    PyFramesMissing = 5,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 5;
+pub const COUNTERS: u32 = 6;
 
 /// Where the probes find what they read from tracepoint records and kernel structures, as
 /// the running kernel lays them out: userspace reads it from tracefs format files and BTF at
@@ -107,10 +110,18 @@ pub struct KernelLayout {
     pub files_fdt: u32,
     pub fdt_max_fds: u32,
     pub fdt_fd: u32,
+    /// `task_struct.mm`, `mm_struct.start_code` and `mm_struct.start_brk`, from BTF: at exec,
+    /// a CPython registration whose `_PyRuntime` lies in the new executable's image is the new
+    /// image's (userspace found it in the mapping report, which can beat the exec probe), and
+    /// is kept; any other is the old image's and goes.
+    pub task_mm: u32,
+    pub mm_start_code: u32,
+    pub mm_start_brk: u32,
     /// 1 to send the probes' own diagnostics (`--debug-probes`), 0 for none.
     pub debug: u32,
+    pub pad: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 40);
+const _: () = assert!(size_of::<KernelLayout>() == 56);
 
 /// A [`KernelLayout`] field this kernel does not have.
 pub const NO_FIELD: u32 = u32::MAX;

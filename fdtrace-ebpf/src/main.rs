@@ -62,7 +62,11 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     files_fdt: 0,
     fdt_max_fds: 0,
     fdt_fd: 0,
+    task_mm: 0,
+    mm_start_code: 0,
+    mm_start_brk: 0,
     debug: 0,
+    pad: 0,
 };
 
 #[inline(always)]
@@ -247,6 +251,23 @@ fn slot_taken(fd: u64) -> u64 {
     taken().map_or(0, u64::from)
 }
 
+/// Whether `addr` lies in the current process's executable image, text to the end of its bss
+/// (`mm->start_code` up to `mm->start_brk`).
+#[inline(always)]
+fn in_executable_image(addr: u64) -> bool {
+    let l = layout();
+    let image = || -> Result<(u64, u64), ()> {
+        // SAFETY: no preconditions.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let mm: *const u8 = kernel_field(task, l.task_mm)?;
+        Ok((
+            kernel_field(mm, l.mm_start_code)?,
+            kernel_field(mm, l.mm_start_brk)?,
+        ))
+    };
+    image().is_ok_and(|(start, end)| start <= addr && addr < end)
+}
+
 /// Reads a `T` at `offset` bytes into a kernel object, through the checking helper (so an
 /// unaligned or bad address is an error, not a fault).
 #[inline(always)]
@@ -301,6 +322,9 @@ fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) ->
     // SAFETY: the aux array is AUX_MAX bytes.
     let aux_len = unsafe { read_aux(&header.args, rec.aux.as_mut_ptr(), aux) };
     let py_count = py.map_or(0, |py| python::frames(rec, &py));
+    if py.is_some() && py_count == 0 {
+        count(Counter::PyFramesMissing);
+    }
     let offset = if py_count == 0 { 0 } else { PY_BYTES };
     // SAFETY: offset <= PY_BYTES, and the stack is bounded by STACK_MAX: inside the tail.
     let dst = unsafe { rec.tail.as_mut_ptr().add(offset) };
@@ -618,8 +642,14 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         py_count: 0,
         pad: 0,
     };
-    // The new image is not (yet) known to be Python: userspace says so once it has looked.
-    let _ = PYTHON.remove(tgid);
+    // The old image's interpreter is gone; userspace registers the new one's once it has
+    // looked, unless it already has (the executable's mapping report can beat this probe).
+    // SAFETY: a lookup; the value is copied out at once.
+    if let Some(py) = unsafe { PYTHON.get(tgid) }.copied()
+        && !in_executable_image(py.runtime)
+    {
+        let _ = PYTHON.remove(tgid);
+    }
     emit_scratch(rec, STACKED_FIXED)
 }
 

@@ -67,6 +67,7 @@ pub fn check_command(command: &str) -> Result<(), CommandError> {
 /// Forks; the child closes every descriptor but stdio (so CMD gets nothing of fdtrace's),
 /// stops itself, and execs CMD once the parent has added it to the traced set.
 pub fn spawn_stopped(command: &[String]) -> anyhow::Result<StoppedChild> {
+    crate::python::warm(&command[0]);
     let argv: Vec<CString> = command
         .iter()
         .map(|a| CString::new(a.as_bytes()).context("an argument contains a NUL byte"))

@@ -159,6 +159,9 @@ pub fn detect(
     layout.files_fdt = member("files_struct", "fdt")?;
     layout.fdt_max_fds = member("fdtable", "max_fds")?;
     layout.fdt_fd = member("fdtable", "fd")?;
+    layout.task_mm = member("task_struct", "mm")?;
+    layout.mm_start_code = member("mm_struct", "start_code")?;
+    layout.mm_start_brk = member("mm_struct", "start_brk")?;
     let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
     if group_dead && !force_btf_exit {
         layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
@@ -170,11 +173,18 @@ pub fn detect(
 }
 
 /// Just enough of a BTF blob to find struct members by name: the type section walked once,
-/// keeping the structs.
+/// keeping the structs and unions, and what their anonymous members lead to.
 pub struct BtfTypes<'a> {
     strings: &'a [u8],
-    /// (name offset, members: (name offset, bit offset)), for every struct.
-    structs: Vec<(u32, Vec<(u32, u32)>)>,
+    /// Per type id (index; 0 is void): the struct or union's name offset and members, or None
+    /// for every other kind.
+    types: Vec<Option<Aggregate>>,
+}
+
+struct Aggregate {
+    name: u32,
+    /// (name offset, type id, bit offset).
+    members: Vec<(u32, u32, u32)>,
 }
 
 // Kinds, from include/uapi/linux/btf.h.
@@ -202,38 +212,37 @@ impl<'a> BtfTypes<'a> {
         let hdr_len = u32_at(4)? as usize;
         let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
         let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
-        let types = hdr_len + type_off;
+        let types_at = hdr_len + type_off;
         let strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or("string section out of bounds")?;
-        let mut structs = Vec::new();
-        let mut at = types;
-        while at < types + type_len {
+        let mut types = vec![None];
+        let mut at = types_at;
+        while at < types_at + type_len {
             let name = u32_at(at)?;
             let info = u32_at(at + 4)?;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 != 0;
             at += 12;
+            let mut aggregate = None;
             let extra = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
                 KIND_STRUCT | KIND_UNION => {
-                    if kind == KIND_STRUCT {
-                        let mut members = Vec::with_capacity(vlen);
-                        for i in 0..vlen {
-                            let m = at + i * 12;
-                            let offset = u32_at(m + 8)?;
-                            // With kind_flag the high byte is a bitfield's size.
-                            let bits = if kind_flag {
-                                offset & 0x00ff_ffff
-                            } else {
-                                offset
-                            };
-                            members.push((u32_at(m)?, bits));
-                        }
-                        structs.push((name, members));
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = at + i * 12;
+                        let offset = u32_at(m + 8)?;
+                        // With kind_flag the high byte is a bitfield's size.
+                        let bits = if kind_flag {
+                            offset & 0x00ff_ffff
+                        } else {
+                            offset
+                        };
+                        members.push((u32_at(m)?, u32_at(m + 4)?, bits));
                     }
+                    aggregate = Some(Aggregate { name, members });
                     vlen * 12
                 }
                 KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
@@ -242,9 +251,10 @@ impl<'a> BtfTypes<'a> {
                 2 | 7..=12 | 16 | 18 => 0,
                 other => return Err(format!("unknown BTF kind {other}")),
             };
+            types.push(aggregate);
             at += extra;
         }
-        Ok(Self { strings, structs })
+        Ok(Self { strings, types })
     }
 
     fn name(&self, offset: u32) -> &[u8] {
@@ -253,17 +263,31 @@ impl<'a> BtfTypes<'a> {
     }
 
     /// The byte offset of `member` in the first struct named `name` that has it (vmlinux has
-    /// one of each; modules' BTF is not read).
+    /// one of each; modules' BTF is not read). Members of anonymous structs and unions inside
+    /// it count as its own, as C sees them (mm_struct keeps its fields in one).
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
-        self.structs
+        self.types
             .iter()
-            .filter(|(n, _)| self.name(*n) == name.as_bytes())
-            .find_map(|(_, members)| {
-                members
-                    .iter()
-                    .find(|(m, _)| self.name(*m) == member.as_bytes())
-                    .map(|(_, bits)| bits / 8)
-            })
+            .flatten()
+            .filter(|a| a.name != 0 && self.name(a.name) == name.as_bytes())
+            .find_map(|a| self.find_member(a, member.as_bytes(), 0))
+            .map(|bits| bits / 8)
+    }
+
+    fn find_member(&self, aggregate: &Aggregate, member: &[u8], depth: u32) -> Option<u32> {
+        for &(name, ty, bits) in &aggregate.members {
+            if name != 0 && self.name(name) == member {
+                return Some(bits);
+            }
+            if name == 0
+                && depth < 8
+                && let Some(Some(inner)) = self.types.get(ty as usize)
+                && let Some(found) = self.find_member(inner, member, depth + 1)
+            {
+                return Some(bits + found);
+            }
+        }
+        None
     }
 }
 
@@ -340,16 +364,18 @@ print fmt: \"comm=%s pid=%d child_comm=%s child_pid=%d\", REC->parent_comm, REC-
 
     #[test]
     fn btf_of_a_tiny_struct() {
-        // struct s { int a; long b; } with its int type, built by hand.
-        let strings = b"\0int\0s\0a\0b\0";
+        // struct s { int a; long b; union { int c; }; } with its types, built by hand; the
+        // anonymous union is type 2, s type 3.
+        let strings = b"\0int\0s\0a\0b\0c\0";
         let mut types = Vec::new();
         let mut ty = |words: &[u32]| {
             for w in words {
                 types.extend_from_slice(&w.to_le_bytes());
             }
         };
-        ty(&[1, KIND_INT << 24, 4, 32]); // int
-        ty(&[5, (KIND_STRUCT << 24) | 2, 16, 7, 1, 0, 9, 1, 64]); // s { a @0, b @64 bits }
+        ty(&[1, KIND_INT << 24, 4, 32]); // 1: int
+        ty(&[0, (KIND_UNION << 24) | 1, 4, 11, 1, 0]); // 2: union { c @0 }
+        ty(&[5, (KIND_STRUCT << 24) | 3, 24, 7, 1, 0, 9, 1, 64, 0, 2, 128]); // 3: s
         let mut blob = vec![0x9f, 0xeb, 1, 0];
         for w in [
             24u32,
@@ -365,7 +391,12 @@ print fmt: \"comm=%s pid=%d child_comm=%s child_pid=%d\", REC->parent_comm, REC-
         let btf = BtfTypes::parse(&blob).unwrap();
         assert_eq!(btf.member_offset("s", "a"), Some(0));
         assert_eq!(btf.member_offset("s", "b"), Some(8));
-        assert_eq!(btf.member_offset("s", "c"), None);
+        assert_eq!(
+            btf.member_offset("s", "c"),
+            Some(16),
+            "through the anonymous union"
+        );
+        assert_eq!(btf.member_offset("s", "d"), None);
         assert_eq!(btf.member_offset("t", "a"), None);
     }
 }

@@ -74,6 +74,8 @@ const COMM_EXEC: u64 = 1 << 24;
 const SAMPLE_ID_ALL: u64 = 1 << 18;
 const MMAP2: u64 = 1 << 23;
 const USE_CLOCKID: u64 = 1 << 25;
+/// `wakeup_events` is a byte watermark: with 1, every record wakes a poller.
+const WATERMARK: u64 = 1 << 14;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 
 const PERF_RECORD_LOST: u32 = 2;
@@ -88,7 +90,8 @@ const DATA_PAGES: usize = 64;
 
 /// One CPU's ring of a watched process tree.
 struct PerfRing {
-    _fd: OwnedFd,
+    /// Kept open for the mapping; polled for wakeups.
+    fd: OwnedFd,
     base: NonNull<u8>,
     len: usize,
     page: usize,
@@ -135,6 +138,11 @@ impl MmapWatcher {
             ring.drain(out, &mut self.lost);
         }
     }
+
+    /// The rings' descriptors, to poll for new reports.
+    pub fn fds(&self) -> Vec<i32> {
+        self.rings.iter().map(|r| r.fd.as_raw_fd()).collect()
+    }
 }
 
 impl PerfRing {
@@ -152,7 +160,11 @@ impl PerfRing {
                 | COMM
                 | COMM_EXEC
                 | SAMPLE_ID_ALL
-                | USE_CLOCKID,
+                | USE_CLOCKID
+                | WATERMARK,
+            // Mappings are few (tens per program start) and a CPython's must reach the probe
+            // before its first lines run: wake the mapping thread for each one.
+            wakeup_events: 1,
             clockid: libc::CLOCK_MONOTONIC,
             ..PerfEventAttr::default()
         };
@@ -192,7 +204,7 @@ impl PerfRing {
         let base = NonNull::new(base.cast::<u8>())
             .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         Ok(Self {
-            _fd: fd,
+            fd,
             base,
             len,
             page,

@@ -120,8 +120,14 @@ impl std::fmt::Display for ProbeChoices {
         }?;
         write!(
             f,
-            "\nclose races: task_struct.files at {} -> files_struct.fdt at {} -> fdtable.max_fds at {}, fd at {} (BTF)",
-            l.task_files, l.files_fdt, l.fdt_max_fds, l.fdt_fd
+            "\nclose races: task_struct.files at {} -> files_struct.fdt at {} -> fdtable.max_fds at {}, fd at {} (BTF)\nexec: task_struct.mm at {} -> mm_struct.start_code at {}, start_brk at {} (BTF)",
+            l.task_files,
+            l.files_fdt,
+            l.fdt_max_fds,
+            l.fdt_fd,
+            l.task_mm,
+            l.mm_start_code,
+            l.mm_start_brk
         )
     }
 }
@@ -139,6 +145,38 @@ impl Default for ProbeOptions {
     }
 }
 
+/// Second handles on the probes' Python and traced-process maps, for the thread that finds
+/// interpreters in mapping reports: a CPython's registration must not wait behind the session's
+/// symbolization of a batch, which takes seconds the first time (its first lines run meanwhile).
+pub struct PythonRegistrar {
+    python: HashMap<MapData, u32, PyProc>,
+    traced: HashMap<MapData, u32, Traced>,
+}
+
+impl PythonRegistrar {
+    /// Tells the probe where `pid`'s interpreter is, if the kernel still traces `pid` (one that
+    /// has exited since must not come back to the map).
+    pub fn register(&mut self, pid: u32, proc: PyProc) {
+        if self.traced.get(&pid, 0).is_ok() {
+            let _ = self.python.insert(pid, proc, 0);
+        }
+    }
+}
+
+/// A second handle on a map the probes' object created.
+fn second_handle(map: &aya::maps::Map) -> Result<aya::maps::Map, ProbeError> {
+    let aya::maps::Map::HashMap(data) = map else {
+        return Err(ProbeError::MissingMap("a hash map"));
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| {
+        ProbeError::Map(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error: e,
+        }))
+    })?;
+    Ok(aya::maps::Map::HashMap(MapData::from_fd(fd)?))
+}
+
 /// The loaded, attached probes.
 pub struct Probes {
     ebpf: Ebpf,
@@ -146,6 +184,7 @@ pub struct Probes {
     python: HashMap<MapData, u32, PyProc>,
     counters: PerCpuArray<MapData, u64>,
     choices: ProbeChoices,
+    registrar: Option<PythonRegistrar>,
     /// The probes' diagnostics (`--debug-probes`), drained into the log by `flush_logs`.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     // Keeps kernel BPF run-time statistics on while we live, when asked for.
@@ -160,6 +199,7 @@ pub struct Counters {
     pub stack_clamped: u64,
     pub aux_read_failed: u64,
     pub traced_full: u64,
+    pub py_frames_missing: u64,
 }
 
 /// The probes' own cost so far, from the kernel's BPF statistics.
@@ -243,14 +283,18 @@ impl Probes {
             log::info!("probes: {line}");
         }
 
-        let traced = HashMap::try_from(
-            ebpf.take_map(names::MAP_TRACED)
-                .ok_or(ProbeError::MissingMap(names::MAP_TRACED))?,
-        )?;
-        let python = HashMap::try_from(
-            ebpf.take_map(names::MAP_PYTHON)
-                .ok_or(ProbeError::MissingMap(names::MAP_PYTHON))?,
-        )?;
+        let traced = ebpf
+            .take_map(names::MAP_TRACED)
+            .ok_or(ProbeError::MissingMap(names::MAP_TRACED))?;
+        let python = ebpf
+            .take_map(names::MAP_PYTHON)
+            .ok_or(ProbeError::MissingMap(names::MAP_PYTHON))?;
+        let registrar = PythonRegistrar {
+            python: HashMap::try_from(second_handle(&python)?)?,
+            traced: HashMap::try_from(second_handle(&traced)?)?,
+        };
+        let traced = HashMap::try_from(traced)?;
+        let python = HashMap::try_from(python)?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_COUNTERS)
                 .ok_or(ProbeError::MissingMap(names::MAP_COUNTERS))?,
@@ -265,9 +309,15 @@ impl Probes {
             python,
             counters,
             choices,
+            registrar: Some(registrar),
             logger,
             _stats: stats,
         })
+    }
+
+    /// The second handles for the mapping thread; call once.
+    pub fn python_registrar(&mut self) -> Option<PythonRegistrar> {
+        self.registrar.take()
     }
 
     /// What was chosen at load.
@@ -338,13 +388,14 @@ impl Probes {
                 .get(&(c as u32), 0)
                 .map_or(0, |v| v.iter().sum())
         };
-        debug_assert_eq!(COUNTERS, 5);
+        debug_assert_eq!(COUNTERS, 6);
         Counters {
             ring_full: sum(Counter::RingFull),
             stack_read_failed: sum(Counter::StackReadFailed),
             stack_clamped: sum(Counter::StackClamped),
             aux_read_failed: sum(Counter::AuxReadFailed),
             traced_full: sum(Counter::TracedFull),
+            py_frames_missing: sum(Counter::PyFramesMissing),
         }
     }
 

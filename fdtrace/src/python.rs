@@ -290,31 +290,134 @@ pub struct Interpreter {
 /// `pgoff`; `None` when it is not a CPython the table describes.
 pub fn detect(path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {
     let layout = layout(version_of(path)?)?;
-    // Only the headers and the symbol tables are read, not the whole (tens of MB) object: the
-    // sooner the probe knows the interpreter, the fewer of the process's first records (and
-    // forks, which copy it) go without Python frames.
-    let data = object::read::ReadCache::new(File::open(path).ok()?);
-    let elf = object::File::parse(&data).ok()?;
-    let runtime = elf
-        .dynamic_symbols()
-        .chain(elf.symbols())
-        // A python binary linked against libpython may import the symbol: not the address.
-        .find(|s| s.name() == Ok("_PyRuntime") && s.is_definition())?
-        .address();
+    let object = runtime_symbol(path)?;
     // Every segment of an ELF object is loaded at the same bias: find it from the segment
     // the executable mapping came from.
     let page = |v: u64| v & !0xfff;
-    let segment = elf
-        .segments()
-        .find(|s| page(s.file_range().0) == pgoff && s.size() > 0)?;
-    let bias = start.checked_sub(page(segment.address()))?;
+    let segment_address = object
+        .segments
+        .iter()
+        .find(|(offset, _)| page(*offset) == pgoff)
+        .map(|(_, address)| *address)?;
+    let bias = start.checked_sub(page(segment_address))?;
     Some(Interpreter {
         layout,
         proc: PyProc {
-            runtime: bias + runtime,
+            runtime: bias + object.runtime,
             offsets: layout.probe,
         },
     })
+}
+
+/// Reads ahead what `detect` will need when `command` (a launched program) turns out to be a
+/// CPython: its executable, and the libpython next to it (pyenv's `bin/../lib`, Debian's
+/// `/usr/lib/x86_64-linux-gnu`). The mapping reports then find the runtime at once, which
+/// otherwise took longer than the interpreter's start before the script's first lines.
+pub fn warm(command: &str) {
+    let exe = if command.contains('/') {
+        std::path::PathBuf::from(command)
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        match std::env::split_paths(&path)
+            .map(|dir| dir.join(command))
+            .find(|p| p.is_file())
+        {
+            Some(exe) => exe,
+            None => return,
+        }
+    };
+    let Ok(exe) = exe.canonicalize() else {
+        return;
+    };
+    let Some(version) = exe.to_str().and_then(version_of) else {
+        return;
+    };
+    let _ = runtime_symbol(exe.to_str().unwrap_or_default());
+    let lib = format!("libpython3.{}.so.1.0", version.1);
+    let dirs = [
+        exe.parent().and_then(Path::parent).map(|p| p.join("lib")),
+        Some(std::path::PathBuf::from("/usr/lib/x86_64-linux-gnu")),
+    ];
+    for dir in dirs.into_iter().flatten() {
+        if let Some(path) = dir.join(&lib).to_str() {
+            let _ = runtime_symbol(path);
+        }
+    }
+}
+
+/// What `detect` needs of an object file, whatever its load address.
+#[derive(Clone)]
+struct RuntimeSymbol {
+    /// `_PyRuntime`'s address in the object.
+    runtime: u64,
+    /// (file offset, address) of each non-empty segment.
+    segments: Vec<(u64, u64)>,
+}
+
+/// Objects looked at, keyed by identity (device, inode, size, modification time): every
+/// process of a server runs the same few, and the first lines of a launched script run while
+/// the probe waits for this answer.
+type ObjectKey = (u64, u64, u64, i64);
+static RUNTIME_SYMBOLS: std::sync::Mutex<Option<HashMap<ObjectKey, Option<RuntimeSymbol>>>> =
+    std::sync::Mutex::new(None);
+/// Distinct interpreter objects remembered; past this the cache starts over.
+const RUNTIME_SYMBOLS_MAX: usize = 256;
+
+fn runtime_symbol(path: &str) -> Option<RuntimeSymbol> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+    );
+    let mut cache = RUNTIME_SYMBOLS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cache = cache.get_or_insert_with(HashMap::default);
+    if let Some(known) = cache.get(&key) {
+        return known.clone();
+    }
+    let found = read_runtime_symbol(file);
+    if cache.len() >= RUNTIME_SYMBOLS_MAX {
+        cache.clear();
+    }
+    cache.insert(key, found.clone());
+    found
+}
+
+fn read_runtime_symbol(file: File) -> Option<RuntimeSymbol> {
+    // Only the headers and the symbol tables are read, not the whole (tens of MB) object: the
+    // sooner the probe knows the interpreter, the fewer of the process's first records (and
+    // forks, which copy it) go without Python frames.
+    let data = object::read::ReadCache::new(file);
+    let elf = object::File::parse(&data).ok()?;
+    let mut runtime = None;
+    for s in elf.dynamic_symbols() {
+        match s.name() {
+            Ok("_PyRuntime") if s.is_definition() => runtime = Some(s.address()),
+            // A python binary linked against libpython imports its entry point: libpython has
+            // the runtime. Checked first because the full symbol table of a python binary is
+            // large (tens of ms to search in a debug build).
+            Ok("_PyRuntime" | "Py_BytesMain") if s.is_undefined() => return None,
+            _ => {}
+        }
+    }
+    let runtime = match runtime {
+        Some(address) => address,
+        None => elf
+            .symbols()
+            .find(|s| s.name() == Ok("_PyRuntime") && s.is_definition())?
+            .address(),
+    };
+    let segments = elf
+        .segments()
+        .filter(|s| s.size() > 0)
+        .map(|s| (s.file_range().0, s.address()))
+        .collect();
+    Some(RuntimeSymbol { runtime, segments })
 }
 
 /// Looks for a CPython interpreter among the executable mappings in /proc/PID/maps.

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc, PoisonError, RwLock,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, Receiver},
     },
@@ -19,8 +19,8 @@ use crate::{
     decode::{self, Record},
     mmap_events::{MapEvent, MmapWatcher},
     model::{Event, Model, Pid},
-    probe::{ProbeOptions, Probes, RingReader},
-    procfs,
+    probe::{ProbeOptions, Probes, PythonRegistrar, RingReader},
+    procfs, python,
     report::Report,
     stack::StackMemo,
     tracer::Tracer,
@@ -59,7 +59,11 @@ pub struct Session {
     reconciles: u64,
     /// Called with every event the model consumed (the recorder hooks in here).
     observer: Option<Observer>,
-    mappings: MmapWatcher,
+    /// Shared with the mapping thread, which drains it as reports come; the session also
+    /// drains it after taking records (see `pump`).
+    mappings: Arc<Mutex<MmapWatcher>>,
+    map_reports: Receiver<MapEvent>,
+    map_thread: Option<JoinHandle<()>>,
     map_events: Vec<MapEvent>,
 }
 
@@ -102,6 +106,14 @@ impl Session {
             .name("fdtrace-ring".into())
             .spawn(move || read_ring(&mut reader, &tx, &shared_r, &memo))
             .context("starting the ring buffer reader")?;
+        let mappings = Arc::new(Mutex::new(MmapWatcher::new()));
+        let (map_tx, map_reports) = mpsc::channel();
+        let (registrar, shared_m, mappings_m) =
+            (probes.python_registrar(), shared.clone(), mappings.clone());
+        let map_thread = std::thread::Builder::new()
+            .name("fdtrace-maps".into())
+            .spawn(move || follow_mappings(&mappings_m, registrar, &map_tx, &shared_m))
+            .context("starting the mapping report reader")?;
         Ok(Self {
             probes,
             tracer,
@@ -116,7 +128,9 @@ impl Session {
             last_reconcile: Instant::now(),
             reconciles: 0,
             observer: None,
-            mappings: MmapWatcher::new(),
+            mappings,
+            map_reports,
+            map_thread: Some(map_thread),
             map_events: Vec::new(),
         })
     }
@@ -144,6 +158,8 @@ impl Session {
     /// a process started by fdtrace and held before exec (it may exit before /proc can be read).
     pub fn watch_mappings(&mut self, pid: Pid) -> anyhow::Result<()> {
         self.mappings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .watch(pid)
             .context("opening perf mapping reports (perf_event_open)")
     }
@@ -193,7 +209,13 @@ impl Session {
         }
         // Mapping reports are drained after the records: whatever a record's stack needs was
         // mapped before the record was written, so it is in this drain or an earlier one.
-        self.mappings.drain(&mut self.map_events);
+        {
+            // Under the lock, so that every report the mapping thread took before is in the
+            // channel by now.
+            let mut mappings = self.mappings.lock().unwrap_or_else(PoisonError::into_inner);
+            self.map_events.extend(self.map_reports.try_iter());
+            mappings.drain(&mut self.map_events);
+        }
         // A launched CPython runs its first lines within milliseconds of mapping its
         // interpreter, while symbolizing the first stacks of this batch can take longer: tell
         // the probe about interpreters before working through the batch.
@@ -385,6 +407,61 @@ fn read_ring(
     }
 }
 
+/// The mapping thread: forwards mapping reports as they come, and tells the probe about a
+/// CPython interpreter the moment its mapping is reported. The session could only do that
+/// between batches, and its first symbolization of a batch can take seconds in a debug build,
+/// while a script runs its first lines 20-40 ms after mapping its interpreter.
+fn follow_mappings(
+    mappings: &Mutex<MmapWatcher>,
+    mut registrar: Option<PythonRegistrar>,
+    tx: &mpsc::Sender<MapEvent>,
+    shared: &Shared,
+) {
+    let mut events = Vec::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let fds = mappings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fds();
+        if fds.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: valid pollfds; the descriptors stay open while the watcher lives (we hold an
+        // Arc on it), and a closed one only makes poll report it.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
+        {
+            let mut mappings = mappings.lock().unwrap_or_else(PoisonError::into_inner);
+            mappings.drain(&mut events);
+            for event in &events {
+                if tx.send(event.clone()).is_err() {
+                    return;
+                }
+            }
+        }
+        let Some(registrar) = registrar.as_mut() else {
+            events.clear();
+            continue;
+        };
+        for event in events.drain(..) {
+            if let MapEvent::Map { pid, mapping, .. } = event
+                && python::version_of(&mapping.path).is_some()
+                && let Some(found) = python::detect(&mapping.path, mapping.start, mapping.offset)
+            {
+                registrar.register(pid, found.proc);
+            }
+        }
+    }
+}
+
 /// Hands the heap's free pages back to the kernel after a burst. glibc keeps freed memory for
 /// reuse, and a burst's decoded records sit between long-lived table chunks, so the heap
 /// cannot shrink from its top: without this 18 MB stayed resident after 1M creations. Costs
@@ -402,6 +479,9 @@ impl Drop for Session {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
+        }
+        if let Some(thread) = self.map_thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -150,10 +150,13 @@ fn python_leaks_name_the_python_function_and_line() {
         };
         let (mut report, mut pid) = traced();
         if !has_python(&report) {
-            // A known race, about one run in twenty: the whole process gets no Python frames
-            // (the probe finds no interpreter entry for it). Noted in issue 8; one rerun keeps
-            // it visible here without failing CI on it, while every wrong frame still fails.
-            println!("{python}: no Python frames at all; known race, running once more");
+            // Known, not fixed (issue 15): code objects are named by reading the live process,
+            // and a session that lags more than the script's last second behind (the first
+            // symbolization of a new libpython, in a debug build on a loaded machine) finds it
+            // gone. The probe's registration is no longer the cause (now 0-18 ms after the
+            // mapping). One rerun keeps this visible without failing CI on it; every wrong
+            // frame still fails.
+            println!("{python}: no Python frames at all; known lag, running once more");
             (report, pid) = traced();
         }
         check(&report, pid, "read_settings", "file", 3, false);
