@@ -323,6 +323,38 @@ impl Session {
         self.probes.counters()
     }
 
+    /// What the probes and the mapping reports could not do, each non-zero count in words,
+    /// for the views to show next to the events lost.
+    pub fn shortfalls(&self) -> Vec<String> {
+        let c = self.probes.counters();
+        let maps_lost = self
+            .mappings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lost;
+        [
+            (c.stack_read_failed, "stacks unreadable (no frames)"),
+            (c.aux_read_failed, "paths or addresses unreadable"),
+            (
+                c.traced_full,
+                "forks not followed (traced-process map full)",
+            ),
+            (
+                c.py_frames_missing,
+                "creations in CPython without Python frames",
+            ),
+            (maps_lost, "mapping reports lost (frames may be unresolved)"),
+            (
+                self.shared.decode_errors.load(Ordering::Relaxed),
+                "records undecodable",
+            ),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect()
+    }
+
     pub fn probe_choices(&self) -> &crate::probe::ProbeChoices {
         self.probes.choices()
     }

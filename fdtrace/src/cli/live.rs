@@ -63,7 +63,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let mut headroom = args.warn_at.map(headroom::Watch::new);
     loop {
         let events = session.pump(Duration::from_millis(100));
-        LivePrinter::events(&session, &events);
+        printer.events(&session, &events);
         if let Some(watch) = &mut headroom {
             for c in watch.observe(&session.model, &events) {
                 eprintln!(
@@ -106,12 +106,18 @@ fn describe(pids: &[Pid]) -> String {
 #[derive(Default)]
 struct LivePrinter {
     last_summary: Option<Instant>,
+    /// EMFILE/ENFILE failures per process since tracing began, all of them (the model keeps
+    /// the first [`crate::model::MAX_INCIDENTS`] whole).
+    failures: std::collections::BTreeMap<Pid, u64>,
+    /// Failures past those the model keeps, by process and syscall, since the last summary:
+    /// counted there in one line each, so the output neither stops nor floods.
+    unlisted: std::collections::BTreeMap<(Pid, u32), u64>,
 }
 
 const SUMMARY_EVERY: Duration = Duration::from_secs(3);
 
 impl LivePrinter {
-    fn events(session: &Session, events: &[Event]) {
+    fn events(&mut self, session: &Session, events: &[Event]) {
         for event in events {
             if let Event::Failed {
                 pid,
@@ -121,6 +127,7 @@ impl LivePrinter {
                 ..
             } = event
             {
+                *self.failures.entry(*pid).or_default() += 1;
                 let model = &session.model;
                 let Some(inc) = model
                     .incidents
@@ -128,6 +135,7 @@ impl LivePrinter {
                     .rev()
                     .find(|i| i.ts == *ts && i.pid == *pid)
                 else {
+                    *self.unlisted.entry((*pid, *syscall)).or_default() += 1;
                     continue;
                 };
                 let top = inc.blame.first().map_or_else(String::new, |&(site, n)| {
@@ -158,6 +166,13 @@ impl LivePrinter {
             return;
         }
         self.last_summary = Some(Instant::now());
+        for ((pid, syscall), n) in std::mem::take(&mut self.unlisted) {
+            eprintln!(
+                "fdtrace: {n} more EMFILE/ENFILE in pid {pid} ({}) since the last summary, past the first {} listed one by one",
+                fdtrace_common::syscalls::name(syscall).unwrap_or("?"),
+                crate::model::MAX_INCIDENTS
+            );
+        }
         let model = &session.model;
         for p in model.processes.values().filter(|p| p.alive()) {
             if !pids.contains(&p.pid) && model.open_count(p.pid) == 0 {
@@ -184,8 +199,14 @@ impl LivePrinter {
                     },
                 );
             let limit = p.info.limit.soft;
+            let shortfalls = session.shortfalls();
+            let shortfalls = if shortfalls.is_empty() {
+                String::new()
+            } else {
+                format!(" | {}", shortfalls.join(", "))
+            };
             eprintln!(
-                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {} | lost {}",
+                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {} | lost {}{shortfalls}",
                 p.pid,
                 p.info.comm,
                 if limit == u64::MAX {
@@ -194,7 +215,7 @@ impl LivePrinter {
                     limit.to_string()
                 },
                 p.growth_per_min(),
-                model.incidents.iter().filter(|i| i.pid == p.pid).count(),
+                self.failures.get(&p.pid).copied().unwrap_or(0),
                 model.dropped
             );
         }

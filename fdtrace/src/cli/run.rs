@@ -85,6 +85,10 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     let report = session.report();
     emit_report(&report, args.format, args.output.as_ref(), true)?;
+    let shortfalls = session.shortfalls();
+    if !shortfalls.is_empty() {
+        eprintln!("==fdtrace== also: {}", shortfalls.join(", "));
+    }
     let crossings = watch.map_or_else(Vec::new, |w| w.crossings(&session.model));
     for crossing in &crossings {
         eprintln!(
