@@ -382,6 +382,11 @@ impl Probes {
         self.traced.keys().filter_map(Result::ok).collect()
     }
 
+    /// Processes the probe knows a CPython interpreter of.
+    pub fn python_pids(&self) -> Vec<u32> {
+        self.python.keys().filter_map(Result::ok).collect()
+    }
+
     pub fn counters(&self) -> Counters {
         let sum = |c: Counter| -> u64 {
             self.counters

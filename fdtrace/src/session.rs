@@ -62,6 +62,10 @@ pub struct Session {
     /// Shared with the mapping thread, which drains it as reports come; the session also
     /// drains it after taking records (see `pump`).
     mappings: Arc<Mutex<MmapWatcher>>,
+    /// /proc listings waiting until every record written before them has been consumed: a
+    /// listing is compared with the model as of its own time, not with a model that lags
+    /// behind the ring.
+    listings: Vec<Item>,
     map_reports: Receiver<MapEvent>,
     map_thread: Option<JoinHandle<()>>,
     map_events: Vec<MapEvent>,
@@ -91,6 +95,12 @@ struct Batch {
 enum Item {
     Record(Record),
     Map(MapEvent),
+    /// A /proc listing of a process's descriptors, taken at `ts`.
+    Listing {
+        pid: Pid,
+        ts: u64,
+        fds: Vec<crate::model::NewFd>,
+    },
 }
 
 impl Session {
@@ -129,6 +139,7 @@ impl Session {
             reconciles: 0,
             observer: None,
             mappings,
+            listings: Vec::new(),
             map_reports,
             map_thread: Some(map_thread),
             map_events: Vec::new(),
@@ -197,6 +208,8 @@ impl Session {
     /// Consumes what the probes delivered, waiting up to `timeout` for it; then does the
     /// periodic work that is due. Returns the new events.
     pub fn pump(&mut self, timeout: Duration) -> Vec<Event> {
+        // Every record written before this has reached the channel, which is emptied below.
+        let drained = self.drained_until();
         let mut items: Vec<Item> = Vec::new();
         let mut next = self.records.recv_timeout(timeout).ok();
         while let Some(batch) = next {
@@ -224,9 +237,15 @@ impl Session {
         }
         self.sync_python();
         items.extend(self.map_events.drain(..).map(Item::Map));
+        let (due, later): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.listings)
+            .into_iter()
+            .partition(|l| matches!(l, Item::Listing { ts, .. } if *ts <= drained));
+        self.listings = later;
+        items.extend(due);
         items.sort_by_key(|item| match item {
             Item::Record(rec) => rec.header.ts_ns,
             Item::Map(map) => map.ts(),
+            Item::Listing { ts, .. } => *ts,
         });
 
         let mut out = Vec::new();
@@ -236,6 +255,10 @@ impl Session {
                 Item::Map(map) => {
                     self.tracer.mapping(&map);
                     self.sync_python();
+                    continue;
+                }
+                Item::Listing { pid, ts, fds } => {
+                    self.apply(&Event::Reconciled { pid, ts, fds });
                     continue;
                 }
             };
@@ -295,14 +318,14 @@ impl Session {
         if total >= LARGE_TABLE && !self.reconciles.is_multiple_of(15) {
             return;
         }
-        let pids = alive;
-        for pid in pids {
+        // A listing still waiting for its turn makes another one pointless.
+        if !self.listings.is_empty() {
+            return;
+        }
+        for pid in alive {
+            let ts = monotonic_ns();
             if let Ok(fds) = procfs::fds(pid) {
-                self.apply(&Event::Reconciled {
-                    pid,
-                    ts: monotonic_ns(),
-                    fds,
-                });
+                self.listings.push(Item::Listing { pid, ts, fds });
             }
         }
     }
@@ -353,6 +376,11 @@ impl Session {
         .filter(|(n, _)| *n > 0)
         .map(|(n, what)| format!("{n} {what}"))
         .collect()
+    }
+
+    /// The pids the kernel's traced-process and Python maps hold now.
+    pub fn kernel_pids(&self) -> (Vec<u32>, Vec<u32>) {
+        (self.probes.traced(), self.probes.python_pids())
     }
 
     pub fn probe_choices(&self) -> &crate::probe::ProbeChoices {

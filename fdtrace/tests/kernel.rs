@@ -406,3 +406,20 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
         "corrections were needed"
     );
 }
+
+/// A shell that runs hundreds of short commands, some of them CPython: when it is done, no
+/// kernel map holds a pid any more (an exited pid left there would trace a stranger who gets
+/// it next, and fill the map).
+#[test]
+#[ignore = "root"]
+fn short_lived_children_leave_no_stale_kernel_map_entry() {
+    let script = "i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done; \
+                  for j in 1 2 3; do python3 -c 'open(\"/etc/hostname\")'; done";
+    let run = common::run_traced(&["/bin/sh", "-c", script], ProbeOptions::default());
+    assert_eq!(run.exit_code, 0);
+    let children = run.session.model.processes.len();
+    assert!(children > 300, "only {children} processes seen");
+    let (traced, python) = run.session.kernel_pids();
+    assert!(traced.is_empty(), "still traced: {traced:?}");
+    assert!(python.is_empty(), "still in the Python map: {python:?}");
+}
