@@ -297,17 +297,17 @@ fn emit_limit(mut header: RecordHeader) -> Result<(), ()> {
 #[inline(always)]
 fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) -> Result<(), ()> {
     let py = python::interpreter(header.tgid);
-    // Three sizes, so that a record wastes at most half of its reservation: each is verified
-    // separately. The stack length is computed apart on each path, so the verifier explores
+    // Three sizes (stack room 512 B, 2 KiB, 4 KiB: powers of two, see `read_stack`), so that a
+    // record wastes at most three quarters of its stack room: each is verified separately. The stack length is computed apart on each path, so the verifier explores
     // the scratch path once rather than once per range of it (which had doubled the load).
     if py.is_none() {
         let want = stack_wanted(regs, traced);
         if want == 0 {
             // Capture off: the scratch path sends the exact 376 bytes, not a 1 KiB record.
-        } else if want as usize <= 1024 - STACKED_FIXED {
-            return emit_direct::<1024>(&header, regs, aux, want);
-        } else if want as usize <= 2048 - STACKED_FIXED {
-            return emit_direct::<2048>(&header, regs, aux, want);
+        } else if want <= 512 {
+            return emit_direct::<{ STACKED_FIXED + 512 }>(&header, regs, aux, want);
+        } else if want <= 2048 {
+            return emit_direct::<{ STACKED_FIXED + 2048 }>(&header, regs, aux, want);
         } else if want as usize <= STACK_DEFAULT as usize {
             return emit_direct::<{ STACKED_FIXED + STACK_DEFAULT as usize }>(
                 &header, regs, aux, want,
@@ -447,6 +447,9 @@ unsafe fn read_peer(dst: *mut u8, addr: u64, addrlen: u64) -> Result<u32, ()> {
     if len == 0 {
         return Ok(0);
     }
+    // As in `read_stack`: a bound the compiler keeps and every verifier sees (127 < AUX_MAX).
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&raw const len) } & 127;
     // SAFETY: bounded by the aux area.
     let r = unsafe { read_user_raw(dst.cast(), len, addr as *const _) };
     if r == 0 { Ok(len) } else { Err(()) }
@@ -490,15 +493,22 @@ fn copy_stack(dst: *mut u8, cap: u32, sp: u64, want: u64) -> usize {
     0
 }
 
+/// `cap` is a power of two.
 #[inline(always)]
 fn read_stack(dst: *mut u8, cap: u32, sp: u64, len: u64) -> bool {
-    // The mask restates the bound for the verifier: len <= cap <= STACK_MAX already holds.
-    let len = (len as u32) & (STACK_MAX as u32 * 2 - 1);
-    if len == 0 || len > cap {
+    if len == 0 || len > u64::from(cap) {
         return false;
     }
+    // The verifier must see len <= cap at the call. Older verifiers (6.1) lose the bound the
+    // comparison above gives when the compiler keeps len in another register, and the
+    // compiler drops a mask it can prove redundant: so the mask comes after a volatile reload
+    // (opaque to the compiler; the verifier keeps a spilled scalar's bounds), and for
+    // 1 <= len <= cap it changes nothing.
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&raw const len) };
+    let len = ((len.wrapping_sub(1)) & u64::from(cap - 1)) + 1;
     // SAFETY: the caller's destination has room for cap bytes.
-    unsafe { read_user_raw(dst.cast(), len, sp as *const _) == 0 }
+    unsafe { read_user_raw(dst.cast(), len as u32, sp as *const _) == 0 }
 }
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]

@@ -492,9 +492,36 @@ fn kernel_error(program: &'static str, err: &dyn std::error::Error) -> ProbeErro
     {
         return ProbeError::NotPrivileged;
     }
-    // The verifier log is long; the first line after the error says what matters.
-    let detail = detail.lines().take(3).collect::<Vec<_>>().join(" | ");
-    ProbeError::Kernel { program, detail }
+    log::debug!("probes: {program} refused: {detail}");
+    ProbeError::Kernel {
+        program,
+        detail: verifier_summary(&detail),
+    }
+}
+
+/// The lines of a load error that say why: the error itself and the verifier's last words.
+/// The verifier's first lines can be a complaint it then ignores (6.1 logs "reg type
+/// unsupported for arg#0" for every program whose context is a `void *`), so the reason is at
+/// the end, before the statistics.
+fn verifier_summary(detail: &str) -> String {
+    let lines: Vec<&str> = detail
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| {
+            !l.starts_with("processed ")
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+        })
+        .collect();
+    let Some((first, rest)) = lines.split_first() else {
+        return String::new();
+    };
+    let tail = &rest[rest.len().saturating_sub(3)..];
+    std::iter::once(*first)
+        .chain(tail.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// aya's tracepoint attach reads event ids from tracefs, which may not be mounted. Returns
