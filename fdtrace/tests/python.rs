@@ -134,9 +134,12 @@ fn python_leaks_name_the_python_function_and_line() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/leak.py");
     for python in interpreters() {
         println!("{python}");
+        // How long the script lingers after leaking, while fdtrace names its code objects
+        // from its memory: an emulated guest runs several times slower.
+        let linger = if common::emulated() { "10" } else { "1" };
         let traced = || {
             let run = common::run_traced(
-                &[&python, script.to_str().unwrap()],
+                &[&python, script.to_str().unwrap(), linger],
                 ProbeOptions::default(),
             );
             assert_eq!(run.exit_code, 0, "{python}");
