@@ -214,12 +214,12 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         },
         // close drops the descriptor whatever it returns, except when it was not open.
         Action::Change if nr == syscalls::CLOSE && ret != -syscalls::EBADF => {
+            // Stamped (in the header) before the look: when the slot is seen empty, a creation
+            // that takes the number later is stamped later too, and so applied after this
+            // close. (Stamped after the look, a creation could fall between the look and the
+            // stamp and be applied first: the kernel matrix's emulated 6.1 caught that.)
             let mut header = header;
             header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
-            // Stamped after the look: a creation that took the number and returned before the
-            // slot was seen empty is ordered before this close.
-            // SAFETY: no preconditions.
-            header.ts_ns = unsafe { bpf_ktime_get_ns() };
             emit_header(&header)
         }
         Action::Change if nr != syscalls::CLOSE && ret == 0 => emit_header(&header),

@@ -523,12 +523,24 @@ impl Resolver {
         let mem = mem.as_ref()?;
         let word = |at: u64| read_u64(mem, at);
         // An int: the low half of the word on a little-endian machine.
-        let firstlineno = read_u64(mem, address + layout.code_firstlineno)? as u32;
-        let qualname = read_str(mem, layout, word(address + layout.code_qualname)?)?;
-        let filename = read_str(mem, layout, word(address + layout.code_filename)?)?;
-        let table = word(address + layout.code_linetable)?;
-        let len = word(table + layout.bytes_size)?;
-        let linetable = read_bytes(mem, table + layout.bytes_data, len.min(1 << 20) as usize)?;
+        let firstlineno = read_u64(mem, address.wrapping_add(layout.code_firstlineno))? as u32;
+        let qualname = read_str(
+            mem,
+            layout,
+            word(address.wrapping_add(layout.code_qualname))?,
+        )?;
+        let filename = read_str(
+            mem,
+            layout,
+            word(address.wrapping_add(layout.code_filename))?,
+        )?;
+        let table = word(address.wrapping_add(layout.code_linetable))?;
+        let len = word(table.wrapping_add(layout.bytes_size))?;
+        let linetable = read_bytes(
+            mem,
+            table.wrapping_add(layout.bytes_data),
+            len.min(1 << 20) as usize,
+        )?;
         Some(Code {
             qualname,
             filename,
@@ -566,7 +578,7 @@ fn entries(entries: Entries, frames: &[PyFrame]) -> Vec<(&PyFrame, bool)> {
 fn line_of(layout: &Layout, code: &Code, address: u64, word: u64) -> Option<u32> {
     let unit = match layout.instr {
         // Before the first code unit a frame has not started and has no line yet.
-        Instr::Pointer(bytecode) => word.checked_sub(address + bytecode)? / 2,
+        Instr::Pointer(bytecode) => word.checked_sub(address.wrapping_add(bytecode))? / 2,
         Instr::Index => match word as u32 as i32 {
             i @ 0.. => i as u64,
             // f_lasti is -1 before the first instruction, where CPython names the first line.
@@ -591,9 +603,12 @@ fn read_u64(mem: &File, at: u64) -> Option<u64> {
 }
 
 /// A `str` object's text: compact ASCII, or compact with 1, 2 or 4 bytes per character.
+///
+/// Addresses come from another process's memory and may be garbage (a code object freed
+/// since its frame was captured): arithmetic on them wraps, and the read then fails.
 fn read_str(mem: &File, layout: &Layout, at: u64) -> Option<String> {
-    let len = read_u64(mem, at + layout.unicode_length)?.min(4096) as usize;
-    let state = read_u64(mem, at + layout.unicode_state)? as u32;
+    let len = read_u64(mem, at.wrapping_add(layout.unicode_length))?.min(4096) as usize;
+    let state = read_u64(mem, at.wrapping_add(layout.unicode_state))? as u32;
     let kind = (state >> UNICODE_KIND_SHIFT) & 7;
     let compact = state & (1 << UNICODE_COMPACT_BIT) != 0;
     let ascii = state & (1 << UNICODE_ASCII_BIT) != 0;
@@ -601,14 +616,18 @@ fn read_str(mem: &File, layout: &Layout, at: u64) -> Option<String> {
         return None;
     }
     if ascii {
-        let bytes = read_bytes(mem, at + layout.unicode_ascii_data, len)?;
+        let bytes = read_bytes(mem, at.wrapping_add(layout.unicode_ascii_data), len)?;
         return String::from_utf8(bytes).ok();
     }
     let width = match kind {
         1 | 2 | 4 => kind as usize,
         _ => return None,
     };
-    let bytes = read_bytes(mem, at + layout.unicode_compact_data, len * width)?;
+    let bytes = read_bytes(
+        mem,
+        at.wrapping_add(layout.unicode_compact_data),
+        len * width,
+    )?;
     Some(
         bytes
             .chunks(width)
@@ -638,7 +657,10 @@ pub fn line_for(table: &[u8], firstlineno: u32, index: u64) -> Option<u32> {
             while i < table.len() {
                 let b = table[i];
                 i += 1;
-                value |= u64::from(b & 63) << shift;
+                // A table read from a process can be garbage: bits past 64 are dropped.
+                if shift < 64 {
+                    value |= u64::from(b & 63) << shift;
+                }
                 shift += 6;
                 if b & 64 == 0 {
                     break;
@@ -672,7 +694,7 @@ pub fn line_for(table: &[u8], firstlineno: u32, index: u64) -> Option<u32> {
             }
         };
         if let Some(d) = delta {
-            line += d;
+            line = line.saturating_add(d);
         }
         if index < at + units {
             return (delta.is_some() && line > 0).then_some(line as u32);
@@ -754,6 +776,28 @@ pub fn merge(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Line tables are read from another process and may be garbage (a code object freed
+    /// since): naming must give up, not panic (a debug build of the matrix's emulated 6.1 hit
+    /// an overflow here).
+    #[test]
+    fn garbage_line_tables_give_no_line_rather_than_a_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for len in 0..300 {
+            let table: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8 | 0x40
+                })
+                .collect();
+            let _ = line_for(&table, u32::MAX, u64::MAX / 2);
+            let _ = line_for(&table, 1, len as u64);
+            let _ = line_for_310(&table, u32::MAX, u64::MAX / 4);
+        }
+        assert_eq!(line_for(&[0xff; 64], 1, 3), None);
+    }
 
     #[test]
     fn versions_from_names() {

@@ -150,7 +150,7 @@ fn check_every_creation_and_drop(options: ProbeOptions) {
             _ => {}
         }
     }
-    let exercised = [
+    let mut exercised = vec![
         ("open", syscalls::OPEN),
         ("openat", syscalls::OPENAT),
         ("openat2", syscalls::OPENAT2),
@@ -190,6 +190,17 @@ fn check_every_creation_and_drop(options: ProbeOptions) {
     // exercise cannot pass unseen. None is refused on 6.1, 6.12 or 6.18 today.
     let refusals: &[(&str, &str, &str)] = &[];
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // Not the kernel: the temporary directory's file system has no file handles (9p in the
+    // kernel matrix's guests), so there was nothing to open by handle.
+    if listing
+        .skipped
+        .contains("open_by_handle_at (no file handles here)")
+    {
+        eprintln!(
+            "open_by_handle_at not exercised: no file handles on the temp directory's file system"
+        );
+        exercised.retain(|(name, _)| *name != "open_by_handle_at");
+    }
     let mut missing = Vec::new();
     for (name, nr) in exercised {
         if listing.skipped.contains(name) {
