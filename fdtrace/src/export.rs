@@ -9,12 +9,13 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
     io::{self, Write},
+    sync::Arc,
 };
 
 use serde_json::{Value, json};
 
 use crate::{
-    model::{Event, FdKind, Model, OpenFd, Pid, SiteId},
+    model::{Event, FdKind, Model, OpenFd, Origin, Pid, SiteId, StackId},
     record::{Entry, Recording},
     report::{FrameReport, Report, place},
     tracer::Stacks,
@@ -28,7 +29,9 @@ struct Slice {
     kind: FdKind,
     lane: usize,
     target: String,
-    site: SiteId,
+    /// Where it was created, named when it opened: a process's sites are freed at its exit,
+    /// before its last slices end.
+    place: Arc<str>,
 }
 
 /// Writes trace-event JSON one event at a time.
@@ -60,6 +63,8 @@ struct Lifetimes {
     open: HashMap<(Pid, i32), Slice>,
     lanes: HashMap<(Pid, FdKind), Vec<bool>>,
     counts: HashMap<Pid, u64>,
+    /// Places by stack and origin: named once, not for each of a million descriptors.
+    places: HashMap<(StackId, Origin), Arc<str>>,
 }
 
 fn kind_index(kind: FdKind) -> usize {
@@ -75,12 +80,16 @@ fn site_place(model: &Model, stacks: &Stacks, site: SiteId) -> String {
     let Some(s) = model.sites.get(site) else {
         return "(unknown)".into();
     };
-    match s.origin {
-        crate::model::Origin::Inherited => "open before tracing".into(),
-        crate::model::Origin::Reconciled => "found in /proc".into(),
-        crate::model::Origin::Traced => {
+    origin_place(stacks, s.stack, s.origin)
+}
+
+fn origin_place(stacks: &Stacks, stack: StackId, origin: Origin) -> String {
+    match origin {
+        Origin::Inherited => "open before tracing".into(),
+        Origin::Reconciled => "found in /proc".into(),
+        Origin::Traced => {
             let frames: Vec<FrameReport> =
-                stacks.get(s.stack).iter().map(FrameReport::from).collect();
+                stacks.get(stack).iter().map(FrameReport::from).collect();
             place(&frames)
         }
     }
@@ -132,14 +141,25 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
 }
 
 impl Lifetimes {
+    #[expect(clippy::too_many_arguments, reason = "one slice's facts, written once")]
     fn start<W: Write>(
         &mut self,
         w: &mut TraceWriter<W>,
+        model: &Model,
+        stacks: &Stacks,
         pid: Pid,
         fd: i32,
         at: u64,
         open: &OpenFd,
     ) -> io::Result<()> {
+        let place = match model.sites.get(open.site()) {
+            Some(s) => self
+                .places
+                .entry((s.stack, s.origin))
+                .or_insert_with(|| Arc::from(origin_place(stacks, s.stack, s.origin)))
+                .clone(),
+            None => Arc::from("(unknown)"),
+        };
         let lanes = self.lanes.entry((pid, open.kind)).or_default();
         let lane = if let Some(free) = lanes.iter().position(|busy| !busy) {
             lanes[free] = true;
@@ -170,19 +190,16 @@ impl Lifetimes {
                 kind: open.kind,
                 lane,
                 target: open.target.to_string(),
-                site: open.site(),
+                place,
             },
         );
         *self.counts.entry(pid).or_default() += 1;
         Ok(())
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one slice's facts, written once")]
     fn end<W: Write>(
         &mut self,
         w: &mut TraceWriter<W>,
-        model: &Model,
-        stacks: &Stacks,
         pid: Pid,
         fd: i32,
         at: u64,
@@ -201,9 +218,9 @@ impl Lifetimes {
         if let Some(n) = self.counts.get_mut(&pid) {
             *n = n.saturating_sub(1);
         }
-        let site = site_place(model, stacks, slice.site);
+        let site = slice.place;
         let name = if slice.target.is_empty() {
-            site.clone()
+            site.to_string()
         } else {
             slice.target.clone()
         };
@@ -211,7 +228,7 @@ impl Lifetimes {
             "ph": "X", "name": name, "cat": slice.kind.name(),
             "ts": w.us(slice.start), "dur": at.saturating_sub(slice.start) as f64 / 1000.0,
             "pid": pid, "tid": lane_tid(slice.kind, slice.lane),
-            "args": {"fd": fd, "target": slice.target, "site": site, "end": how},
+            "args": {"fd": fd, "target": slice.target, "site": &*site, "end": how},
         }))
     }
 }
@@ -248,6 +265,7 @@ pub fn perfetto(recording: &Recording, out: impl Write) -> io::Result<()> {
         open: HashMap::new(),
         lanes: HashMap::new(),
         counts: HashMap::new(),
+        places: HashMap::new(),
     };
     let mut at = origin_ns;
     for entry in &recording.entries {
@@ -299,14 +317,14 @@ pub fn perfetto(recording: &Recording, out: impl Write) -> io::Result<()> {
             };
             for (fd, id) in &before {
                 if after.get(fd) != Some(id) {
-                    life.end(&mut w, &model, &stacks, pid, *fd, at, how)?;
+                    life.end(&mut w, pid, *fd, at, how)?;
                 }
             }
             for (fd, id) in &after {
                 if before.get(fd) != Some(id)
                     && let Some(open) = open_fd(&model, pid, *fd)
                 {
-                    life.start(&mut w, pid, *fd, at, open)?;
+                    life.start(&mut w, &model, &stacks, pid, *fd, at, open)?;
                 }
             }
             let count = life.counts.get(&pid).copied().unwrap_or(0);
@@ -356,7 +374,7 @@ pub fn perfetto(recording: &Recording, out: impl Write) -> io::Result<()> {
     let mut still: Vec<(Pid, i32)> = life.open.keys().copied().collect();
     still.sort_unstable();
     for (pid, fd) in still {
-        life.end(&mut w, &model, &stacks, pid, fd, at, "open at end")?;
+        life.end(&mut w, pid, fd, at, "open at end")?;
     }
     w.out.write_all(b"\n]}\n")?;
     w.out.flush()

@@ -2,6 +2,12 @@
 //!
 //! Pure state fed by [`Event`]s in time order, from the live probes or a recording alike. No
 //! aya, no terminal, no file I/O: correctness lives here and is tested with synthetic events.
+//!
+//! It is meant to stay attached for days to servers that recycle workers and to scripts that
+//! run thousands of commands, so what it keeps of a process goes with it: at exit the table
+//! and the call sites are freed, and the record keeps what the report needs (counts, exit
+//! code, what was open at exit and the sites that made it; only counts for a clean exit).
+//! Past [`MAX_EXITED_KEPT`] exited records, the oldest are folded into [`Folded`] counts.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -9,11 +15,13 @@ use std::{
 };
 
 pub use fd_map::FdMap;
+pub use folded::{Folded, FoldedGroup, FoldedKey};
+pub use sites::{CallSite, Sites};
 
 use arcstr::ArcStr;
 use foldhash::HashMap;
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use sites::GROWTH_WINDOW;
 
 pub type Pid = u32;
 /// An interned, unwound stack; [`NO_STACK`] where none was captured.
@@ -300,7 +308,7 @@ impl OpenFd {
 }
 
 /// Where a call site's descriptors came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// Created while traced, with a stack.
@@ -319,56 +327,6 @@ struct SiteKey {
     origin: Origin,
 }
 
-/// Descriptors of one process created by one stack.
-#[derive(Clone, Debug)]
-pub struct CallSite {
-    pub pid: Pid,
-    pub stack: StackId,
-    pub kind: FdKind,
-    pub origin: Origin,
-    pub open: u64,
-    pub opened: u64,
-    pub closed: u64,
-    /// Lifetimes of closed descriptors, microseconds.
-    pub lifetimes: Histogram<u64>,
-    /// A few distinct recent targets, for display; descriptors share these copies.
-    pub targets: VecDeque<ArcStr>,
-    /// (ts, open) every tick, for the growth rate.
-    samples: VecDeque<(u64, u64)>,
-}
-
-const MAX_TARGETS: usize = 5;
-/// Growth is fitted over this many one-second samples.
-const GROWTH_WINDOW: usize = 30;
-
-impl CallSite {
-    /// Net descriptors gained per minute over the recent window.
-    pub fn growth_per_min(&self) -> f64 {
-        growth_per_min(&self.samples)
-    }
-
-    /// Remembers `target` among the recent ones and returns the site's copy of it: the
-    /// descriptors of a site mostly name the same few things (a leak of one file a million
-    /// times), and sharing the string saves a heap block per descriptor.
-    fn note_target(&mut self, target: &str) -> ArcStr {
-        if let Some(known) = self.targets.iter().find(|t| t.as_str() == target) {
-            return known.clone();
-        }
-        if self.targets.len() == MAX_TARGETS {
-            self.targets.pop_front();
-        }
-        let target = ArcStr::from(target);
-        self.targets.push_back(target.clone());
-        target
-    }
-
-    /// Lifetime percentile of closed descriptors in milliseconds.
-    pub fn lifetime_ms(&self, quantile: f64) -> Option<f64> {
-        (!self.lifetimes.is_empty())
-            .then(|| self.lifetimes.value_at_quantile(quantile) as f64 / 1000.0)
-    }
-}
-
 /// An EMFILE/ENFILE failure and who held the table at that instant.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Incident {
@@ -380,7 +338,7 @@ pub struct Incident {
     pub open_fds: u64,
     pub limit: u64,
     pub stack: StackId,
-    /// (site, descriptors it held), most first.
+    /// (site, descriptors it held), most first. These sites are kept for as long as the model.
     pub blame: Vec<(SiteId, u64)>,
 }
 
@@ -392,16 +350,57 @@ pub struct Process {
     table: TableId,
     pub peak_open: u64,
     pub started_ns: u64,
-    /// Set when the process exits, with the table as it was at that moment.
+    /// Set when the process exits, with what it held at that moment.
     pub exit: Option<ProcessExit>,
-    samples: VecDeque<(u64, u64)>,
+    /// What only a live process needs: most processes of a long session have exited, and
+    /// each of those costs its record only.
+    live: Option<Box<LiveProcess>>,
 }
+
+#[derive(Clone, Debug, Default)]
+struct LiveProcess {
+    samples: VecDeque<(u64, u64)>,
+    /// Its call sites. An exited process's are those its snapshot refers to.
+    sites: Vec<SiteId>,
+}
+
+const _: () = assert!(size_of::<Process>() <= 160);
 
 #[derive(Clone, Debug)]
 pub struct ProcessExit {
     pub ts: u64,
     pub code: Option<i32>,
-    pub open_at_exit: FdMap,
+    /// Descriptors open at exit.
+    pub open: u64,
+    /// Those descriptors, ascending, unless the process exited clean (see
+    /// [`ProcessExit::clean`]): then only their number is kept.
+    pub open_at_exit: Box<[(i32, OpenFd)]>,
+    clean: bool,
+    /// Exit order, to fold the oldest first.
+    seq: u64,
+    /// What keeping this record costs, roughly: see [`ProcessExit::bytes`].
+    bytes: u32,
+}
+
+impl ProcessExit {
+    /// Nothing was open at exit but stdio (numbers 0 to 2, whoever opened them: a shell sets
+    /// up its children's pipes and redirections there). Such processes are counted, not
+    /// listed, and keep no descriptors or call sites: they are most processes of a shell
+    /// script or a `make -j`, and what they held is not a leak.
+    pub fn clean(&self) -> bool {
+        self.clean
+    }
+
+    /// About what an exited record holds: the process (twice, for the map's half-full nodes),
+    /// its names, and each descriptor open at exit with a site of its own (half as much again,
+    /// for the slab's spare room). Within 10% of what tests/churn.rs measures.
+    fn bytes(info: &ProcessInfo, open_at_exit: usize) -> u32 {
+        let bytes = 2 * size_of::<Process>()
+            + info.comm.len()
+            + info.exe.len()
+            + open_at_exit * (size_of::<(i32, OpenFd)>() + size_of::<CallSite>() * 3 / 2);
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
 }
 
 impl Process {
@@ -410,7 +409,8 @@ impl Process {
     }
 
     pub fn growth_per_min(&self) -> f64 {
-        growth_per_min(&self.samples)
+        let samples = self.live.as_ref().map(|l| &l.samples);
+        growth_per_min(samples.into_iter().flatten().copied())
     }
 }
 
@@ -419,6 +419,55 @@ struct FdTable {
     fds: FdMap,
     /// Processes using this table (more than one with CLONE_FILES).
     users: u32,
+}
+
+/// A process's descriptors: its live table, or what it had open at exit.
+#[derive(Clone, Copy, Debug)]
+pub enum FdView<'a> {
+    Live(&'a FdMap),
+    Exited(&'a [(i32, OpenFd)]),
+}
+
+impl<'a> FdView<'a> {
+    pub fn len(self) -> usize {
+        match self {
+            FdView::Live(map) => map.len(),
+            FdView::Exited(fds) => fds.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(self, fd: i32) -> Option<&'a OpenFd> {
+        match self {
+            FdView::Live(map) => map.get(fd),
+            FdView::Exited(fds) => fds
+                .binary_search_by_key(&fd, |(n, _)| *n)
+                .ok()
+                .map(|i| &fds[i].1),
+        }
+    }
+
+    /// Descriptors in ascending order.
+    pub fn iter(self) -> impl Iterator<Item = (i32, &'a OpenFd)> {
+        let (live, exited) = match self {
+            FdView::Live(map) => (Some(map.iter()), None),
+            FdView::Exited(fds) => (None, Some(fds.iter().map(|(n, f)| (*n, f)))),
+        };
+        live.into_iter()
+            .flatten()
+            .chain(exited.into_iter().flatten())
+    }
+
+    pub fn keys(self) -> impl Iterator<Item = i32> + 'a {
+        self.iter().map(|(n, _)| n)
+    }
+
+    pub fn values(self) -> impl Iterator<Item = &'a OpenFd> {
+        self.iter().map(|(_, f)| f)
+    }
 }
 
 /// Discrepancies seen by the last reconciliation, corrected if the next one sees them again.
@@ -443,18 +492,41 @@ pub struct Corrections {
 /// retrying accept() fails thousands of times a minute, and each one repeats the same blame.
 pub const MAX_INCIDENTS: usize = 1_000;
 
+/// Exited processes kept one by one (for the report's per-process entries and what they had
+/// open at exit); older ones are folded into [`Model::folded`]. A clean one costs about 350
+/// bytes, one with descriptors open at exit about 900 with four: this is a few MB.
+pub const MAX_EXITED_KEPT: usize = 10_000;
+/// And at most this much memory, by [`ProcessExit::bytes`]: a server that recycles a leaking
+/// worker every 100 ms fills it in ten minutes, and is flat from then on.
+pub const MAX_EXITED_BYTES: usize = 4 << 20;
+
 /// How long a displaced number waits for the racing close that explains it, and such a close
 /// for its creation. The two return microseconds apart, so a second is generous.
 const RACE_WAIT_NS: u64 = 1_000_000_000;
 
 #[derive(Debug, Default)]
 pub struct Model {
+    /// Live processes, and the last exited process of each pid until it is folded (see
+    /// [`MAX_EXITED_KEPT`]) or the pid comes back.
     pub processes: BTreeMap<Pid, Process>,
     tables: HashMap<TableId, FdTable>,
     next_table: TableId,
-    pub sites: Vec<CallSite>,
+    pub sites: Sites,
+    /// Sites of live processes, by what they are. A process's entries go at its exit, so a
+    /// reused pid starts with sites of its own.
     site_index: HashMap<SiteKey, SiteId>,
-    sites_of: HashMap<Pid, Vec<SiteId>>,
+    /// Times of the recent ticks, at which sites were sampled.
+    ticks: VecDeque<u64>,
+    /// Descriptors created and closed so far (fork copies included, as in each site's counts).
+    pub opened_total: u64,
+    pub closed_total: u64,
+    /// Exited processes in `processes`, what they cost, and the order they exited in.
+    exited_kept: usize,
+    exited_bytes: usize,
+    exit_order: VecDeque<(Pid, u64)>,
+    exits: u64,
+    /// Exited processes no longer kept one by one.
+    pub folded: Folded,
     pub incidents: Vec<Incident>,
     pub incidents_total: u64,
     pub dropped: u64,
@@ -578,6 +650,7 @@ impl Model {
         if self.processes.get(&pid).is_some_and(Process::alive) {
             return;
         }
+        self.fold_exited(pid);
         let table = self.new_table();
         self.processes
             .insert(pid, Process::new(pid, info.clone(), table, ts));
@@ -613,40 +686,42 @@ impl Model {
         self.tables.get_mut(&id)
     }
 
-    /// The descriptors `pid` has open now (or had at exit).
-    pub fn open_fds(&self, pid: Pid) -> Option<&FdMap> {
+    /// The descriptors `pid` has open now, or had at exit (none are kept for a clean exit).
+    pub fn open_fds(&self, pid: Pid) -> Option<FdView<'_>> {
         let p = self.processes.get(&pid)?;
         match &p.exit {
-            Some(exit) => Some(&exit.open_at_exit),
-            None => self.tables.get(&p.table).map(|t| &t.fds),
+            Some(exit) => Some(FdView::Exited(&exit.open_at_exit)),
+            None => self.tables.get(&p.table).map(|t| FdView::Live(&t.fds)),
         }
     }
 
     pub fn open_count(&self, pid: Pid) -> u64 {
-        self.open_fds(pid).map_or(0, |t| t.len() as u64)
+        match self.processes.get(&pid).and_then(|p| p.exit.as_ref()) {
+            Some(exit) => exit.open,
+            None => self.open_fds(pid).map_or(0, |t| t.len() as u64),
+        }
+    }
+
+    /// Exited processes, kept one by one or folded.
+    pub fn exited_count(&self) -> u64 {
+        self.exited_kept as u64 + self.folded.processes
     }
 
     fn site(&mut self, key: SiteKey) -> SiteId {
         if let Some(&id) = self.site_index.get(&key) {
             return id;
         }
-        let id = self.sites.len();
-        self.sites.push(CallSite {
-            pid: key.pid,
-            stack: key.stack,
-            kind: key.kind,
-            origin: key.origin,
-            open: 0,
-            opened: 0,
-            closed: 0,
-            // 1 us to 1 day at 2 significant digits: a few KiB per site.
-            lifetimes: Histogram::new_with_bounds(1, 86_400_000_000, 2)
-                .expect("static histogram bounds are valid"),
-            targets: VecDeque::new(),
-            samples: VecDeque::new(),
-        });
+        let id = self
+            .sites
+            .insert(CallSite::new(key.pid, key.stack, key.kind, key.origin));
         self.site_index.insert(key, id);
-        self.sites_of.entry(key.pid).or_default().push(id);
+        if let Some(live) = self
+            .processes
+            .get_mut(&key.pid)
+            .and_then(|p| p.live.as_mut())
+        {
+            live.sites.push(id);
+        }
         id
     }
 
@@ -692,7 +767,8 @@ impl Model {
     }
 
     /// Puts a descriptor into `pid`'s table under the site `key`, counting it there; returns
-    /// what held the number before (now closed).
+    /// what held the number before (now closed). Nothing happens for a process that is not
+    /// alive: its sites would count a descriptor no table holds.
     #[expect(clippy::too_many_arguments, reason = "one descriptor's facts")]
     fn adopt(
         &mut self,
@@ -704,10 +780,14 @@ impl Model {
         cloexec: bool,
         opened_ns: u64,
     ) -> Option<OpenFd> {
+        if num < 0 || self.table_mut(pid).is_none() {
+            return None;
+        }
         let site = self.site(key);
-        let s = &mut self.sites[site];
+        let s = self.sites.get_mut(site)?;
         s.open += 1;
         s.opened += 1;
+        self.opened_total += 1;
         let target = s.note_target(target);
         self.insert(
             pid,
@@ -739,11 +819,16 @@ impl Model {
 
     /// Accounts for a descriptor that is gone.
     fn retire(&mut self, fd: &OpenFd, ts: u64) {
-        let s = &mut self.sites[fd.site()];
+        self.closed_total += 1;
+        let Some(s) = self.sites.get_mut(fd.site()) else {
+            return;
+        };
         s.open = s.open.saturating_sub(1);
         s.closed += 1;
         let micros = ts.saturating_sub(fd.opened_ns) / 1000;
-        s.lifetimes.saturating_record(micros.max(1));
+        s.record_lifetime(micros);
+        // The last descriptor of an exited process's site, in a table another process shares.
+        self.sites.free_if_unreferenced(fd.site());
     }
 
     fn duplicate(&mut self, pid: Pid, ts: u64, from: i32, to: i32, cloexec: bool, stack: StackId) {
@@ -847,7 +932,7 @@ impl Model {
 
     /// Gives `pid` its own copy of a shared table (exec and CLOSE_RANGE_UNSHARE do this).
     fn unshare(&mut self, pid: Pid) {
-        let Some(p) = self.processes.get(&pid) else {
+        let Some(p) = self.processes.get(&pid).filter(|p| p.alive()) else {
             return;
         };
         let old = p.table;
@@ -859,6 +944,12 @@ impl Model {
         }
         table.users -= 1;
         let fds = table.fds.clone();
+        // Each copy is a descriptor more of its site: a site is freed when none is left.
+        for fd in fds.values() {
+            if let Some(s) = self.sites.get_mut(fd.site()) {
+                s.open += 1;
+            }
+        }
         self.next_table += 1;
         let id = self.next_table;
         self.tables.insert(id, FdTable { fds, users: 1 });
@@ -901,35 +992,40 @@ impl Model {
         self.ensure(parent, ts);
         let parent_table = self.processes[&parent].table;
         // A child starts as its parent's copy: same program, same limit.
-        let info = &ProcessInfo {
+        let info = ProcessInfo {
             ppid: parent,
             ..self.processes[&parent].info.clone()
         };
 
-        // A pid can be reused after an exit: the old process's record gives way.
-        if self.processes.get(&child).is_some_and(|p| !p.alive()) {
-            self.processes.remove(&child);
+        // A pid can be reused: the old process gives way, folded into the counts. One we
+        // thought alive missed its exit.
+        if self.processes.get(&child).is_some_and(Process::alive) {
+            self.exit(child, ts, None);
         }
+        self.fold_exited(child);
         if shares_table {
             if let Some(t) = self.tables.get_mut(&parent_table) {
                 t.users += 1;
             }
             self.processes
-                .insert(child, Process::new(child, info.clone(), parent_table, ts));
+                .insert(child, Process::new(child, info, parent_table, ts));
             return;
         }
         let table = self.new_table();
         self.processes
-            .insert(child, Process::new(child, info.clone(), table, ts));
+            .insert(child, Process::new(child, info, table, ts));
         let inherited: Vec<(i32, OpenFd)> = self
             .tables
             .get(&parent_table)
             .map(|t| t.fds.iter().map(|(n, f)| (n, f.clone())).collect())
             .unwrap_or_default();
         // The child's descriptors keep the parent's call site (same stack, origin and kind),
-        // counted under the child so each process's holdings add up.
+        // counted under the child so each process's holdings add up. Such a site is small
+        // (no lifetimes or samples until it needs them) and goes with the child.
         for (n, fd) in inherited {
-            let parent_site = &self.sites[fd.site()];
+            let Some(parent_site) = self.sites.get(fd.site()) else {
+                continue;
+            };
             let key = SiteKey {
                 pid: child,
                 stack: parent_site.stack,
@@ -950,33 +1046,133 @@ impl Model {
             return;
         }
         let table_id = p.table;
-        let Some(table) = self.tables.get_mut(&table_id) else {
-            return;
-        };
-        table.users = table.users.saturating_sub(1);
-        let open_at_exit = if table.users == 0 {
-            let fds = self
-                .tables
-                .remove(&table_id)
-                .map(|t| t.fds)
-                .unwrap_or_default();
-            // Not counted as closes: `closed` and the lifetimes describe what the program did.
-            for fd in fds.values() {
-                let s = &mut self.sites[fd.site()];
-                s.open = s.open.saturating_sub(1);
+        let mut released = Vec::new();
+        let (open, snapshot) = match self.tables.get_mut(&table_id) {
+            Some(table) if table.users > 1 => {
+                // CLONE_FILES: the table lives on with its other users.
+                table.users -= 1;
+                (table.fds.len(), snapshot_of(&table.fds))
             }
-            fds
-        } else {
-            table.fds.clone()
+            Some(_) => {
+                let fds = self
+                    .tables
+                    .remove(&table_id)
+                    .map(|t| t.fds)
+                    .unwrap_or_default();
+                // Not counted as closes: `closed` and the lifetimes describe what the program did.
+                for fd in fds.values() {
+                    if let Some(s) = self.sites.get_mut(fd.site()) {
+                        s.open = s.open.saturating_sub(1);
+                    }
+                    released.push(fd.site());
+                }
+                (fds.len(), snapshot_of(&fds))
+            }
+            None => (0, None),
         };
+        let snapshot = snapshot.unwrap_or_default();
+        for (_, fd) in &snapshot {
+            if let Some(s) = self.sites.get_mut(fd.site()) {
+                s.held += 1;
+            }
+        }
+        let own = self
+            .processes
+            .get_mut(&pid)
+            .and_then(|p| p.live.take())
+            .map(|live| live.sites)
+            .unwrap_or_default();
+        for &id in &own {
+            if let Some(s) = self.sites.get_mut(id) {
+                self.site_index.remove(&SiteKey {
+                    pid: s.pid,
+                    stack: s.stack,
+                    kind: s.kind,
+                    origin: s.origin,
+                });
+                s.retire_with_process();
+            }
+        }
+        for &id in own.iter().chain(&released) {
+            self.sites.free_if_unreferenced(id);
+        }
+        self.exits += 1;
+        let seq = self.exits;
+        let mut bytes = 0;
         if let Some(p) = self.processes.get_mut(&pid) {
+            bytes = ProcessExit::bytes(&p.info, snapshot.len());
             p.exit = Some(ProcessExit {
                 ts,
                 code,
-                open_at_exit,
+                open: open as u64,
+                clean: snapshot.is_empty(),
+                open_at_exit: snapshot,
+                seq,
+                bytes,
             });
         }
         self.suspects.remove(&pid);
+        self.exited_kept += 1;
+        self.exited_bytes += bytes as usize;
+        self.exit_order.push_back((pid, seq));
+        if self.exit_order.len() > 2 * MAX_EXITED_KEPT {
+            // Records folded when their pid came back (a small pid_max) leave their entries.
+            let processes = &self.processes;
+            self.exit_order.retain(|(pid, seq)| {
+                processes
+                    .get(pid)
+                    .and_then(|p| p.exit.as_ref())
+                    .is_some_and(|e| e.seq == *seq)
+            });
+        }
+        while self.exited_kept > MAX_EXITED_KEPT || self.exited_bytes > MAX_EXITED_BYTES {
+            let Some((oldest, seq)) = self.exit_order.pop_front() else {
+                break;
+            };
+            let current = self
+                .processes
+                .get(&oldest)
+                .and_then(|p| p.exit.as_ref())
+                .is_some_and(|e| e.seq == seq);
+            if current {
+                self.fold_exited(oldest);
+            }
+        }
+    }
+
+    /// Folds `pid`'s exit record, if it has one, into [`Model::folded`] and frees what it held.
+    fn fold_exited(&mut self, pid: Pid) {
+        if self.processes.get(&pid).is_none_or(Process::alive) {
+            return;
+        }
+        let Some(p) = self.processes.remove(&pid) else {
+            return;
+        };
+        self.exited_kept -= 1;
+        let Some(exit) = p.exit else {
+            return;
+        };
+        self.exited_bytes -= exit.bytes as usize;
+        if exit.clean {
+            self.folded.clean(&p.info.comm);
+            return;
+        }
+        let mut groups: BTreeMap<FoldedKey, u64> = BTreeMap::new();
+        for (_, fd) in &exit.open_at_exit {
+            let Some(s) = self.sites.get_mut(fd.site()) else {
+                continue;
+            };
+            s.held = s.held.saturating_sub(1);
+            let key = FoldedKey {
+                comm: p.info.comm.clone(),
+                kind: s.kind,
+                origin: s.origin,
+                stack: s.stack,
+            };
+            *groups.entry(key).or_default() += 1;
+            self.sites.free_if_unreferenced(fd.site());
+        }
+        self.folded.with_open(groups);
     }
 
     /// Records `code` for a process whose exit was already seen (from waitpid).
@@ -992,6 +1188,12 @@ impl Model {
         if self.incidents.len() >= MAX_INCIDENTS {
             return;
         }
+        let blame = self.blame(pid);
+        for &(site, _) in &blame {
+            if let Some(s) = self.sites.get_mut(site) {
+                s.pinned = true;
+            }
+        }
         let incident = Incident {
             ts,
             pid,
@@ -1001,7 +1203,7 @@ impl Model {
             open_fds: self.open_count(pid),
             limit: self.processes[&pid].info.limit.soft,
             stack,
-            blame: self.blame(pid),
+            blame,
         };
         self.incidents.push(incident);
     }
@@ -1009,24 +1211,41 @@ impl Model {
     /// The sites holding `pid`'s descriptors now, most first.
     pub fn blame(&self, pid: Pid) -> Vec<(SiteId, u64)> {
         let mut blame: Vec<(SiteId, u64)> = self
-            .sites_of
-            .get(&pid)
-            .into_iter()
-            .flatten()
-            .map(|&id| (id, self.sites[id].open))
+            .site_ids(pid)
+            .map(|(id, s)| (id, s.open))
             .filter(|&(_, n)| n > 0)
             .collect();
         blame.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         blame
     }
 
-    /// The sites of `pid`, for views.
-    pub fn sites_of(&self, pid: Pid) -> impl Iterator<Item = &CallSite> {
-        self.sites_of
-            .get(&pid)
-            .into_iter()
+    fn site_ids(&self, pid: Pid) -> impl Iterator<Item = (SiteId, &CallSite)> {
+        let p = self.processes.get(&pid);
+        let live = p
+            .and_then(|p| p.live.as_deref())
+            .map(|l| l.sites.iter().copied());
+        // An exited process's: those its descriptors at exit came from, once each.
+        let exited = p.and_then(|p| p.exit.as_ref()).map(|e| {
+            let mut ids: Vec<SiteId> = e.open_at_exit.iter().map(|(_, f)| f.site()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        });
+        live.into_iter()
             .flatten()
-            .map(|&id| &self.sites[id])
+            .chain(exited.into_iter().flatten())
+            .filter_map(move |id| Some((id, self.sites.get(id).filter(|s| s.pid == pid)?)))
+    }
+
+    /// The sites of `pid`, for views: all of a live process's, and those of an exited one
+    /// that its descriptors open at exit came from.
+    pub fn sites_of(&self, pid: Pid) -> impl Iterator<Item = &CallSite> {
+        self.site_ids(pid).map(|(_, s)| s)
+    }
+
+    /// Net descriptors a site gained per minute over the recent window.
+    pub fn site_growth_per_min(&self, site: &CallSite) -> f64 {
+        growth_per_min(site.samples(&self.ticks))
     }
 
     fn reconcile(&mut self, pid: Pid, ts: u64, listed: &[NewFd]) {
@@ -1089,14 +1308,16 @@ impl Model {
             .map(|p| (p.pid, self.open_count(p.pid)))
             .collect();
         for (pid, open) in counts {
-            if let Some(p) = self.processes.get_mut(&pid) {
-                push_sample(&mut p.samples, ts, open);
+            if let Some(live) = self.processes.get_mut(&pid).and_then(|p| p.live.as_mut()) {
+                push_sample(&mut live.samples, ts, open);
             }
         }
-        for s in &mut self.sites {
-            if s.open > 0 || !s.samples.is_empty() {
-                push_sample(&mut s.samples, ts, s.open);
-            }
+        if self.ticks.len() == GROWTH_WINDOW {
+            self.ticks.pop_front();
+        }
+        self.ticks.push_back(ts);
+        for s in self.sites.iter_mut() {
+            s.sample();
         }
     }
 
@@ -1112,6 +1333,15 @@ impl Model {
     }
 }
 
+/// What an exiting process's table says about it: `None` when it is clean (nothing open but
+/// stdio, see [`ProcessExit::clean`]), else its descriptors.
+fn snapshot_of(fds: &FdMap) -> Option<Box<[(i32, OpenFd)]>> {
+    if fds.keys().all(|n| n <= 2) {
+        return None;
+    }
+    Some(fds.iter().map(|(n, f)| (n, f.clone())).collect())
+}
+
 impl Process {
     fn new(pid: Pid, info: ProcessInfo, table: TableId, ts: u64) -> Self {
         Self {
@@ -1121,7 +1351,7 @@ impl Process {
             peak_open: 0,
             started_ns: ts,
             exit: None,
-            samples: VecDeque::new(),
+            live: Some(Box::default()),
         }
     }
 }
@@ -1134,17 +1364,21 @@ fn push_sample(samples: &mut VecDeque<(u64, u64)>, ts: u64, value: u64) {
 }
 
 /// Least-squares slope of the samples, per minute.
-fn growth_per_min(samples: &VecDeque<(u64, u64)>) -> f64 {
-    if samples.len() < 2 {
+fn growth_per_min(samples: impl Iterator<Item = (u64, u64)> + Clone) -> f64 {
+    let mut points = samples.clone();
+    let Some((t0, _)) = points.next() else {
+        return 0.0;
+    };
+    let n = samples.clone().count();
+    if n < 2 {
         return 0.0;
     }
-    let t0 = samples[0].0;
-    let n = samples.len() as f64;
-    let xs = samples.iter().map(|&(t, _)| (t - t0) as f64 / 1e9);
+    let n = n as f64;
+    let xs = samples.clone().map(|(t, _)| (t - t0) as f64 / 1e9);
     let mean_x = xs.clone().sum::<f64>() / n;
-    let mean_y = samples.iter().map(|&(_, v)| v as f64).sum::<f64>() / n;
+    let mean_y = samples.clone().map(|(_, v)| v as f64).sum::<f64>() / n;
     let (mut num, mut den) = (0.0, 0.0);
-    for (x, &(_, v)) in xs.zip(samples) {
+    for (x, (_, v)) in xs.zip(samples) {
         num += (x - mean_x) * (v as f64 - mean_y);
         den += (x - mean_x) * (x - mean_x);
     }
@@ -1152,5 +1386,7 @@ fn growth_per_min(samples: &VecDeque<(u64, u64)>) -> f64 {
 }
 
 mod fd_map;
+mod folded;
+mod sites;
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,16 @@
 //! The report of what was left open and every EMFILE/ENFILE: built once from the model, then
 //! rendered as text (valgrind style), markdown or JSON (schema "fdtrace.report/1").
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt::Write as _,
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::WallClock,
-    model::{FdKind, FdMap, Limit, Model, Origin, Pid, SiteId},
+    model::{FdKind, FdView, Folded, Limit, Model, Origin, Pid, SiteId},
     stack::{Frame, Lang},
     tracer::Stacks,
 };
@@ -22,6 +25,12 @@ const BLAME_LISTED: usize = 10;
 const BLAME_WITH_FRAMES: usize = 3;
 /// Incidents the text report shows with stacks; the rest get one line each.
 const INCIDENTS_IN_FULL: usize = 5;
+/// Commands named in the line on clean exits; the rest are counted together.
+const COMMANDS_NAMED: usize = 8;
+/// Groups of folded processes' descriptors the text shows; the rest are counted together.
+const FOLDED_GROUPS_SHOWN: usize = 10;
+/// Pids named for processes listed once with others like them.
+const PIDS_NAMED: usize = 10;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -35,6 +44,88 @@ pub struct Report {
     /// EMFILE/ENFILE failures beyond those listed (the model keeps the first ones whole).
     pub emfile_not_listed: u64,
     pub corrections: crate::model::Corrections,
+    /// Exited processes not in `processes` or `sites`: the oldest past the model's bound, and
+    /// those whose pid came back. Counted here so that the totals still add up.
+    #[serde(default)]
+    pub folded: FoldedReport,
+}
+
+/// Exited processes the model keeps as counts only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FoldedReport {
+    pub processes: u64,
+    /// Those that exited clean, by command ("" for commands past the model's bound on names).
+    pub clean: Vec<CommandCount>,
+    /// What the others had open at exit, by command and call site, most descriptors first.
+    pub open_at_exit: Vec<FoldedSiteReport>,
+    /// Descriptors open at exit in folded processes beyond the groups the model keeps.
+    pub ungrouped_open: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandCount {
+    pub comm: String,
+    pub processes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FoldedSiteReport {
+    pub comm: String,
+    pub kind: FdKind,
+    pub inherited: bool,
+    pub unattributed: bool,
+    /// Processes that exited with descriptors of this site open, and how many in all.
+    pub processes: u64,
+    pub open: u64,
+    pub frames: Vec<FrameReport>,
+}
+
+impl FoldedReport {
+    fn build(folded: &Folded, stacks: &Stacks) -> Self {
+        let mut open_at_exit: Vec<FoldedSiteReport> = folded
+            .open_at_exit
+            .iter()
+            .map(|(key, group)| FoldedSiteReport {
+                comm: key.comm.clone(),
+                kind: key.kind,
+                inherited: key.origin == Origin::Inherited,
+                unattributed: key.origin == Origin::Reconciled,
+                processes: group.processes,
+                open: group.open,
+                frames: frames(stacks, key.stack),
+            })
+            .collect();
+        open_at_exit.sort_by(|a, b| {
+            b.open
+                .cmp(&a.open)
+                .then(a.inherited.cmp(&b.inherited))
+                .then_with(|| a.comm.cmp(&b.comm))
+                .then_with(|| place(&a.frames).cmp(&place(&b.frames)))
+        });
+        Self {
+            processes: folded.processes,
+            clean: by_count(folded.clean.iter().map(|(c, &n)| (c.as_str(), n))),
+            open_at_exit,
+            ungrouped_open: folded.ungrouped_open,
+        }
+    }
+}
+
+/// Counts by command, most first, then by name.
+fn by_count<'a>(counts: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<CommandCount> {
+    let mut merged: BTreeMap<&str, u64> = BTreeMap::new();
+    for (comm, n) in counts {
+        *merged.entry(comm).or_default() += n;
+    }
+    let mut list: Vec<CommandCount> = merged
+        .into_iter()
+        .map(|(comm, processes)| CommandCount {
+            comm: comm.to_string(),
+            processes,
+        })
+        .collect();
+    list.sort_by(|a, b| b.processes.cmp(&a.processes).then(a.comm.cmp(&b.comm)));
+    list
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -133,16 +224,20 @@ impl Report {
                 exe: p.info.exe.clone(),
                 limit: p.info.limit,
                 peak_open: p.peak_open,
-                open_at_end: open.map_or(0, |t| t.len() as u64),
+                open_at_end: model.open_count(p.pid),
                 exit_code: p.exit.as_ref().and_then(|e| e.code),
                 exited: p.exit.is_some(),
             });
+            // A clean exit keeps no descriptors: it has no sites here, which is how the text
+            // report knows to count it rather than list it.
             let mut by_site: BTreeMap<SiteId, Vec<(i32, &crate::model::OpenFd)>> = BTreeMap::new();
-            for (n, fd) in open.into_iter().flat_map(FdMap::iter) {
+            for (n, fd) in open.into_iter().flat_map(FdView::iter) {
                 by_site.entry(fd.site()).or_default().push((n, fd));
             }
             for (site_id, fds) in by_site {
-                let site = &model.sites[site_id];
+                let Some(site) = model.sites.get(site_id) else {
+                    continue;
+                };
                 let oldest = fds.iter().map(|(_, f)| f.opened_ns).min().unwrap_or(end_ns);
                 let mut targets: Vec<String> = Vec::new();
                 for (_, f) in &fds {
@@ -193,9 +288,9 @@ impl Report {
                     .iter()
                     .take(BLAME_LISTED)
                     .enumerate()
-                    .map(|(rank, &(site, open))| {
-                        let s = &model.sites[site];
-                        BlameReport {
+                    .filter_map(|(rank, &(site, open))| {
+                        let s = model.sites.get(site)?;
+                        Some(BlameReport {
                             kind: s.kind,
                             open,
                             inherited: s.origin == Origin::Inherited,
@@ -204,7 +299,7 @@ impl Report {
                             } else {
                                 Vec::new()
                             },
-                        }
+                        })
                     })
                     .collect(),
             })
@@ -222,16 +317,143 @@ impl Report {
                 .incidents_total
                 .saturating_sub(model.incidents.len() as u64),
             corrections: model.corrections,
+            folded: FoldedReport::build(&model.folded, stacks),
         }
     }
 
     /// Descriptors the traced programs themselves left open (not inherited ones like stdio).
     pub fn leaked(&self) -> u64 {
-        self.sites
+        let listed: u64 = self
+            .sites
             .iter()
             .filter(|s| !s.inherited)
             .map(|s| s.open)
-            .sum()
+            .sum();
+        let folded: u64 = self
+            .folded
+            .open_at_exit
+            .iter()
+            .filter(|s| !s.inherited)
+            .map(|s| s.open)
+            .sum();
+        listed + folded
+    }
+
+    /// The processes that exited clean (see [`crate::model::ProcessExit::clean`]): those
+    /// listed, which have no sites, and those folded, by command.
+    fn clean_exits(&self) -> Vec<CommandCount> {
+        let with_sites: HashSet<Pid> = self.sites.iter().map(|s| s.pid).collect();
+        let listed = self
+            .processes
+            .iter()
+            .filter(|p| p.exited && !with_sites.contains(&p.pid))
+            .map(|p| (p.comm.as_str(), 1));
+        let folded = self
+            .folded
+            .clean
+            .iter()
+            .map(|c| (c.comm.as_str(), c.processes));
+        by_count(listed.chain(folded))
+    }
+
+    /// Whether `p` is listed on its own (alive, or something besides stdio open at exit).
+    fn listed<T>(p: &ProcessReport, by_pid: &HashMap<Pid, T>) -> bool {
+        !p.exited || by_pid.contains_key(&p.pid)
+    }
+
+    /// The sites of each process, in report order.
+    fn sites_by_pid(&self) -> HashMap<Pid, Vec<&SiteReport>> {
+        let mut by_pid: HashMap<Pid, Vec<&SiteReport>> = HashMap::new();
+        for s in &self.sites {
+            by_pid.entry(s.pid).or_default().push(s);
+        }
+        by_pid
+    }
+
+    /// "4,998 processes exited clean (bash ×3,000, cat ×1,998)", or None when none did.
+    pub fn clean_summary(&self) -> Option<String> {
+        let clean = self.clean_exits();
+        let total: u64 = clean.iter().map(|c| c.processes).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut names: Vec<String> = clean
+            .iter()
+            .take(COMMANDS_NAMED)
+            .map(|c| {
+                let name = if c.comm.is_empty() {
+                    "other commands"
+                } else {
+                    &c.comm
+                };
+                format!("{name} ×{}", thousands(c.processes))
+            })
+            .collect();
+        if clean.len() > COMMANDS_NAMED {
+            let rest: u64 = clean[COMMANDS_NAMED..].iter().map(|c| c.processes).sum();
+            names.push(format!(
+                "{} more commands ×{}",
+                clean.len() - COMMANDS_NAMED,
+                thousands(rest)
+            ));
+        }
+        Some(format!(
+            "{} process{} exited clean ({})",
+            thousands(total),
+            if total == 1 { "" } else { "es" },
+            names.join(", ")
+        ))
+    }
+
+    /// Lines on the processes folded with descriptors open at exit, or none.
+    fn folded_lines(&self) -> Vec<String> {
+        let f = &self.folded;
+        let clean: u64 = f.clean.iter().map(|c| c.processes).sum();
+        let others = f.processes.saturating_sub(clean);
+        if others == 0 {
+            return Vec::new();
+        }
+        let mut lines = vec![format!(
+            "{} more process{} exited with descriptors open (kept as counts to bound memory):",
+            thousands(others),
+            if others == 1 { "" } else { "es" }
+        )];
+        for g in f.open_at_exit.iter().take(FOLDED_GROUPS_SHOWN) {
+            let place = if g.inherited {
+                "open before tracing".to_string()
+            } else if g.unattributed {
+                "found in /proc, never seen created".to_string()
+            } else {
+                place(&g.frames)
+            };
+            lines.push(format!(
+                "  {} {} in {} {} process{} at {place}",
+                thousands(g.open),
+                g.kind.name(),
+                thousands(g.processes),
+                g.comm,
+                if g.processes == 1 { "" } else { "es" }
+            ));
+        }
+        let hidden: u64 = f
+            .open_at_exit
+            .iter()
+            .skip(FOLDED_GROUPS_SHOWN)
+            .map(|g| g.open)
+            .sum::<u64>()
+            + f.ungrouped_open;
+        if hidden > 0 {
+            lines.push(format!(
+                "  {} more descriptors from other sites",
+                thousands(hidden)
+            ));
+        }
+        lines
+    }
+
+    /// Processes listed and folded.
+    fn process_total(&self) -> u64 {
+        self.processes.len() as u64 + self.folded.processes
     }
 
     pub fn to_json(&self) -> String {
@@ -245,9 +467,30 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let w = &mut out;
-        for p in &self.processes {
+        let by_pid = self.sites_by_pid();
+        let none = Vec::new();
+        let sites_of = |pid: Pid| by_pid.get(&pid).unwrap_or(&none);
+        // Exited processes that left the same things open from the same places (recycled
+        // workers, a script's children inheriting one descriptor) are listed once: the first,
+        // then how many more and which.
+        let mut alike: HashMap<String, Vec<Pid>> = HashMap::new();
+        let mut listed: Vec<(&ProcessReport, Option<String>)> = Vec::new();
+        for p in self.processes.iter().filter(|p| Self::listed(p, &by_pid)) {
+            if !p.exited {
+                listed.push((p, None));
+                continue;
+            }
+            let key = signature(p, sites_of(p.pid));
+            if let Some(more) = alike.get_mut(&key) {
+                more.push(p.pid);
+                continue;
+            }
+            alike.insert(key.clone(), Vec::new());
+            listed.push((p, Some(key)));
+        }
+        for (p, key) in listed {
             let tag = format!("=={}==", p.pid);
-            let mine: Vec<&SiteReport> = self.sites.iter().filter(|s| s.pid == p.pid).collect();
+            let mine = sites_of(p.pid);
             let leaked: u64 = mine.iter().filter(|s| !s.inherited).map(|s| s.open).sum();
             let inherited: u64 = mine.iter().filter(|s| s.inherited).map(|s| s.open).sum();
             let when = if p.exited { "at exit" } else { "now" };
@@ -291,6 +534,23 @@ impl Report {
                     "{tag} {inherited} descriptor(s) were open before tracing began (no stack)"
                 );
             }
+            if let Some(more) = key.and_then(|k| alike.get(&k)).filter(|m| !m.is_empty()) {
+                let _ = writeln!(w, "{tag}");
+                let shown: Vec<String> = more
+                    .iter()
+                    .take(PIDS_NAMED)
+                    .map(ToString::to_string)
+                    .collect();
+                let _ = writeln!(
+                    w,
+                    "{tag} and {} more {} process{} exited with the same open at exit: pids {}{}",
+                    thousands(more.len() as u64),
+                    p.comm,
+                    if more.len() == 1 { "" } else { "es" },
+                    shown.join(", "),
+                    if more.len() > PIDS_NAMED { ", ..." } else { "" }
+                );
+            }
             let _ = writeln!(w, "{tag}");
         }
         for (i, inc) in self.emfile.iter().enumerate() {
@@ -327,11 +587,17 @@ impl Report {
                 self.emfile_not_listed
             );
         }
+        if let Some(clean) = self.clean_summary() {
+            let _ = writeln!(w, "==fdtrace== {clean}");
+        }
+        for line in self.folded_lines() {
+            let _ = writeln!(w, "==fdtrace== {line}");
+        }
         let c = &self.corrections;
         let _ = writeln!(
             w,
             "==fdtrace== {} process(es), {} EMFILE/ENFILE, {} events lost, corrections from /proc: {} added, {} removed, {} reused",
-            self.processes.len(),
+            self.process_total(),
             self.emfile.len() as u64 + self.emfile_not_listed,
             self.dropped_events,
             c.added,
@@ -354,7 +620,7 @@ impl Report {
             "fdtrace {} · {} ms traced · {} process(es) · {} descriptor(s) left open · {} EMFILE/ENFILE · {} events lost\n",
             self.fdtrace_version,
             self.duration_ms,
-            self.processes.len(),
+            self.process_total(),
             self.leaked(),
             self.emfile.len() as u64 + self.emfile_not_listed,
             self.dropped_events
@@ -364,7 +630,8 @@ impl Report {
             "| pid | ppid | command | executable | open at end | peak | limit | exit |"
         );
         let _ = writeln!(w, "|---:|---:|---|---|---:|---:|---:|---|");
-        for p in &self.processes {
+        let by_pid = self.sites_by_pid();
+        for p in self.processes.iter().filter(|p| Self::listed(p, &by_pid)) {
             let exit = match (p.exited, p.exit_code) {
                 (true, Some(code)) => format!("exited {code}"),
                 (true, None) => "exited".to_string(),
@@ -382,16 +649,26 @@ impl Report {
                 fmt_limit(p.limit.soft)
             );
         }
+        if let Some(clean) = self.clean_summary() {
+            let _ = writeln!(w, "\n{clean}.");
+        }
+        let folded = self.folded_lines();
+        if let Some((first, groups)) = folded.split_first() {
+            let _ = writeln!(w, "\n{first}\n");
+            for line in groups {
+                let _ = writeln!(w, "- {}", line.trim_start());
+            }
+        }
         let leaking: Vec<&SiteReport> = self.sites.iter().filter(|s| !s.inherited).collect();
         if !leaking.is_empty() {
             let _ = writeln!(w, "\n#### Still open, by call site\n");
         }
-        let comm = |pid: Pid| {
-            self.processes
-                .iter()
-                .find(|p| p.pid == pid)
-                .map_or("?", |p| p.comm.as_str())
-        };
+        let comms: HashMap<Pid, &str> = self
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.comm.as_str()))
+            .collect();
+        let comm = |pid: Pid| comms.get(&pid).copied().unwrap_or("?");
         for s in leaking {
             let _ = writeln!(
                 w,
@@ -551,6 +828,44 @@ fn fmt_limit(limit: u64) -> String {
     }
 }
 
+/// What an exited process left open, without what differs between processes that did the
+/// same: its command, and per site the kind, origin, count and stack (not the pid, the
+/// descriptor numbers, the targets or the addresses).
+fn signature(p: &ProcessReport, sites: &[&SiteReport]) -> String {
+    let mut key = format!("{}\0{}", p.comm, p.exe);
+    for s in sites {
+        let _ = write!(
+            key,
+            "\0{} {} {} {}",
+            s.kind.name(),
+            s.inherited,
+            s.unattributed,
+            s.open
+        );
+        for f in &s.frames {
+            let _ = write!(
+                key,
+                "|{:?} {:?} {:?} {:?}",
+                f.function, f.file, f.line, f.module
+            );
+        }
+    }
+    key
+}
+
+/// `4,998`: counts of processes run into the thousands.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// `3-9, 12` from a sorted list.
 fn fd_list(fds: &[i32]) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -579,6 +894,14 @@ fn fd_list(fds: &[i32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(4_998), "4,998");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
 
     #[test]
     fn fd_lists_compress_runs() {

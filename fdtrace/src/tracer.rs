@@ -54,8 +54,15 @@ impl Stacks {
     }
 }
 
-/// A stack as captured: native frames, and Python frames as (code object, instruction).
-type StackKey = (Vec<RawFrame>, Vec<(u64, u64)>);
+/// A stack as captured: native frames by object and offset in it, and Python frames as (code
+/// object, instruction). Not by address: each exec'd process maps its objects elsewhere
+/// (ASLR), and keyed by addresses this table grew with every short-lived child's stacks.
+type StackKey = (Vec<(Option<Arc<str>>, u64)>, Vec<(u64, u64)>);
+
+/// Past this many entries [`Tracer::interned`] starts over: it only spares symbolizing a
+/// stack again (its id comes from `by_location`), and Python frames name code objects by
+/// address, which differ in every process.
+const MAX_INTERNED: usize = 65_536;
 
 pub struct Tracer {
     unwinder: Unwinder,
@@ -67,7 +74,7 @@ pub struct Tracer {
     /// CPython interpreters found (or gone, `None`) since the session last looked: the probe's
     /// Python map must follow.
     pub python_changes: Vec<(u32, Option<PyProc>)>,
-    /// Raw native frames plus the Python frames (code object, instruction) of a stack.
+    /// Stack ids by the captured frames (see [`StackKey`]), bounded by [`MAX_INTERNED`].
     interned: HashMap<StackKey, StackId>,
     /// Symbolized stacks by what they say, so that raw stacks differing only in addresses
     /// (an unrolled loop's several calls on one line) are one call site.
@@ -89,14 +96,25 @@ struct Location {
 impl From<&Frame> for Location {
     fn from(f: &Frame) -> Self {
         let unresolved = f.function.is_none() && f.file.is_none();
+        // Placed in no mapping, the address is all there is, and it means nothing in another
+        // process (see `placed_nowhere`): such frames are one location.
+        let nowhere = f.module.is_none() && f.offset == f.addr;
         Self {
             function: f.function.clone(),
             file: f.file.clone(),
             line: f.line,
             module: f.module.clone(),
-            offset: unresolved.then_some(f.offset),
+            offset: (unresolved && !nowhere).then_some(f.offset),
         }
     }
+}
+
+/// The unwinder placed this frame in no mapping: the process's mappings were not known yet
+/// (a child that execs and exits within milliseconds can beat its mapping reports) or the
+/// address is garbage. Its address is where ASLR put something this time, so keyed by it
+/// every such child made a stack and a call site of its own, and the tables grew by the child.
+fn placed_nowhere(f: &RawFrame) -> bool {
+    f.module.is_none() && f.file_offset == f.addr
 }
 
 impl Default for Tracer {
@@ -306,7 +324,7 @@ impl Tracer {
             &cap.bytes,
             native.then_some(&mut reads),
         );
-        let id = self.intern_frames(pid, unwound.frames, rec);
+        let id = self.intern_frames(pid, &unwound.frames, rec);
         if native && let Some(space) = unwound.space {
             let regs = (cap.ip, cap.sp, cap.bp);
             self.memo
@@ -318,15 +336,28 @@ impl Tracer {
     }
 
     /// The id of an unwound stack (plus the record's Python frames), symbolizing it if new.
-    fn intern_frames(&mut self, pid: u32, frames: Vec<RawFrame>, rec: &Record) -> StackId {
+    fn intern_frames(&mut self, pid: u32, frames: &[RawFrame], rec: &Record) -> StackId {
         if frames.is_empty() && rec.py.is_empty() {
             return NO_STACK;
         }
-        let key = (frames, rec.py.iter().map(|f| (f.code, f.instr)).collect());
+        let key: StackKey = (
+            frames
+                .iter()
+                .map(|f| {
+                    let offset = if placed_nowhere(f) {
+                        u64::MAX
+                    } else {
+                        f.file_offset
+                    };
+                    (f.module.clone(), offset)
+                })
+                .collect(),
+            rec.py.iter().map(|f| (f.code, f.instr)).collect(),
+        );
         if let Some(&id) = self.interned.get(&key) {
             return id;
         }
-        let native = self.symbolizer.symbolize(&key.0);
+        let native = self.symbolizer.symbolize(frames);
         let symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
         // In a Python stack the interpreter's own native frames change as CPython specialises
         // a call site; the Python frames and the rest say where the descriptor came from.
@@ -340,6 +371,9 @@ impl Tracer {
             .by_location
             .entry(location)
             .or_insert_with(|| self.stacks.push(symbolized));
+        if self.interned.len() >= MAX_INTERNED {
+            self.interned.clear();
+        }
         self.interned.insert(key, id);
         id
     }
@@ -535,6 +569,42 @@ fn peer(aux: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_placed_nowhere_are_one_location() {
+        let nowhere = |addr| Frame {
+            function: None,
+            file: None,
+            path: None,
+            line: None,
+            module: None,
+            addr,
+            offset: addr,
+            lang: crate::stack::Lang::Native,
+            inlined: false,
+        };
+        let raw = |addr| RawFrame {
+            module: None,
+            file_offset: addr,
+            addr,
+        };
+        assert!(placed_nowhere(&raw(0x7f93_ee14_eb1d)));
+        assert_eq!(
+            Location::from(&nowhere(0x7f93_ee14_eb1d)),
+            Location::from(&nowhere(0x7f7b_a65c_8b1d)),
+            "ASLR moved it: the same nothing"
+        );
+        // JIT code: an offset in an anonymous mapping, which does tell frames apart.
+        let jit = |offset| Frame {
+            offset,
+            ..nowhere(0x7f00_0000_0000 + offset)
+        };
+        assert!(!placed_nowhere(&RawFrame {
+            file_offset: 0x10,
+            ..raw(0x7f00_0000_0010)
+        }));
+        assert_ne!(Location::from(&jit(0x10)), Location::from(&jit(0x20)));
+    }
 
     #[test]
     fn peers_format() {

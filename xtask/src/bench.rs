@@ -47,13 +47,24 @@ tracepoint:syscalls:sys_exit_openat /pid == cpid && args->ret >= 0/ { @fds[args-
 tracepoint:syscalls:sys_enter_close /pid == cpid/ { delete(@fds[args->fd]); }
 END { clear(@fds); }";
 
+/// Process churn: how many short children (comma-separated; 100k take two to three minutes
+/// of fork and exec), and how long the soak recycles a worker (seconds). Environment
+/// variables, so that a quick run can ask for less.
+const CHURN_CHILDREN_VAR: &str = "FDTRACE_BENCH_CHURN_CHILDREN";
+const CHURN_CHILDREN: [u64; 3] = [1_000, 10_000, 100_000];
+const SOAK_SECONDS_VAR: &str = "FDTRACE_BENCH_SOAK_SECONDS";
+const SOAK_SECONDS: u64 = 60;
+/// The soak's worker is replaced this often (gunicorn or uvicorn with --max-requests).
+const SOAK_RECYCLE_MS: u64 = 100;
+
 /// The sections, in the order they run.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "loop",
     "nginx",
     "ingest",
     "unwinding",
     "memory",
+    "churn",
     "attach",
     "recording",
 ];
@@ -70,7 +81,15 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
         bail!("the benchmarks load eBPF probes: run them as root (sudo -E cargo xtask bench)");
     }
     let started = Instant::now();
-    ensure_debian_packages(&["bpftrace", "strace", "wrk", "nginx"])?;
+    // Only the packages the chosen sections use: `cargo xtask bench churn` installs nothing.
+    let mut packages = Vec::new();
+    if wanted("loop") {
+        packages.extend(["bpftrace", "strace"]);
+    }
+    if wanted("nginx") {
+        packages.extend(["wrk", "nginx"]);
+    }
+    ensure_debian_packages(&packages)?;
     toolchain::setup(workspace)?;
     let fdtrace = build_release(workspace)?;
     let dir = target_dir(workspace)?.join("bench");
@@ -82,6 +101,8 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
         loop_bin: compile(&fixtures, &dir, "bench_loop")?,
         hold_bin: compile(&fixtures, &dir, "bench_hold")?,
         ticker_bin: compile(&fixtures, &dir, "bench_ticker")?,
+        // Shared with the root test tests/churn.rs.
+        churn_bin: compile(&workspace.join("fdtrace/tests/fixtures"), &dir, "churn")?,
         dir,
     };
     let mut rows = Vec::new();
@@ -99,6 +120,9 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
     }
     if wanted("memory") {
         bench.memory(&mut rows)?;
+    }
+    if wanted("churn") {
+        bench.churn(&mut rows)?;
     }
     if wanted("attach") {
         bench.attach_latency(&mut rows)?;
@@ -199,7 +223,51 @@ struct Bench {
     loop_bin: PathBuf,
     hold_bin: PathBuf,
     ticker_bin: PathBuf,
+    churn_bin: PathBuf,
     dir: PathBuf,
+}
+
+/// What `churn_run` measured of fdtrace.
+struct ChurnRun {
+    hwm: u64,
+    /// RSS when the fixture printed its "leaker" line: the children done, the report not built.
+    rss_after: u64,
+    /// The anonymous part of it: fdtrace's heap, without the ring buffer (whose pages count
+    /// once written, so that a short run seems to take less) and mapped files.
+    anon_after: u64,
+    /// (seconds since start, RSS) every `SAMPLE_EVERY`.
+    curve: Vec<(f64, u64)>,
+    children: u64,
+    seconds: f64,
+    dropped: u64,
+}
+
+/// How often `churn_run` reads fdtrace's memory.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// A kB field of /proc/PID/status, in bytes.
+fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// Numbers from an environment variable (comma-separated), or the defaults.
+fn env_numbers(var: &str, default: &[u64]) -> anyhow::Result<Vec<u64>> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .replace('_', "")
+                    .parse::<u64>()
+                    .with_context(|| format!("{var}={v}: not a list of numbers"))
+            })
+            .collect(),
+        _ => Ok(default.to_vec()),
+    }
 }
 
 /// How a loop run is traced.
@@ -650,6 +718,186 @@ impl Bench {
             rss,
             anon,
             held,
+            dropped: dropped_events(&report)?,
+        })
+    }
+
+    /// fdtrace's memory under process churn: its RSS after N short children (fork + exec of
+    /// /bin/true, one after the other, then one that exits leaking a descriptor), and what
+    /// each child more costs from one N to the next; then the RSS curve of a master that replaces its worker every 100 ms,
+    /// each worker leaking one descriptor (what fdtrace met with gunicorn --max-requests).
+    fn churn(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        let counts = env_numbers(CHURN_CHILDREN_VAR, &CHURN_CHILDREN)?;
+        let soak = env_numbers(SOAK_SECONDS_VAR, &[SOAK_SECONDS])?
+            .first()
+            .copied()
+            .unwrap_or(SOAK_SECONDS);
+        println!(
+            "bench: churn, {counts:?} short children ({CHURN_CHILDREN_VAR}), a {soak}s soak ({SOAK_SECONDS_VAR})"
+        );
+        // (children, heap after them, per child) of the previous count: what each child more
+        // cost.
+        let mut previous: Option<(u64, u64, f64)> = None;
+        for n in counts {
+            let run = self.churn_run(&["children", &n.to_string()])?;
+            // Per child it must not grow with N: past the model's bound on exited processes
+            // kept one by one, a child costs nothing at all.
+            let (per_child, flat) = match previous {
+                Some((before_n, before_anon, before_per_child)) => {
+                    let per_child = run.anon_after.saturating_sub(before_anon) as f64
+                        / run.children.saturating_sub(before_n).max(1) as f64;
+                    (
+                        Some(per_child),
+                        per_child <= before_per_child.max(0.0) * 1.1 + 64.0,
+                    )
+                }
+                None => (None, true),
+            };
+            let note = per_child.map_or_else(
+                || format!("heap {:.1} MB", run.anon_after as f64 / 1e6),
+                |b| {
+                    format!(
+                        "heap {:.1} MB, {b:.0} B per child more than the previous count",
+                        run.anon_after as f64 / 1e6
+                    )
+                },
+            );
+            previous = Some((run.children, run.anon_after, per_child.unwrap_or(f64::MAX)));
+            rows.push(
+                Row::new(
+                    format!("churn: RSS after {n} short children"),
+                    Some(run.rss_after as f64 / 1e6),
+                    "MB",
+                )
+                .target(
+                    "<= 150 MB peak, B/child not growing",
+                    run.hwm <= 150_000_000 && flat && run.dropped == 0,
+                )
+                .note(format!(
+                    "{note}; peak {:.1} MB (report included); {} processes in {:.0}s; \
+                     dropped_events {}",
+                    run.hwm as f64 / 1e6,
+                    run.children + 1,
+                    run.seconds,
+                    run.dropped
+                )),
+            );
+        }
+        let run = self.churn_run(&["soak", &soak.to_string(), &SOAK_RECYCLE_MS.to_string()])?;
+        // From a tenth of the way in, and at least 5 s (probes loaded, first stacks
+        // symbolized, the load's garbage handed back), to the end.
+        let during: Vec<(f64, u64)> = run
+            .curve
+            .iter()
+            .copied()
+            .filter(|&(t, _)| t <= soak as f64)
+            .collect();
+        let settle = (soak as f64 / 10.0).max(5.0);
+        let settled = during
+            .iter()
+            .find(|&&(t, _)| t >= settle)
+            .map_or(0, |&(_, rss)| rss);
+        let highest = during
+            .iter()
+            .filter(|&&(t, _)| t >= settle)
+            .map(|&(_, rss)| rss)
+            .max()
+            .unwrap_or(0);
+        let growth = highest as f64 / settled.max(1) as f64;
+        let points: Vec<String> = (1..=10)
+            .filter_map(|tenth| {
+                let at = soak as f64 * f64::from(tenth) / 10.0;
+                during
+                    .iter()
+                    .rev()
+                    .find(|&&(t, _)| t <= at)
+                    .map(|&(_, rss)| format!("{:.1}", rss as f64 / 1e6))
+            })
+            .collect();
+        rows.push(
+            Row::new(
+                format!("churn: soak {soak}s, worker recycled every {SOAK_RECYCLE_MS} ms"),
+                Some(highest as f64 / 1e6),
+                "MB",
+            )
+            .ratio(growth)
+            .target("flat within 10%", growth <= 1.10 && run.dropped == 0)
+            .note(format!(
+                "RSS each tenth (MB): {}; {} workers; dropped_events {}",
+                points.join(" "),
+                run.children,
+                run.dropped
+            )),
+        );
+        Ok(())
+    }
+
+    /// `fdtrace run -- churn ARGS`: fdtrace's memory as the fixture runs.
+    fn churn_run(&self, args: &[&str]) -> anyhow::Result<ChurnRun> {
+        let report = self.dir.join("churn.json");
+        let mut child = Command::new(&self.fdtrace)
+            .args(["run", "--format", "json", "-o"])
+            .arg(&report)
+            .arg("--")
+            .arg(&self.churn_bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting fdtrace run -- churn")?;
+        let stdout = child.stdout.take().context("churn's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let status_path = format!("/proc/{}/status", child.id());
+        let started = Instant::now();
+        let (mut hwm, mut after, mut children) = (0, None, None);
+        let mut curve = Vec::new();
+        let (mut last_rss, mut last_anon) = (0, 0);
+        loop {
+            let done = child.try_wait()?.is_some();
+            if let Ok(status) = fs::read_to_string(&status_path) {
+                hwm = status_field(&status, "VmHWM:").unwrap_or(hwm);
+                last_rss = status_field(&status, "VmRSS:").unwrap_or(last_rss);
+                last_anon = status_field(&status, "RssAnon:").unwrap_or(last_anon);
+                curve.push((started.elapsed().as_secs_f64(), last_rss));
+            }
+            // Once fdtrace is done, every line is read (the reader ends at the pipe's end).
+            let lines: Vec<String> = if done {
+                rx.iter().collect()
+            } else {
+                rx.try_iter().collect()
+            };
+            for line in lines {
+                if line.starts_with("leaker ") {
+                    after.get_or_insert((last_rss, last_anon));
+                }
+                if let Some(n) = line.strip_prefix("children ") {
+                    children = n.trim().parse::<u64>().ok();
+                }
+            }
+            if done {
+                break;
+            }
+            thread::sleep(SAMPLE_EVERY);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        // The soak prints no leaker line: its end is the last sample before the report.
+        let (rss_after, anon_after) = after.unwrap_or((last_rss, last_anon));
+        Ok(ChurnRun {
+            hwm,
+            rss_after,
+            anon_after,
+            curve,
+            children: children.context("the churn fixture did not say how many children it ran")?,
+            seconds,
             dropped: dropped_events(&report)?,
         })
     }

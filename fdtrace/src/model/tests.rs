@@ -387,7 +387,7 @@ fn growth_and_forecast() {
     let growth = m.processes[&P].growth_per_min();
     assert!((growth - 600.0).abs() < 1.0, "{growth}");
     let site = m.sites_of(P).find(|s| s.stack == 7).unwrap();
-    assert!((site.growth_per_min() - 600.0).abs() < 1.0);
+    assert!((m.site_growth_per_min(site) - 600.0).abs() < 1.0);
     // 202 open, 798 to go at 10/s.
     let eta = m.forecast_secs(P).unwrap();
     assert!((eta - 79.8).abs() < 0.5, "{eta}");
@@ -484,4 +484,290 @@ fn a_late_close_after_the_new_descriptor_came_and_went_is_exact() {
         .map(|s| (s.opened, s.closed))
         .collect();
     assert_eq!(sites, vec![(1, 1), (1, 1)]);
+}
+
+fn fork(m: &mut Model, parent: Pid, child: Pid, ts: u64) {
+    m.apply(&Event::Forked {
+        parent,
+        child,
+        ts,
+        shares_table: false,
+    });
+}
+
+fn exit(m: &mut Model, pid: Pid, ts: u64) {
+    m.apply(&Event::Exited {
+        pid,
+        ts,
+        code: Some(0),
+    });
+}
+
+/// A shell running short commands: each child copies the shell's descriptors, execs, opens
+/// and closes a few files of its own and exits with only stdio open.
+fn run_child(m: &mut Model, child: Pid, ts: u64) {
+    fork(m, P, child, ts);
+    m.apply(&Event::Exec {
+        pid: child,
+        ts: ts + 1,
+        info: ProcessInfo {
+            comm: "true".into(),
+            ..info(64)
+        },
+    });
+    for (n, stack) in [(3, 20), (3, 21)] {
+        m.apply(&Event::Opened {
+            pid: child,
+            tid: child,
+            ts: ts + 2,
+            syscall: 257,
+            fds: vec![fd(n, FdKind::File, "/etc/ld.so.cache", true)],
+            stack,
+        });
+        m.apply(&Event::Closed {
+            pid: child,
+            ts: ts + 3,
+            fd: n,
+            reopened: false,
+        });
+    }
+    exit(m, child, ts + 4);
+}
+
+#[test]
+fn a_clean_child_leaves_a_count_and_no_sites() {
+    let mut m = attached(64);
+    let sites_before = m.sites.len();
+    for i in 0..1_000 {
+        run_child(&mut m, 1_000 + i, (10 + u64::from(i)) * MS);
+    }
+    assert_eq!(
+        m.sites.len(),
+        sites_before,
+        "each child's sites went with it"
+    );
+    assert_eq!(m.exited_count(), 1_000);
+    let child = &m.processes[&1_500];
+    let exit = child.exit.as_ref().unwrap();
+    assert!(exit.clean());
+    assert_eq!(exit.open, 2);
+    assert_eq!(m.open_count(1_500), 2, "the count stays");
+    assert!(m.open_fds(1_500).unwrap().is_empty(), "the descriptors go");
+    assert_eq!(m.sites_of(1_500).count(), 0);
+    assert_eq!(m.tables.len(), 1, "only the shell's table is left");
+    assert!(m.site_index.len() <= sites_before);
+    // Opens and closes are still counted, for the rates.
+    assert_eq!(m.opened_total, 2 + 1_000 * 4);
+    assert_eq!(m.closed_total, 1_000 * 2);
+}
+
+#[test]
+fn a_child_that_exits_with_a_descriptor_open_keeps_it_and_its_site() {
+    let mut m = attached(64);
+    fork(&mut m, P, 200, 2 * MS);
+    open(&mut m, 200, 3 * MS, 3, 7, false);
+    open(&mut m, 200, 3 * MS, 4, 8, false);
+    m.apply(&Event::Closed {
+        pid: 200,
+        ts: 4 * MS,
+        fd: 4,
+        reopened: false,
+    });
+    exit(&mut m, 200, 5 * MS);
+    let exit = m.processes[&200].exit.as_ref().unwrap();
+    assert!(!exit.clean());
+    let table = m.open_fds(200).unwrap();
+    assert_eq!(table.keys().collect::<Vec<_>>(), [0, 1, 3]);
+    let site = &m.sites[table.get(3).unwrap().site()];
+    assert_eq!(
+        (site.pid, site.stack, site.opened, site.open),
+        (200, 7, 1, 0)
+    );
+    let kept: Vec<StackId> = m.sites_of(200).map(|s| s.stack).collect();
+    assert_eq!(
+        kept.len(),
+        3,
+        "the two inherited sites and stack 7's; stack 8's closed everything and went"
+    );
+    assert!(!kept.contains(&8));
+}
+
+#[test]
+fn exited_processes_past_the_bound_are_folded_oldest_first() {
+    let mut m = attached(64);
+    let leaky: Pid = 1_000;
+    fork(&mut m, P, leaky, MS);
+    open(&mut m, leaky, 2 * MS, 3, 7, false);
+    exit(&mut m, leaky, 3 * MS);
+    let extra = 20u32;
+    for i in 0..MAX_EXITED_KEPT as u32 + extra {
+        run_child(&mut m, 2_000 + i, (10 + u64::from(i)) * MS);
+    }
+    assert_eq!(m.exited_kept, MAX_EXITED_KEPT);
+    assert_eq!(
+        m.exited_count(),
+        MAX_EXITED_KEPT as u64 + u64::from(extra) + 1
+    );
+    assert!(!m.processes.contains_key(&leaky), "the oldest went first");
+    assert!(!m.processes.contains_key(&2_000));
+    let f = &m.folded;
+    assert_eq!(f.processes, u64::from(extra) + 1);
+    assert_eq!(f.clean.get("true"), Some(&u64::from(extra)));
+    let groups: Vec<(&FoldedKey, &FoldedGroup)> = f.open_at_exit.iter().collect();
+    assert_eq!(groups.len(), 3, "stdin, stdout and stack 7: {groups:?}");
+    let own = f
+        .open_at_exit
+        .iter()
+        .find(|(k, _)| k.origin == Origin::Traced)
+        .unwrap();
+    assert_eq!((own.0.stack, own.1.open, own.1.processes), (7, 1, 1));
+    // The leaky child's sites were freed with its record.
+    assert!(m.sites.iter().all(|(_, s)| s.pid != leaky));
+}
+
+#[test]
+fn a_reused_pid_starts_fresh_and_the_old_process_is_counted() {
+    let mut m = attached(64);
+    fork(&mut m, P, 200, 2 * MS);
+    open(&mut m, 200, 3 * MS, 3, 7, false);
+    exit(&mut m, 200, 4 * MS);
+    fork(&mut m, P, 200, 5 * MS);
+    open(&mut m, 200, 6 * MS, 3, 7, false);
+    assert!(m.processes[&200].alive());
+    let site = m.sites_of(200).find(|s| s.stack == 7).unwrap();
+    assert_eq!(
+        (site.opened, site.open),
+        (1, 1),
+        "not the old process's site"
+    );
+    assert_eq!(m.folded.processes, 1);
+    assert_eq!(m.exited_count(), 1);
+    // A fork record for a pid we still think alive: its exit was missed.
+    fork(&mut m, P, 200, 7 * MS);
+    assert_eq!(m.open_count(200), 2);
+    assert_eq!(m.folded.processes, 2);
+    assert_eq!(site_open(&m, 200, 7), 0);
+    assert!(m.sites.iter().all(|(_, s)| s.stack != 7), "{:?}", m.sites);
+}
+
+#[test]
+fn sites_an_incident_blames_outlive_their_process() {
+    let mut m = attached(4);
+    fork(&mut m, P, 200, 2 * MS);
+    open(&mut m, 200, 3 * MS, 2, 7, false);
+    open(&mut m, 200, 3 * MS, 3, 7, false);
+    m.apply(&Event::Failed {
+        pid: 200,
+        tid: 200,
+        ts: 4 * MS,
+        syscall: 257,
+        errno: Errno::Emfile,
+        stack: 9,
+    });
+    exit(&mut m, 200, 5 * MS);
+    fork(&mut m, P, 200, 6 * MS);
+    let blame = &m.incidents[0].blame;
+    assert_eq!(blame.len(), 3);
+    let top = &m.sites[blame[0].0];
+    assert_eq!((top.pid, top.stack, blame[0].1), (200, 7, 2));
+}
+
+#[test]
+fn a_site_in_a_shared_table_lives_until_its_last_descriptor_closes() {
+    let mut m = attached(64);
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 2 * MS,
+        shares_table: true,
+    });
+    open(&mut m, 200, 3 * MS, 3, 7, false);
+    exit(&mut m, 200, 4 * MS);
+    assert_eq!(m.open_count(P), 3);
+    let id = m.open_fds(P).unwrap().get(3).unwrap().site();
+    assert_eq!(m.sites[id].pid, 200);
+    m.apply(&Event::Exec {
+        pid: 200,
+        ts: 4 * MS,
+        info: info(64),
+    });
+    close(&mut m, 5 * MS, 3, false);
+    assert_eq!(m.open_count(P), 2);
+    assert_eq!(
+        m.sites.get(id).map(|s| s.pid),
+        Some(200),
+        "200's snapshot still refers to it"
+    );
+    fork(&mut m, P, 200, 6 * MS);
+    assert!(m.sites.iter().all(|(_, s)| s.stack != 7), "{:?}", m.sites);
+}
+
+#[test]
+fn unsharing_a_table_counts_the_copies() {
+    let mut m = attached(64);
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 2 * MS,
+        shares_table: true,
+    });
+    open(&mut m, P, 3 * MS, 3, 7, false);
+    m.apply(&Event::ClosedRange {
+        pid: 200,
+        ts: 4 * MS,
+        first: 10,
+        last: 20,
+        cloexec_only: false,
+        unshare: true,
+    });
+    assert_eq!(site_open(&m, P, 7), 2, "one descriptor in each table");
+    close(&mut m, 5 * MS, 3, false);
+    exit(&mut m, 200, 6 * MS);
+    assert_eq!(site_open(&m, P, 7), 0);
+}
+
+#[test]
+fn a_site_takes_no_lifetime_memory_until_something_closes() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 3, 7, false);
+    let site = m.sites_of(P).find(|s| s.stack == 7).unwrap();
+    assert_eq!(site.lifetime_ms(0.5), None);
+    close(&mut m, 12 * MS, 3, false);
+    let site = m.sites_of(P).find(|s| s.stack == 7).unwrap();
+    assert!((site.lifetime_ms(0.5).unwrap() - 10.0).abs() < 0.1);
+}
+
+#[test]
+fn pids_that_come_back_before_the_bound_leave_no_trail() {
+    let mut m = attached(64);
+    // A pid_max of 100: every pid comes back long before MAX_EXITED_KEPT exits.
+    for i in 0..3 * MAX_EXITED_KEPT as u32 {
+        run_child(&mut m, 1_000 + i % 100, (10 + u64::from(i)) * MS);
+    }
+    assert_eq!(m.exited_kept, 100);
+    assert!(m.exit_order.len() <= 2 * MAX_EXITED_KEPT + 1);
+    assert_eq!(m.exited_count(), 3 * MAX_EXITED_KEPT as u64);
+}
+
+#[test]
+fn exited_records_are_bounded_in_bytes_too() {
+    let mut m = attached(64);
+    for i in 0..MAX_EXITED_KEPT as u32 {
+        let child = 1_000 + i;
+        let ts = (10 + u64::from(i)) * MS;
+        fork(&mut m, P, child, ts);
+        open(&mut m, child, ts + 1, 3, 7, false);
+        open(&mut m, child, ts + 1, 4, 8, false);
+        exit(&mut m, child, ts + 2);
+    }
+    assert!(m.exited_bytes <= MAX_EXITED_BYTES);
+    assert!(m.exited_kept < MAX_EXITED_KEPT, "{}", m.exited_kept);
+    assert_eq!(m.exited_count(), MAX_EXITED_KEPT as u64);
+    let kept: usize = m
+        .processes
+        .values()
+        .filter_map(|p| p.exit.as_ref())
+        .map(|e| e.bytes as usize)
+        .sum();
+    assert_eq!(kept, m.exited_bytes);
 }

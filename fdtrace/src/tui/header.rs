@@ -56,6 +56,7 @@ impl Header<'_> {
         } else {
             left.push(Span::styled("waiting for the first events", t.dim));
         }
+        // The live ones by name, then the exited ones counted: a shell script runs thousands.
         let others: Vec<String> = view
             .processes
             .iter()
@@ -73,6 +74,16 @@ impl Header<'_> {
             left.push(Span::styled(
                 format!("  +{}: {}", others.len(), others.join(", ")),
                 t.label,
+            ));
+        }
+        if view.exited > 0 {
+            left.push(Span::styled(
+                format!(
+                    "{}{} exited",
+                    if others.is_empty() { "  +" } else { " · " },
+                    view.exited
+                ),
+                t.dim,
             ));
         }
         let [l, r] =

@@ -308,6 +308,44 @@ fn header() {
     });
 }
 
+/// A shell's thousand children: the header names the live ones and counts the others, and
+/// the history of each goes when it exits.
+#[test]
+fn exited_children_are_counted_and_forgotten() {
+    let (mut feed, mut app) = scenario(10, 0, true);
+    for child in 5_000..6_000 {
+        let ts = feed.model.last_ns + MS;
+        feed.model.apply(&Event::Forked {
+            parent: PID,
+            child,
+            ts,
+            shares_table: false,
+        });
+        app.observe(&feed);
+        feed.model.apply(&Event::Exited {
+            pid: child,
+            ts: ts + MS,
+            code: Some(0),
+        });
+    }
+    feed.model.apply(&Event::Forked {
+        parent: PID,
+        child: 7_000,
+        ts: feed.model.last_ns + MS,
+        shares_table: false,
+    });
+    app.observe(&feed);
+    app.refresh(&feed);
+    assert_eq!(app.collector.history_pids(), [PID, 7_000]);
+    assert_eq!(app.view.exited, 1_000);
+    let top = screen(&app, 160, 45);
+    let first = top.lines().next().unwrap();
+    assert!(
+        first.contains("+1: 7000 demo-server · 1000 exited"),
+        "{first}"
+    );
+}
+
 #[test]
 fn header_of_a_replay_following_children() {
     let (mut feed, mut app) = scenario(60, 0, false);

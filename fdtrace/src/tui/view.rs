@@ -9,7 +9,9 @@ use std::{
 
 use super::{Feed, format};
 use crate::{
-    model::{Corrections, FdKind, FdMap, Limit, Model, NO_STACK, Origin, Pid, SiteId, StackId},
+    model::{
+        Corrections, FdKind, FdView, Limit, Model, NO_STACK, Origin, Pid, Process, SiteId, StackId,
+    },
     probe::ProbeCost,
     report::{self, FrameReport},
 };
@@ -117,7 +119,10 @@ pub struct View {
     pub now_ns: u64,
     /// The process the gauge and timeline show first: the fullest table.
     pub focus: Option<Pid>,
+    /// Live processes, and the focus if it exited.
     pub processes: Vec<ProcessView>,
+    /// Exited processes besides those in `processes`.
+    pub exited: u64,
     pub opens_per_sec: f64,
     pub closes_per_sec: f64,
     pub incidents_total: u64,
@@ -148,8 +153,27 @@ pub struct Collector {
     /// (time, probe cost so far).
     probe: VecDeque<(u64, ProbeCost)>,
     pub incidents: Vec<IncidentRow>,
+    /// The process the last view focused on.
+    focus: Option<Pid>,
     frames: HashMap<StackId, Arc<[FrameReport]>>,
     places: HashMap<StackId, String>,
+}
+
+fn process_view(model: &Model, p: &Process) -> ProcessView {
+    ProcessView {
+        pid: p.pid,
+        comm: p.info.comm.clone(),
+        exe: p.info.exe.clone(),
+        alive: p.alive(),
+        open: model.open_count(p.pid),
+        limit: p.info.limit,
+        growth_per_min: if p.alive() { p.growth_per_min() } else { 0.0 },
+        forecast_secs: if p.alive() {
+            model.forecast_secs(p.pid)
+        } else {
+            None
+        },
+    }
 }
 
 fn push_bucket<T: Copy>(
@@ -192,9 +216,18 @@ impl Collector {
             let open = model.open_count(p.pid);
             push_bucket(self.history.entry(p.pid).or_default(), ts, open, u64::max);
         }
-        let opened = model.sites.iter().map(|s| s.opened).sum();
-        let closed = model.sites.iter().map(|s| s.closed).sum();
-        push_bucket(&mut self.totals, ts, (opened, closed), |_, new| new);
+        // A pid's history goes with it (a shell's children would each leave up to ten
+        // minutes of samples), except the focus's: the timeline still shows it.
+        let focus = self.focus;
+        self.history.retain(|pid, _| {
+            Some(*pid) == focus || model.processes.get(pid).is_some_and(Process::alive)
+        });
+        push_bucket(
+            &mut self.totals,
+            ts,
+            (model.opened_total, model.closed_total),
+            |_, new| new,
+        );
         if let Some(cost) = feed.probe_cost() {
             push_bucket(&mut self.probe, ts, cost, |_, new| new);
         }
@@ -202,14 +235,15 @@ impl Collector {
             let blame = inc
                 .blame
                 .iter()
-                .map(|&(site, open)| {
-                    let s = &model.sites[site];
-                    BlameRow {
+                .filter_map(|&(site, open)| {
+                    // Sites an incident blames are kept for as long as the model.
+                    let s = model.sites.get(site)?;
+                    Some(BlameRow {
                         kind: s.kind,
                         open,
                         place: self.place(feed, s.stack, s.origin),
                         stack: s.stack,
-                    }
+                    })
                 })
                 .collect();
             self.frames(feed, inc.stack);
@@ -229,6 +263,12 @@ impl Collector {
             };
             self.incidents.push(row);
         }
+    }
+
+    /// The processes whose history is kept.
+    #[cfg(test)]
+    pub fn history_pids(&self) -> Vec<Pid> {
+        self.history.keys().copied().collect()
     }
 
     /// The symbolized frames of a stack, innermost first (cached: stacks never change).
@@ -270,24 +310,26 @@ impl Collector {
     /// Builds the view from the model as it is now.
     pub fn view(&mut self, feed: &dyn Feed) -> View {
         let model = feed.model();
-        let processes: Vec<ProcessView> = model
+        // The live processes, and the focus once it exited (until another takes its place):
+        // exited ones are only counted, since a shell script's thousands would bury the rest.
+        let shown = |p: &&Process| p.alive() || Some(p.pid) == self.focus;
+        let mut processes: Vec<ProcessView> = model
             .processes
             .values()
-            .map(|p| ProcessView {
-                pid: p.pid,
-                comm: p.info.comm.clone(),
-                exe: p.info.exe.clone(),
-                alive: p.alive(),
-                open: model.open_count(p.pid),
-                limit: p.info.limit,
-                growth_per_min: if p.alive() { p.growth_per_min() } else { 0.0 },
-                forecast_secs: if p.alive() {
-                    model.forecast_secs(p.pid)
-                } else {
-                    None
-                },
-            })
+            .filter(shown)
+            .map(|p| process_view(model, p))
             .collect();
+        if processes.is_empty() {
+            // Nothing alive and no focus yet (a replay that starts after every exit): the
+            // fullest exited process.
+            processes.extend(
+                model
+                    .processes
+                    .values()
+                    .max_by_key(|p| (p.peak_open, std::cmp::Reverse(p.pid)))
+                    .map(|p| process_view(model, p)),
+            );
+        }
         let focus = processes
             .iter()
             .max_by(|a, b| {
@@ -296,6 +338,8 @@ impl Collector {
                     .unwrap_or(std::cmp::Ordering::Equal)
             })
             .map(|p| p.pid);
+        self.focus = focus;
+        let shown_exited = processes.iter().filter(|p| !p.alive).count() as u64;
         let (opens_per_sec, closes_per_sec) = self.rates();
         View {
             position: feed.position(),
@@ -303,6 +347,7 @@ impl Collector {
             now_ns: model.last_ns,
             focus,
             processes,
+            exited: model.exited_count().saturating_sub(shown_exited),
             opens_per_sec,
             closes_per_sec,
             incidents_total: model.incidents_total,
@@ -368,14 +413,15 @@ impl Collector {
         // The oldest open descriptor of each site, from the tables as they are now.
         let mut oldest: HashMap<SiteId, u64> = HashMap::new();
         for p in model.processes.values().filter(|p| p.alive()) {
-            for fd in model.open_fds(p.pid).into_iter().flat_map(FdMap::values) {
+            for fd in model.open_fds(p.pid).into_iter().flat_map(FdView::values) {
                 let e = oldest.entry(fd.site()).or_insert(fd.opened_ns);
                 *e = (*e).min(fd.opened_ns);
             }
         }
         let mut rows = Vec::new();
-        for (id, s) in model.sites.iter().enumerate() {
-            if s.open == 0 && s.opened == 0 {
+        // Sites of live processes: an exited one's descriptors are closed, and are in the report.
+        for (id, s) in model.sites.iter() {
+            if (s.open == 0 && s.opened == 0) || s.gone() {
                 continue;
             }
             if s.stack != NO_STACK {
@@ -389,13 +435,13 @@ impl Collector {
                 open: s.open,
                 opened: s.opened,
                 closed: s.closed,
-                growth_per_min: s.growth_per_min(),
+                growth_per_min: model.site_growth_per_min(s),
                 oldest_age_ns: oldest.get(&id).map(|&t| model.last_ns.saturating_sub(t)),
                 p50_ms: s.lifetime_ms(0.5),
                 p99_ms: s.lifetime_ms(0.99),
                 place: self.place(feed, s.stack, s.origin),
                 stack: s.stack,
-                targets: s.targets.iter().map(ToString::to_string).collect(),
+                targets: s.targets().iter().map(ToString::to_string).collect(),
             });
         }
         rows
