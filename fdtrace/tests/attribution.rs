@@ -160,8 +160,16 @@ fn emfile_moments_match_the_programs_clock_and_blame_the_filler() {
         let inc = by_syscall(syscall);
         let delta = inc.mono_ns as i64 - truth[key];
         // The probe fires before the fixture's clock_gettime returns: within 1 ms, at or before.
+        // An emulated guest (`cargo xtask vm-test`) runs several times slower, and the host's
+        // load stretches it further: there the order is checked, and a bound of a second.
+        let bound = if common::emulated() {
+            println!("{syscall}: emulated, EMFILE moment checked within 1 s, not 1 ms");
+            1_000_000_000
+        } else {
+            1_000_000
+        };
         assert!(
-            (-1_000_000..=0).contains(&delta),
+            (-bound..=0).contains(&delta),
             "{syscall}: fdtrace {} vs program {} ({delta} ns)",
             inc.mono_ns,
             truth[key]

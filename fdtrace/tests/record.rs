@@ -62,7 +62,7 @@ fn record_in_process(argv: &[&str], path: &Path) -> Report {
     child.release();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || tx.send(launch::wait_exit(pid)));
-    let deadline = Instant::now() + Duration::from_mins(1);
+    let deadline = common::run_deadline();
     let mut code = None;
     loop {
         session.pump(Duration::from_millis(20));

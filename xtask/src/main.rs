@@ -11,6 +11,7 @@ mod e2e;
 mod ebpf;
 mod fuzz;
 mod toolchain;
+mod vm;
 
 use std::{
     env,
@@ -60,11 +61,19 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Run the CI gates in order: setup, fmt, clippy (host, eBPF), tests, root tests.
+    /// Run the CI gates in order: setup, fmt, clippy (host, eBPF), tests, root tests, and as
+    /// root the end-to-end incident and the kernel matrix (vm-test).
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
         quick: bool,
+        /// Skip the kernel matrix (`cargo xtask vm-test`).
+        #[arg(long)]
+        no_kernels: bool,
+        /// Without root, pass on the steps that can run (otherwise a test run that could not
+        /// run the root steps fails).
+        #[arg(long)]
+        no_root: bool,
     },
     /// The 502-behind-nginx incident end to end: FastAPI/uvicorn leaking behind nginx, traced
     /// (as root; installs nginx, and fastapi and uvicorn into .tools/venv-fastapi, if missing).
@@ -75,6 +84,19 @@ enum Task {
         /// Run only these sections (loop, nginx, ingest, unwinding, memory, attach,
         /// recording); all of them when none is named.
         only: Vec<String>,
+    },
+    /// Run the root tests on Debian's 6.1 and 6.12 kernels, each booted under QEMU with
+    /// virtme-ng (as root; installs qemu, kmod and busybox-static, virtme-ng into
+    /// .tools/venv-vng and the kernels into .tools/kernels and /lib/modules, if missing).
+    VmTest {
+        /// Only this kernel series (repeat or comma-separate); all of them when none is given.
+        #[arg(
+            long = "kernel",
+            value_name = "SERIES",
+            value_delimiter = ',',
+            value_parser = clap::builder::PossibleValuesParser::new(vm::SERIES.map(|s| s.name))
+        )]
+        kernels: Vec<String>,
     },
     /// Fuzz the recording reader for SECONDS (cargo +nightly fuzz; installs cargo-fuzz into
     /// .tools/ once) and print how many executions it survived.
@@ -131,8 +153,16 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             println!("installed {}", installed.display());
         }
         Task::Demo { args } => demo::run(&workspace, &args)?,
-        Task::Test { quick } => checks::run(&workspace, quick)?,
+        Task::Test {
+            quick,
+            no_kernels,
+            no_root,
+        } => checks::run(&workspace, quick, no_kernels, no_root)?,
         Task::E2e => e2e::run(&workspace)?,
+        Task::VmTest { kernels } => {
+            toolchain::setup(&workspace)?;
+            vm::run(&workspace, &kernels)?;
+        }
         Task::Bench { only } => bench::run(&workspace, &only)?,
         Task::Fuzz { seconds } => {
             fuzz::run(&workspace, seconds)?;

@@ -15,6 +15,23 @@ use fdtrace::{
     session::Session,
 };
 
+/// Whether the tests run in an emulated guest (`cargo xtask vm-test` sets FDTRACE_EMULATED=1),
+/// where wall-clock bounds do not hold.
+pub fn emulated() -> bool {
+    std::env::var_os("FDTRACE_EMULATED").is_some_and(|v| v == "1")
+}
+
+/// How long a traced command may take before the test gives up: a minute, or ten in an
+/// emulated guest, which runs several times slower (300 short children took over a minute).
+pub fn run_deadline() -> Instant {
+    if emulated() {
+        println!("emulated: a traced run may take 10 min, not 1");
+        Instant::now() + Duration::from_mins(10)
+    } else {
+        Instant::now() + Duration::from_mins(1)
+    }
+}
+
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -87,7 +104,7 @@ pub fn run_traced(argv: &[&str], options: ProbeOptions) -> TracedRun {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || tx.send(launch::wait_exit(pid)));
     let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_mins(1);
+    let deadline = run_deadline();
     let mut exit_code = None;
     loop {
         events.extend(session.pump(Duration::from_millis(20)));
