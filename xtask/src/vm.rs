@@ -606,8 +606,13 @@ impl Guest<'_> {
         )?;
         // virtme-ng's /tmp is an overlay on the host's, shared over 9p, which has no file
         // handles (name_to_handle_at fails with EOPNOTSUPP); a real machine's /tmp is a tmpfs
-        // or a disk file system, and the fixtures work there.
-        script.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp\n");
+        // or a disk file system, and the fixtures work there. The tests' temporary directory
+        // is a tmpfs of its own (TMPDIR), not one mounted over /tmp: the workspace itself may
+        // be under /tmp (a CI clone was), and would vanish from the guest.
+        script.push_str(
+            "mkdir -p /run/fdtrace-tmp && mount -t tmpfs -o mode=1777 tmpfs /run/fdtrace-tmp \
+             && export TMPDIR=/run/fdtrace-tmp\n",
+        );
         writeln!(script, "R={}", sh_quote(utf8(results)?))?;
         script.push_str("uname -r > \"$R/kernel\"\n");
         for binary in binaries {
