@@ -128,7 +128,7 @@ pub fn run(workspace: &Path, selected: &[String]) -> anyhow::Result<()> {
         };
         let mut outcome = guest.boot(kernel, &binaries)?;
         if outcome.guest_kernel_crashed() {
-            // Seen once in a dozen 6.12 boots: "Oops: int3" in __schedule while the tests
+            // Seen once on 6.12, in a clean-clone CI run: "Oops: int3" in __schedule while the tests
             // attached probes, i.e. static-key patching (text_poke_bp) racing under QEMU's
             // multi-threaded TCG. The guest's kernel, not fdtrace, died; one more boot tells
             // an emulation flake from a real failure, which would crash again.
