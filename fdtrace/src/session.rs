@@ -383,10 +383,6 @@ impl Session {
         (self.probes.traced(), self.probes.python_pids())
     }
 
-    pub fn probe_choices(&self) -> &crate::probe::ProbeChoices {
-        self.probes.choices()
-    }
-
     pub fn probe_cost(&self) -> crate::probe::ProbeCost {
         self.probes.cost()
     }
