@@ -251,21 +251,18 @@ fn slot_taken(fd: u64) -> u64 {
     taken().map_or(0, u64::from)
 }
 
-/// Whether `addr` lies in the current process's executable image, text to the end of its bss
-/// (`mm->start_code` up to `mm->start_brk`).
+/// The current process's executable image, text to the end of its bss (`mm->start_code` up to
+/// `mm->start_brk`).
 #[inline(always)]
-fn in_executable_image(addr: u64) -> bool {
+fn executable_image() -> Result<(u64, u64), ()> {
     let l = layout();
-    let image = || -> Result<(u64, u64), ()> {
-        // SAFETY: no preconditions.
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-        let mm: *const u8 = kernel_field(task, l.task_mm)?;
-        Ok((
-            kernel_field(mm, l.mm_start_code)?,
-            kernel_field(mm, l.mm_start_brk)?,
-        ))
-    };
-    image().is_ok_and(|(start, end)| start <= addr && addr < end)
+    // SAFETY: no preconditions.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mm: *const u8 = kernel_field(task, l.task_mm)?;
+    Ok((
+        kernel_field(mm, l.mm_start_code)?,
+        kernel_field(mm, l.mm_start_brk)?,
+    ))
 }
 
 /// Reads a `T` at `offset` bytes into a kernel object, through the checking helper (so an
@@ -655,10 +652,24 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
     // The old image's interpreter is gone; userspace registers the new one's once it has
     // looked, unless it already has (the executable's mapping report can beat this probe).
     // SAFETY: a lookup; the value is copied out at once.
-    if let Some(py) = unsafe { PYTHON.get(tgid) }.copied()
-        && !in_executable_image(py.runtime)
-    {
-        let _ = PYTHON.remove(tgid);
+    if let Some(py) = unsafe { PYTHON.get(tgid) }.copied() {
+        let image = executable_image();
+        let keep = image.is_ok_and(|(start, end)| start <= py.runtime && py.runtime < end);
+        if !keep {
+            let _ = PYTHON.remove(tgid);
+        }
+        if layout().debug != 0 {
+            let (start, end) = image.unwrap_or((0, 0));
+            debug!(
+                ctx,
+                "exec of {}: interpreter runtime {:x}, image {:x}-{:x}, kept {}",
+                tgid,
+                py.runtime,
+                start,
+                end,
+                u8::from(keep)
+            );
+        }
     }
     emit_scratch(rec, STACKED_FIXED)
 }

@@ -108,16 +108,32 @@ impl Drop for PerfRing {
 }
 
 /// Watches the executable mappings of processes and their descendants.
-#[derive(Default)]
 pub struct MmapWatcher {
     rings: Vec<PerfRing>,
+    /// Readable once `watch` adds rings, so that a thread polling the old set wakes to poll
+    /// the new one at once: a launched CPython maps its interpreter within a millisecond of
+    /// its release and runs its first lines 20 ms later.
+    wake: Option<OwnedFd>,
     /// Records the kernel dropped because a ring was full.
     pub lost: u64,
 }
 
+impl Default for MmapWatcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl MmapWatcher {
     pub fn new() -> Self {
-        Self::default()
+        // SAFETY: eventfd has no memory-safety preconditions; a new descriptor is owned here.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        Self {
+            rings: Vec::new(),
+            // SAFETY: a descriptor eventfd just returned, owned by nothing else.
+            wake: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
+            lost: 0,
+        }
     }
 
     /// Starts reporting the mappings `pid` (a process that has not started other threads, such
@@ -129,11 +145,27 @@ impl MmapWatcher {
         for cpu in cpus {
             self.rings.push(PerfRing::open(pid, cpu)?);
         }
+        if let Some(wake) = &self.wake {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+            unsafe { libc::write(wake.as_raw_fd(), (&raw const one).cast(), 8) };
+        }
         Ok(())
+    }
+
+    /// The descriptor that `watch` makes readable (see the field), to poll with the rings';
+    /// `drain` empties it.
+    pub fn wake_fd(&self) -> Option<i32> {
+        self.wake.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
     }
 
     /// Appends every mapping reported since the last call.
     pub fn drain(&mut self, out: &mut Vec<MapEvent>) {
+        if let Some(wake) = &self.wake {
+            let mut count = 0u64;
+            // SAFETY: reads at most 8 bytes into a live u64; non-blocking.
+            unsafe { libc::read(wake.as_raw_fd(), (&raw mut count).cast(), 8) };
+        }
         for ring in &mut self.rings {
             ring.drain(out, &mut self.lost);
         }

@@ -157,9 +157,19 @@ impl PythonRegistrar {
     /// Tells the probe where `pid`'s interpreter is, if the kernel still traces `pid` (one that
     /// has exited since must not come back to the map).
     pub fn register(&mut self, pid: u32, proc: PyProc) {
-        if self.traced.get(&pid, 0).is_ok() {
+        let traced = self.traced.get(&pid, 0).is_ok();
+        if traced {
             let _ = self.python.insert(pid, proc, 0);
         }
+        log::debug!(
+            "CPython runtime of {pid} at {:#x}: {}",
+            proc.runtime,
+            if traced {
+                "registered"
+            } else {
+                "not traced (any more)"
+            }
+        );
     }
 }
 

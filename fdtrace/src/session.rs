@@ -475,10 +475,14 @@ fn follow_mappings(
 ) {
     let mut events = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        let fds = mappings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .fds();
+        let fds = {
+            let mappings = mappings.lock().unwrap_or_else(PoisonError::into_inner);
+            mappings
+                .wake_fd()
+                .into_iter()
+                .chain(mappings.fds())
+                .collect::<Vec<_>>()
+        };
         if fds.is_empty() {
             std::thread::sleep(Duration::from_millis(50));
             continue;

@@ -246,26 +246,29 @@ fn a_tight_loop_records_in_few_bytes_per_event_and_cut_files_still_read() {
         bytes.len(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    // Exactly what the loop did: 50000 opens of /etc/hostname and as many closes, every one
-    // recorded, or the ones that were not counted as lost to the record.
-    let (mut opens, mut other_opens, mut closes, mut lost) = (0u64, 0u64, 0u64, 0u64);
+    // Exactly what the loop did: 50000 opens of /etc/hostname and as many closes, each one
+    // either recorded or counted in a Lost record: the loss must account for every missing
+    // record, neither more nor less. (A debug-built tracer drops some at this rate on a busy
+    // machine; the release build keeps up, see `cargo xtask bench loop`.)
+    let (mut opens, mut other_opens, mut closes, mut exits, mut lost) = (0u64, 0, 0, 0, 0);
     for event in reader::events(&recording) {
         match event {
             Event::Opened { fds, .. } if &*fds[0].target == "/etc/hostname" => opens += 1,
-            // The dynamic loader's (ld.so.cache, libc), which it closes too.
+            // The dynamic loader's (ld.so.cache, libc), which it closes too. They happen first,
+            // when the ring is empty, so none of them is lost.
             Event::Opened { .. } => other_opens += 1,
             Event::Closed { .. } => closes += 1,
+            Event::Exited { .. } => exits += 1,
             Event::Lost { count } => lost += count,
             _ => {}
         }
     }
-    eprintln!("{opens} opens, {closes} closes, {lost} lost");
-    assert_eq!(lost, 0, "records lost");
-    assert_eq!(opens, 50_000);
-    assert!(
-        (50_000..=50_000 + other_opens).contains(&closes),
-        "{closes} closes for {opens} + {other_opens} opens"
+    eprintln!(
+        "{opens} opens, {other_opens} other opens, {closes} closes, {exits} exits, {lost} lost"
     );
+    assert!(opens <= 50_000 && closes <= 50_000 + other_opens && exits <= 1);
+    let missing = (50_000 - opens) + (50_000 + other_opens - closes) + (1 - exits);
+    assert_eq!(lost, missing, "records lost, counted vs missing");
     assert!(per_event <= 8.0, "{per_event:.2} bytes/event");
 
     // Cut at several points: what was whole reads, with one warning and a zero exit.
