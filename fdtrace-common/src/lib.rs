@@ -242,8 +242,13 @@ pub struct PyProc {
     /// Address of `_PyRuntime` in the process.
     pub runtime: u64,
     pub offsets: PyOffsets,
+    /// The process's pid namespace (the nsfs device and inode of /proc/PID/ns/pid) when it is
+    /// not the tracer's, else 0, 0. CPython records each thread's id as the thread sees it
+    /// (`gettid()`), which inside a container is the namespace's number, not the host's.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }
-const _: () = assert!(size_of::<PyProc>() == 56);
+const _: () = assert!(size_of::<PyProc>() == 72);
 
 /// Bytes of the Python frames section, present only when `py_count` is not 0.
 pub const PY_BYTES: usize = PY_FRAMES_MAX * size_of::<PyFrame>();

@@ -11,7 +11,10 @@
 //! interprets the owner byte and the instruction word per version. Offsets per version come
 //! from userspace, so one walk serves 3.10 (`PyFrameObject`s linked by `f_back`) to 3.13.
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
+use aya_ebpf::{
+    bindings::bpf_pidns_info,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_probe_read_user},
+};
 use fdtrace_common::{PY_FRAMES_MAX, PY_THREADS_MAX, PyFrame, PyOffsets, PyProc, StackedRecord};
 
 use crate::maps::PYTHON;
@@ -33,7 +36,9 @@ pub fn interpreter(tgid: u32) -> Option<PyProc> {
 /// how many.
 #[inline(always)]
 pub fn frames(rec: &mut StackedRecord, py: &PyProc) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(tid) = thread_id(py) else {
+        return 0;
+    };
     let off = py.offsets;
     let interp = read_u64(py.runtime + u64::from(off.runtime_interpreters_head));
     if interp == 0 {
@@ -78,6 +83,26 @@ pub fn frames(rec: &mut StackedRecord, py: &PyProc) -> u32 {
         frame = read_u64(frame + u64::from(off.frame_previous));
     }
     n
+}
+
+/// This thread's id as CPython stored it: the host's, or the one in the process's own pid
+/// namespace (a container's) when userspace said which namespace that is.
+#[inline(always)]
+fn thread_id(py: &PyProc) -> Option<u32> {
+    if py.pidns_ino == 0 {
+        return Some(bpf_get_current_pid_tgid() as u32);
+    }
+    let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes at most size_of::<bpf_pidns_info>() bytes into `ns`.
+    let r = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            py.pidns_dev,
+            py.pidns_ino,
+            &raw mut ns,
+            size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    (r == 0).then_some(ns.pid)
 }
 
 /// The thread state of kernel thread `tid` among the list starting at `tstate`, or 0.

@@ -286,9 +286,25 @@ pub struct Interpreter {
     pub proc: PyProc,
 }
 
-/// Looks for `_PyRuntime` in the object `path`, mapped executable at `start` from file offset
-/// `pgoff`; `None` when it is not a CPython the table describes.
-pub fn detect(path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {
+/// Looks for `_PyRuntime` in the object `path` (as process `pid` sees it: read through its
+/// root first, which is another file system in a container), mapped executable at `start`
+/// from file offset `pgoff`; `None` when it is not a CPython the table describes.
+pub fn detect(pid: u32, path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {
+    let mut found = detect_object(&format!("/proc/{pid}/root{path}"), start, pgoff)
+        .or_else(|| detect_object(path, start, pgoff))?;
+    (found.proc.pidns_dev, found.proc.pidns_ino) = foreign_pid_namespace(pid).unwrap_or((0, 0));
+    Some(found)
+}
+
+/// The pid namespace of `pid` (nsfs device and inode) when it is not ours.
+fn foreign_pid_namespace(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then(|| (theirs.dev(), theirs.ino()))
+}
+
+fn detect_object(path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {
     let layout = layout(version_of(path)?)?;
     let object = runtime_symbol(path)?;
     // Every segment of an ELF object is loaded at the same bias: find it from the segment
@@ -305,6 +321,7 @@ pub fn detect(path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {
         proc: PyProc {
             runtime: bias + object.runtime,
             offsets: layout.probe,
+            ..PyProc::default()
         },
     })
 }
@@ -429,8 +446,7 @@ pub fn detect_in_process(pid: u32) -> Option<Interpreter> {
         .find_map(|m| {
             let path = m.path.as_deref()?;
             version_of(path)?;
-            detect(&format!("/proc/{pid}/root{path}"), m.start, m.offset)
-                .or_else(|| detect(path, m.start, m.offset))
+            detect(pid, path, m.start, m.offset)
         })
 }
 

@@ -514,7 +514,8 @@ fn follow_mappings(
         for event in events.drain(..) {
             if let MapEvent::Map { pid, mapping, .. } = event
                 && python::version_of(&mapping.path).is_some()
-                && let Some(found) = python::detect(&mapping.path, mapping.start, mapping.offset)
+                && let Some(found) =
+                    python::detect(pid, &mapping.path, mapping.start, mapping.offset)
             {
                 registrar.register(pid, found.proc);
             }

@@ -162,7 +162,7 @@ impl Tracer {
     pub fn early_python(&mut self, event: &MapEvent) {
         if let MapEvent::Map { pid, mapping, .. } = event
             && python::version_of(&mapping.path).is_some()
-            && let Some(found) = python::detect(&mapping.path, mapping.start, mapping.offset)
+            && let Some(found) = python::detect(*pid, &mapping.path, mapping.start, mapping.offset)
         {
             self.python.register(*pid, found.layout);
             self.python_changes.push((*pid, Some(found.proc)));
@@ -357,7 +357,10 @@ impl Tracer {
         if let Some(&id) = self.interned.get(&key) {
             return id;
         }
-        let native = self.symbolizer.symbolize(frames);
+        let unwinder = &self.unwinder;
+        let native = self
+            .symbolizer
+            .symbolize_with(frames, &|module| unwinder.open_path(module));
         let symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
         // In a Python stack the interpreter's own native frames change as CPython specialises
         // a call site; the Python frames and the rest say where the descriptor came from.

@@ -22,6 +22,20 @@ pub use memo::StackMemo;
 pub use symbolize::Symbolizer;
 pub use unwind::{Mapping, Unwinder};
 
+/// The module name of a file mapped by a process in another mount namespace (a container):
+/// its path there, then its device and inode, which is what keeps two containers' different
+/// files at one path apart in every cache keyed by module. [`display_path`] drops the suffix.
+pub fn namespaced_module(path: &str, dev: u64, inode: u64) -> Arc<str> {
+    Arc::from(format!("{path}{NS_MARK}{dev:x}:{inode}]"))
+}
+
+const NS_MARK: &str = " [file ";
+
+/// A module name as the process sees its path (without [`namespaced_module`]'s identity).
+pub fn display_path(module: &str) -> &str {
+    module.split_once(NS_MARK).map_or(module, |(path, _)| path)
+}
+
 /// One frame of an unwound stack, process-independent: which object and where in it.
 ///
 /// For every frame but the first, `addr` and `file_offset` point at the call instruction

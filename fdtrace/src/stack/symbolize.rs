@@ -44,7 +44,17 @@ impl Symbolizer {
     /// function (`inlined: true`), innermost first, followed by the function they were
     /// inlined into. Each (module, offset) is resolved once.
     pub fn symbolize(&mut self, frames: &[RawFrame]) -> Vec<Frame> {
-        self.resolve_missing(frames);
+        self.symbolize_with(frames, &|_| None)
+    }
+
+    /// [`Self::symbolize`], reading the modules for which `open_path` gives a path (a
+    /// container's files, see [`super::namespaced_module`]) from there.
+    pub fn symbolize_with(
+        &mut self,
+        frames: &[RawFrame],
+        open_path: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<Frame> {
+        self.resolve_missing(frames, open_path);
         let mut symbolized = Vec::with_capacity(frames.len());
         for raw in frames {
             let known = raw
@@ -67,7 +77,7 @@ impl Symbolizer {
     }
 
     /// Asks blazesym about every (module, offset) not cached yet, one batch per module.
-    fn resolve_missing(&mut self, frames: &[RawFrame]) {
+    fn resolve_missing(&mut self, frames: &[RawFrame], open_path: &dyn Fn(&str) -> Option<String>) {
         let mut missing: Vec<(&Arc<str>, Vec<u64>)> = Vec::new();
         for raw in frames {
             let Some(module) = &raw.module else { continue };
@@ -85,21 +95,34 @@ impl Symbolizer {
             }
         }
         for (module, offsets) in missing {
-            let resolved = self.resolve(module, &offsets);
+            let resolved = self.resolve(module, &offsets, open_path);
             let cached = self.cache.entry(Arc::clone(module)).or_default();
             cached.extend(offsets.into_iter().zip(resolved));
         }
     }
 
-    fn resolve(&self, module: &str, offsets: &[u64]) -> Vec<Box<[Frame]>> {
+    fn resolve(
+        &self,
+        module: &str,
+        offsets: &[u64],
+        open_path: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<Box<[Frame]>> {
         let name = object_name(module);
         let unknown = |offset| -> Box<[Frame]> { Box::new([unnamed(Some(name), offset)]) };
         // Only real paths can be opened: not "[vdso]", nor an unlinked file whose path may
-        // name a different file by now (the unwinder marks those " (deleted)").
-        if !module.starts_with('/') || module.ends_with(" (deleted)") {
-            return offsets.iter().copied().map(unknown).collect();
-        }
-        let source = Source::Elf(Elf::new(module));
+        // name a different file by now (the unwinder marks those " (deleted)"), nor a
+        // container's file by its path there, which here names another file or none.
+        let path = match open_path(module) {
+            Some(path) => path,
+            None if module.starts_with('/')
+                && !module.ends_with(" (deleted)")
+                && super::display_path(module) == module =>
+            {
+                module.to_owned()
+            }
+            None => return offsets.iter().copied().map(unknown).collect(),
+        };
+        let source = Source::Elf(Elf::new(path));
         match self.inner.symbolize(&source, Input::FileOffset(offsets)) {
             Ok(symbols) => symbols
                 .into_iter()
@@ -119,7 +142,8 @@ impl Symbolizer {
 
 /// The file name of an object, as `Frame::module` shows it.
 fn object_name(module: &str) -> &str {
-    module.rsplit('/').next().unwrap_or(module)
+    let path = super::display_path(module);
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 fn unnamed(module: Option<&str>, offset: u64) -> Frame {

@@ -273,3 +273,34 @@ fn throughput() {
         elapsed.as_nanos() as f64 / f64::from(iterations),
     );
 }
+
+#[test]
+fn a_containers_module_is_read_only_from_the_path_given_for_it() {
+    // SAFETY: dlsym with a NUL-terminated name; the result is only used as a number.
+    let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
+    let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+    let libc = maps
+        .iter()
+        .find(|m| (m.start..m.end).contains(&getpid))
+        .unwrap();
+    let path = libc.path.as_deref().unwrap();
+    // The same path in a container is another file: a name keyed by its identity.
+    let module = super::namespaced_module(path, libc.dev, libc.inode);
+    assert_eq!(super::display_path(&module), path);
+    let raw = RawFrame {
+        module: Some(module.clone()),
+        file_offset: getpid - libc.start + libc.offset,
+        addr: getpid,
+    };
+    let mut symbolizer = Symbolizer::new();
+    // Without a path to read it by, the host's file of that name is not used.
+    let unnamed = symbolizer.symbolize(std::slice::from_ref(&raw));
+    assert_eq!(unnamed[0].function, None, "{unnamed:#?}");
+    assert!(unnamed[0].module.as_deref().unwrap().starts_with("libc.so"));
+    // Given one (the unwinder's kept descriptor of the container's file), it is.
+    let mut other = Symbolizer::new();
+    let named = other.symbolize_with(std::slice::from_ref(&raw), &|m| {
+        (m == &*module).then(|| path.to_owned())
+    });
+    assert!(function(&named[0]).contains("getpid"), "{named:#?}");
+}

@@ -4,6 +4,7 @@
 use foldhash::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
+use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,9 @@ const MIN_REREAD_INTERVAL: Duration = Duration::from_millis(50);
 /// framehop tags its rule cache with a global u16 generation, bumped on every `add_module`;
 /// after 65536 bumps a stale rule could match again. Start a fresh cache well before.
 const MODULES_PER_CACHE: u32 = 30_000;
+
+/// Past this many files kept open for symbolizing containers' modules, they start over.
+const MAX_FOREIGN_FILES: usize = 1024;
 
 /// Past this many parsed objects, those no process maps any more are dropped.
 const MAX_CACHED_OBJECTS: usize = 512;
@@ -118,6 +122,10 @@ pub struct Unwinder {
     /// Processes whose mappings come from kernel reports (`map`), kept across their forks.
     reported: HashSet<u32>,
     spaces_built: u64,
+    /// The files behind modules mapped in other mount namespaces (containers), kept open so
+    /// that the symbolizer reads the very file the process mapped, through
+    /// `/proc/self/fd/N`, even once the process and its mount namespace are gone.
+    foreign_files: HashMap<Arc<str>, File>,
 }
 
 /// The stack words an unwind read: (offset from sp, the word there, or `None` past the
@@ -153,7 +161,15 @@ impl Unwinder {
             modules_added: 0,
             reported: HashSet::default(),
             spaces_built: 0,
+            foreign_files: HashMap::default(),
         }
+    }
+
+    /// A path the symbolizer can open `module` by, for modules of processes in other mount
+    /// namespaces (see `module_name`); `None` for every other module, whose path is its name.
+    pub fn open_path(&self, module: &str) -> Option<String> {
+        let file = self.foreign_files.get(module)?;
+        Some(format!("/proc/self/fd/{}", file.as_raw_fd()))
     }
 
     /// The id of `pid`'s current address space (see [`Unwound::space`]).
@@ -416,11 +432,23 @@ impl Unwinder {
                 .retain(|_, object| object.as_ref().is_some_and(|o| Arc::strong_count(o) > 1));
         }
 
+        if self.foreign_files.len() > MAX_FOREIGN_FILES {
+            self.foreign_files.clear();
+        }
+        let foreign = in_foreign_mount_namespace(pid);
         let mut code = Vec::with_capacity(entries.len());
         let mut unwinder = UnwinderX86_64::new();
         let mut objects = Vec::new();
         for entry in &entries {
-            let module = module_name(entry);
+            let module = module_name(entry, foreign);
+            if foreign
+                && let Some(module) = &module
+                && !entry.deleted
+                && !self.foreign_files.contains_key(module)
+                && let Ok(file) = open_mapped_file(pid, entry)
+            {
+                self.foreign_files.insert(Arc::clone(module), file);
+            }
             if let Some(object) = self.object_for(pid, entry) {
                 if object.has_unwind_info() {
                     unwinder.add_module(Module::new(
@@ -485,11 +513,15 @@ impl Unwinder {
 
 /// `RawFrame::module` for an executable mapping: the path as the process sees it. An unlinked
 /// file keeps the kernel's ` (deleted)` marker: the path may name a different file by now,
-/// and symbolizing against that would give wrong names.
-fn module_name(entry: &MapEntry) -> Option<Arc<str>> {
+/// and symbolizing against that would give wrong names. A file of a process in another mount
+/// namespace (a container) is named by its path there plus its identity (see
+/// [`super::namespaced_module`]): two containers may hold different files at the same path.
+fn module_name(entry: &MapEntry, foreign: bool) -> Option<Arc<str>> {
     let path = entry.path.as_ref()?;
     if entry.deleted {
         Some(Arc::from(format!("{path} (deleted)")))
+    } else if entry.is_file() && foreign {
+        Some(super::namespaced_module(path, entry.dev, entry.inode))
     } else if entry.is_file() || &**path == VDSO {
         Some(Arc::clone(path))
     } else {
@@ -498,20 +530,28 @@ fn module_name(entry: &MapEntry) -> Option<Arc<str>> {
     }
 }
 
+/// Whether `pid` sees another file system tree than we do (it runs in a container). False
+/// when that cannot be read: the process is gone, and its files are looked up as ours.
+fn in_foreign_mount_namespace(pid: u32) -> bool {
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    match (ns(&format!("/proc/{pid}/ns/mnt")), ns("/proc/self/ns/mnt")) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        _ => false,
+    }
+}
+
 /// Opens the file behind a mapping: through the process's root first (it may live in another
 /// mount namespace), then through `map_files` (works for unlinked files; needs `CAP_SYS_ADMIN`),
-/// then by the path as we see it.
+/// then by the path as we see it, if that is the same file (same device and inode): in a
+/// container the same path is often another file, and its symbols would be wrong names.
 fn open_mapped_file(pid: u32, entry: &MapEntry) -> anyhow::Result<File> {
+    use std::os::unix::fs::MetadataExt as _;
     let path = entry.path.as_deref().unwrap_or_default();
     let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", entry.start, entry.end);
     let candidates = if entry.deleted {
         vec![map_files]
     } else {
-        vec![
-            format!("/proc/{pid}/root{path}"),
-            map_files,
-            path.to_owned(),
-        ]
+        vec![format!("/proc/{pid}/root{path}"), map_files]
     };
     let mut last_error = None;
     for candidate in candidates {
@@ -519,6 +559,14 @@ fn open_mapped_file(pid: u32, entry: &MapEntry) -> anyhow::Result<File> {
             Ok(file) => return Ok(file),
             Err(e) => last_error = Some(anyhow::Error::new(e).context(candidate)),
         }
+    }
+    if !entry.deleted {
+        let file = File::open(path).with_context(|| path.to_owned())?;
+        let meta = file.metadata()?;
+        if (meta.dev(), meta.ino()) == (entry.dev, entry.inode) {
+            return Ok(file);
+        }
+        anyhow::bail!("{path} is another file here than in process {pid}");
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no way to open {path}")))
 }
