@@ -150,7 +150,12 @@ impl Tracer {
     /// Applies what the kernel reported about a launched process's mappings.
     pub fn mapping(&mut self, event: &MapEvent) {
         match event {
-            MapEvent::Map { pid, mapping, .. } => self.unwinder.map(*pid, mapping),
+            MapEvent::Map { pid, mapping, .. } => {
+                self.unwinder.map(*pid, mapping);
+                // A new mapping may take the place of an unmapped one (dlclose, then dlopen):
+                // the same addresses would then unwind differently.
+                self.forget_memos(*pid);
+            }
             // The interpreter of the new image (if any) was registered early from its
             // mapping report; the probe itself dropped the old one at exec.
             MapEvent::Exec { pid, .. } => self.unwinder.exec_reported(*pid),
@@ -327,10 +332,11 @@ impl Tracer {
         let id = self.intern_frames(pid, &unwound.frames, rec);
         if native && let Some(space) = unwound.space {
             let regs = (cap.ip, cap.sp, cap.bp);
+            let raw = crate::stack::raw_digest(&unwound.frames);
             self.memo
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert(pid, regs, space, reads, id);
+                .insert(pid, regs, space, reads, (raw, id));
         }
         id
     }

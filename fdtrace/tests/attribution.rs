@@ -118,6 +118,28 @@ fn rust_leaks_name_function_and_line() {
 
 #[test]
 #[ignore = "root"]
+fn two_callers_at_the_same_ip_and_sp_get_their_own_stacks() {
+    // The stack memo reuses an unwind for the same (ip, sp) and stack words; caller_a's two
+    // calls from one line (one site, two return addresses) must not make it take caller_b's
+    // return address for data.
+    let bin = common::build_c("same_sp_callers.c", &["-O2", "-g"]);
+    // The pause lets the session remember caller_a's stacks before caller_b runs (else the
+    // memo is not consulted and the test proves nothing); an emulated guest is slower.
+    let pause_ms = if common::emulated() { "8000" } else { "1500" };
+    let (report, pid) = report_of(&[bin.to_str().unwrap(), pause_ms]);
+    for (caller, open) in [("caller_a", 8), ("caller_b", 6)] {
+        let sites = sites_in(&report, pid, caller);
+        assert_eq!(sites.len(), 1, "{caller}: {sites:#?}");
+        assert_eq!(sites[0].open, open, "{caller}: {:#?}", report.sites);
+        assert_eq!(
+            line_in(sites[0], caller),
+            Some(marker_line("same_sp_callers.c", &format!("CALL {caller}")))
+        );
+    }
+}
+
+#[test]
+#[ignore = "root"]
 fn emfile_moments_match_the_programs_clock_and_blame_the_filler() {
     let bin = common::build_c("emfile.c", &["-O2", "-g", "-fomit-frame-pointer"]);
     let truth_file = std::env::temp_dir().join(format!("fdtrace-emfile-{}", std::process::id()));

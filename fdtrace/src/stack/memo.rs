@@ -11,7 +11,10 @@
 //! (nginx: a request pointer, 1184 bytes up). The walk may also depend on them, where a
 //! function does keep a frame pointer. So a memo is first tied to all of them; when an unwind
 //! with another `bp`, or other values in some words, read at exactly the same offsets and gave
-//! the same stack, no address came from those values, and they stop being compared.
+//! the same raw frames (objects and offsets), no address came from those values, and they
+//! stop being compared. The same raw frames, not the same call site: two calls from one
+//! source line are one site with two return addresses, and taking that word for data gave a
+//! third caller reaching the same (ip, sp) the first one's stack.
 
 //!
 //! The ring reader consults the memo (shared behind a lock) before copying a record out of the
@@ -36,17 +39,20 @@ struct Entry {
     /// The deciding reads by offset: the words are compared in the ring, where each cache
     /// line comes from the CPU the probe ran on, and ascending reads let the prefetcher help.
     checks: Vec<(u64, Option<u64>)>,
+    /// What the unwind gave: a digest of its raw frames, and the call site they were interned as.
+    raw: u64,
     stack: u32,
 }
 
 impl Entry {
-    fn new(bp: u64, reads: Reads, stack: u32) -> Self {
+    fn new(bp: u64, reads: Reads, raw: u64, stack: u32) -> Self {
         let mut entry = Self {
             bp,
             bp_irrelevant: false,
             decides: vec![true; reads.len()],
             reads,
             checks: Vec::new(),
+            raw,
             stack,
         };
         entry.sort_checks();
@@ -93,14 +99,15 @@ impl StackMemo {
         same.then_some(e.stack)
     }
 
-    /// Remembers what an unwind of `pid`'s stack in address space `space` read and produced.
+    /// Remembers what an unwind of `pid`'s stack in address space `space` read and produced:
+    /// raw frames with digest `raw` (see [`raw_digest`]), interned as `stack`.
     pub fn insert(
         &mut self,
         pid: u32,
         (ip, sp, bp): (u64, u64, u64),
         space: u64,
         reads: Reads,
-        stack: u32,
+        (raw, stack): (u64, u32),
     ) {
         if self.entries >= MAX_ENTRIES {
             self.processes.clear();
@@ -113,7 +120,7 @@ impl StackMemo {
             process.space = space;
         }
         if let Some(e) = process.entries.get_mut(&(ip, sp))
-            && e.stack == stack
+            && (e.raw, e.stack) == (raw, stack)
             && e.reads.len() == reads.len()
             && e.reads.iter().zip(&reads).all(|(a, b)| a.0 == b.0)
         {
@@ -128,7 +135,7 @@ impl StackMemo {
         }
         if process
             .entries
-            .insert((ip, sp), Entry::new(bp, reads, stack))
+            .insert((ip, sp), Entry::new(bp, reads, raw, stack))
             .is_none()
         {
             self.entries += 1;
@@ -141,6 +148,18 @@ impl StackMemo {
             self.entries -= process.entries.len();
         }
     }
+}
+
+/// A digest of an unwind's raw frames (object and file offset each), to tell two unwinds that
+/// gave the same frames from two that only symbolize alike.
+pub fn raw_digest(frames: &[super::RawFrame]) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut hasher = foldhash::fast::FixedState::with_seed(0x5eed).build_hasher();
+    for frame in frames {
+        frame.module.as_deref().hash(&mut hasher);
+        frame.file_offset.hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -156,7 +175,7 @@ mod tests {
         let mut memo = StackMemo::default();
         let stack = words(&[1, 0x4000, 3, 0x5000]);
         let reads = vec![(8, Some(0x4000)), (24, Some(0x5000)), (32, None)];
-        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads.clone(), 42);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads.clone(), (1, 42));
         assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack), Some(42));
         // Words it did not read may change.
         let other = words(&[9, 0x4000, 9, 0x5000]);
@@ -172,7 +191,7 @@ mod tests {
         assert_eq!(memo.get(7, (0x10, 0x108, 0xbb), &stack), None);
         // Another bp, until an unwind with another bp read the same words.
         assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), &stack), None);
-        memo.insert(7, (0x10, 0x100, 0xcc), 1, reads.clone(), 42);
+        memo.insert(7, (0x10, 0x100, 0xcc), 1, reads.clone(), (1, 42));
         assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), &stack), Some(42));
     }
 
@@ -180,16 +199,16 @@ mod tests {
     fn a_word_that_changed_nothing_stops_being_compared() {
         let mut memo = StackMemo::default();
         let reads = |saved_bp| vec![(8, Some(0x4000)), (16, Some(saved_bp)), (24, Some(0x5000))];
-        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xaaa), 42);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xaaa), (1, 42));
         let stack = |saved_bp| words(&[0, 0x4000, saved_bp, 0x5000]);
         assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack(0xccc)), None);
-        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xccc), 42);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xccc), (1, 42));
         assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack(0xddd)), Some(42));
         // The return addresses still count.
         let moved = words(&[0, 0x4008, 0xddd, 0x5000]);
         assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &moved), None);
         // Another stack from the same offsets is a new memo, compared in full again.
-        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xeee), 43);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xeee), (1, 43));
         assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack(0xfff)), None);
     }
 
@@ -197,8 +216,8 @@ mod tests {
     fn a_new_address_space_or_program_drops_the_memos() {
         let mut memo = StackMemo::default();
         let stack = words(&[1, 2]);
-        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], 42);
-        memo.insert(7, (0x20, 0x100, 0xbb), 2, vec![(8, Some(2))], 43);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], (1, 42));
+        memo.insert(7, (0x20, 0x100, 0xbb), 2, vec![(8, Some(2))], (1, 43));
         assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &stack), None);
         assert_eq!(memo.get(7, (0x20, 0x100, 0xbb), &stack), Some(43));
         memo.forget(7);
@@ -210,10 +229,30 @@ mod tests {
     fn a_bp_that_changed_the_reads_stays_part_of_the_key() {
         let mut memo = StackMemo::default();
         let stack = words(&[1, 2, 3, 4]);
-        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], 42);
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(2))], (1, 42));
         // With bp 0xcc the walk read elsewhere: bp matters here.
-        memo.insert(7, (0x10, 0x100, 0xcc), 1, vec![(16, Some(3))], 43);
+        memo.insert(7, (0x10, 0x100, 0xcc), 1, vec![(16, Some(3))], (1, 43));
         assert_eq!(memo.get(7, (0x10, 0x100, 0xdd), &stack), None);
         assert_eq!(memo.get(7, (0x10, 0x100, 0xcc), &stack), Some(43));
+    }
+
+    #[test]
+    fn two_calls_from_one_line_teach_nothing_about_the_return_address() {
+        let mut memo = StackMemo::default();
+        // Two return addresses at offset 8 into one caller, one source line: one call site,
+        // two different raw stacks.
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(0x4000))], (1, 42));
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, vec![(8, Some(0x4010))], (2, 42));
+        // A third caller's return address there is another stack, not a hit.
+        let third = words(&[0, 0x5000]);
+        assert_eq!(memo.get(7, (0x10, 0x100, 0xbb), &third), None);
+        // The same raw frames from another value do teach it (a saved register, not an
+        // address).
+        memo.insert(7, (0x20, 0x100, 0xbb), 1, vec![(8, Some(0xaaa))], (3, 44));
+        memo.insert(7, (0x20, 0x100, 0xbb), 1, vec![(8, Some(0xbbb))], (3, 44));
+        assert_eq!(
+            memo.get(7, (0x20, 0x100, 0xbb), &words(&[0, 0xccc])),
+            Some(44)
+        );
     }
 }

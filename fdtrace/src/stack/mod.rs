@@ -18,7 +18,7 @@ mod tests;
 
 use std::sync::Arc;
 
-pub use memo::StackMemo;
+pub use memo::{StackMemo, raw_digest};
 pub use symbolize::Symbolizer;
 pub use unwind::{Mapping, Unwinder};
 
