@@ -60,7 +60,21 @@ pub mod kind {
     /// A traced process executed a new program: laid out as a stacked record with no stack,
     /// the new `comm` in `args[0..2]` and the executable's path in `aux`.
     pub const EXEC: u32 = 5;
+    /// A CPython code object a traced process ran, sent the first time the probe sees it
+    /// (see [`super::CODE_COPIES`]): `args[0]` the code object's address, `args[1..4]` the
+    /// addresses of its qualified name, file name and line table objects, `args[4]` and
+    /// `args[5]` the bytes copied of each (low and high halves), then the copies. The process
+    /// may be gone when userspace reads its records: this is what names its frames then.
+    pub const CODE: u32 = 6;
 }
+
+/// Bytes of each copy in a [`kind::CODE`] record, in order: the code object's start (up to
+/// its line table pointer in every version), its qualified name and its file name (`str`
+/// objects), and its line table (a `bytes` object). Powers of two (see the probe's reads).
+pub const CODE_COPIES: [usize; 4] = [256, 256, 512, 2048];
+/// A [`kind::CODE`] record's size.
+pub const CODE_RECORD: usize =
+    size_of::<RecordHeader>() + CODE_COPIES[0] + CODE_COPIES[1] + CODE_COPIES[2] + CODE_COPIES[3];
 
 /// Per-CPU counters the probes keep; userspace sums them across CPUs.
 #[repr(u32)]
@@ -247,8 +261,16 @@ pub struct PyProc {
     /// (`gettid()`), which inside a container is the namespace's number, not the host's.
     pub pidns_dev: u64,
     pub pidns_ino: u64,
+    /// Offsets in a code object of `co_qualname` (`co_name` in 3.10), `co_filename` and
+    /// `co_linetable`, for the probe's copies (see [`kind::CODE`]).
+    pub code_qualname: u16,
+    pub code_filename: u16,
+    pub code_linetable: u16,
+    /// Told apart per registration, so that code objects announced by a process's earlier
+    /// program (before an exec) or by an earlier process with its pid are announced again.
+    pub generation: u16,
 }
-const _: () = assert!(size_of::<PyProc>() == 72);
+const _: () = assert!(size_of::<PyProc>() == 80);
 
 /// Bytes of the Python frames section, present only when `py_count` is not 0.
 pub const PY_BYTES: usize = PY_FRAMES_MAX * size_of::<PyFrame>();

@@ -98,19 +98,6 @@ struct UserRegs {
     regs: Regs,
 }
 
-impl From<&pt_regs> for UserRegs {
-    fn from(r: &pt_regs) -> Self {
-        Self {
-            args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
-            regs: Regs {
-                ip: r.rip,
-                sp: r.rsp,
-                bp: r.rbp,
-            },
-        }
-    }
-}
-
 /// One field of the tracepoint's `struct pt_regs *`: the verifier knows its BTF type and lets
 /// the program load from it directly (a fault reads 0 instead of crashing).
 macro_rules! reg {
@@ -156,9 +143,32 @@ pub fn fdt_sys_exit_raw(ctx: RawTracePointContext) -> i32 {
     let Ok(nr) = (unsafe { bpf_probe_read_kernel(&raw const (*regs).orig_rax) }) else {
         return 0;
     };
-    // SAFETY: as above, the whole frame in one read.
-    let load = || unsafe { bpf_probe_read_kernel(regs) }.ok();
-    match try_sys_exit(nr as u32, ret, || load().map(|r| UserRegs::from(&r))) {
+    // Field by field: a copy of the whole 168-byte frame on the stack left too little of the
+    // program's 512 bytes for the Python code announcements.
+    let load = || {
+        // SAFETY: as above.
+        let field = |f: *const u64| unsafe { bpf_probe_read_kernel(f) }.ok();
+        // SAFETY: field addresses inside the frame the tracepoint points at (not dereferenced
+        // here; the helper reads them).
+        unsafe {
+            Some(UserRegs {
+                args: [
+                    field(&raw const (*regs).rdi)?,
+                    field(&raw const (*regs).rsi)?,
+                    field(&raw const (*regs).rdx)?,
+                    field(&raw const (*regs).r10)?,
+                    field(&raw const (*regs).r8)?,
+                    field(&raw const (*regs).r9)?,
+                ],
+                regs: Regs {
+                    ip: field(&raw const (*regs).rip)?,
+                    sp: field(&raw const (*regs).rsp)?,
+                    bp: field(&raw const (*regs).rbp)?,
+                },
+            })
+        }
+    };
+    match try_sys_exit(nr as u32, ret, load) {
         Ok(()) | Err(()) => 0,
     }
 }
@@ -318,17 +328,24 @@ fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) ->
     rec.header.kind = kind::STACKED;
     // SAFETY: the aux array is AUX_MAX bytes.
     let aux_len = unsafe { read_aux(&header.args, rec.aux.as_mut_ptr(), aux) };
-    let py_count = py.map_or(0, |py| python::frames(rec, &py));
+    let py_count = py.map_or(0, |py| python::frames(rec, py));
     if py.is_some() && py_count == 0 {
         count(Counter::PyFramesMissing);
     }
+
     let offset = if py_count == 0 { 0 } else { PY_BYTES };
     // SAFETY: offset <= PY_BYTES, and the stack is bounded by STACK_MAX: inside the tail.
     let dst = unsafe { rec.tail.as_mut_ptr().add(offset) };
     let want = stack_wanted(regs, traced);
     let stack_len = copy_stack(dst, STACK_MAX as u32, regs.sp, want);
     rec.stack = stack_header(regs, stack_len, aux_len, py_count);
-    emit_scratch(rec, STACKED_FIXED + offset + stack_len)
+    let sent = emit_scratch(rec, STACKED_FIXED + offset + stack_len);
+    if let Some(py) = py
+        && py_count > 0
+    {
+        python::announce_codes(rec, py_count, py);
+    }
+    sent
 }
 
 /// Writes a native stacked record of `C` bytes in place in the ring: header, registers, aux

@@ -13,11 +13,41 @@
 
 use aya_ebpf::{
     bindings::bpf_pidns_info,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_probe_read_user,
+        generated::bpf_probe_read_user as bpf_probe_read_user_raw,
+    },
 };
-use fdtrace_common::{PY_FRAMES_MAX, PY_THREADS_MAX, PyFrame, PyOffsets, PyProc, StackedRecord};
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use fdtrace_common::{
+    CODE_COPIES, CODE_RECORD, PY_FRAMES_MAX, PY_THREADS_MAX, PyFrame, PyOffsets, PyProc,
+    RecordHeader, StackedRecord, kind,
+};
 
-use crate::maps::PYTHON;
+use crate::maps::{self, PYTHON};
+
+/// Code objects already announced, per process registration (see [`announce_codes`]). An LRU:
+/// a process that exits leaves its entries to age out, and an entry lost early only means a
+/// second announcement.
+#[map]
+static CODES_SEEN: LruHashMap<CodeKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CodeKey {
+    tgid: u32,
+    generation: u32,
+    code: u64,
+}
+
+/// The innermost frames searched for code objects not yet announced, and how many one record
+/// announces: a leak's own function and its nearest callers first, the rest with the next
+/// records of that path.
+const CODES_CHECKED: usize = 8;
+const CODES_PER_RECORD: usize = 3;
 
 #[inline(always)]
 fn read_u64(addr: u64) -> u64 {
@@ -25,11 +55,13 @@ fn read_u64(addr: u64) -> u64 {
     unsafe { bpf_probe_read_user(addr as *const u64) }.unwrap_or(0)
 }
 
-/// The interpreter of process `tgid`, if userspace found one.
+/// The interpreter of process `tgid`, if userspace found one: a reference into the map, not a
+/// copy (an 80-byte copy held across the record's assembly overran the 512-byte stack).
 #[inline(always)]
-pub fn interpreter(tgid: u32) -> Option<PyProc> {
-    // SAFETY: a lookup; the value is copied out at once.
-    unsafe { PYTHON.get(tgid) }.copied()
+pub fn interpreter(tgid: u32) -> Option<&'static PyProc> {
+    // SAFETY: a lookup; the entry stays valid for the program's run (RCU), and a concurrent
+    // update by userspace can at worst give a torn value, which only misreads frames.
+    unsafe { PYTHON.get(tgid) }
 }
 
 /// Fills the start of `rec.tail` with the calling thread's frames, innermost first; returns
@@ -83,6 +115,166 @@ pub fn frames(rec: &mut StackedRecord, py: &PyProc) -> u32 {
         frame = read_u64(frame + u64::from(off.frame_previous));
     }
     n
+}
+
+/// Sends a [`kind::CODE`] record for each code object among the innermost frames of `rec`
+/// (its first `count` Python frames, up to [`CODES_CHECKED`]) that this process has not
+/// announced yet, up to [`CODES_PER_RECORD`]. Names and line tables are then known even if the process is gone
+/// before userspace reads its records. Called once `rec` is out: the creation's own record
+/// comes first, and the sys_exit programs' stack has no room left for this (their largest
+/// frame is 368 of 512 bytes, and 6.1 refused a BPF-to-BPF call for this with "combined stack
+/// size of 2 calls is 640"), so its temporaries live in a per-CPU map.
+#[inline(always)]
+pub fn announce_codes(rec: &StackedRecord, count: u32, py: &PyProc) {
+    let Some(tmp) = CODE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU here.
+    let tmp = unsafe { &mut *tmp };
+    // Rounds of "find the innermost code object not announced yet, announce it": the search
+    // leaves nothing in registers but whether it found one (the key is in the scratch map),
+    // so however many frames it looked at, the verifier checks one announcement per round,
+    // where announcing inside the search multiplied its work by the frames (0.8 s more to
+    // load with 6 of them).
+    for _ in 0..CODES_PER_RECORD {
+        let mut found = false;
+        for i in 0..CODES_CHECKED {
+            if i as u32 >= count {
+                break;
+            }
+            let src = rec.tail.as_ptr().wrapping_add(i * size_of::<PyFrame>());
+            // SAFETY: i < PY_FRAMES_MAX frames lie at the tail's start, written unaligned.
+            let frame = unsafe { core::ptr::read_unaligned(src.cast::<PyFrame>()) };
+            tmp.key = CodeKey {
+                tgid: rec.header.tgid,
+                generation: u32::from(py.generation),
+                code: frame.code & !7,
+            };
+            // SAFETY: a lookup; only presence is used.
+            if unsafe { CODES_SEEN.get(tmp.key) }.is_none() {
+                found = true;
+                break;
+            }
+        }
+        // Marked seen even when the copy failed: a code object that cannot be copied now
+        // (a full ring) is named from the live process instead, as before.
+        if !found || CODES_SEEN.insert(tmp.key, 1, 0).is_err() {
+            return;
+        }
+        announce(&rec.header, tmp, py);
+    }
+}
+
+/// What [`announce_codes`] works with, in a per-CPU map rather than on the stack: every
+/// word read from the process lands here, not in a stack slot.
+#[repr(C)]
+struct CodeScratch {
+    key: CodeKey,
+    /// The code object's name, file name and line table objects.
+    objects: [u64; 3],
+    /// A length word read from an object, then the length to copy.
+    word: u64,
+    lens: [u32; 4],
+}
+
+#[map]
+static CODE_SCRATCH: PerCpuArray<CodeScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copies a code object and the objects naming it into one ring record.
+#[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the kernel aligns ring records to 8 bytes, as the header needs"
+)]
+fn announce(creation: &RecordHeader, tmp: &mut CodeScratch, py: &PyProc) -> bool {
+    const NAME_AT: usize = size_of::<RecordHeader>() + CODE_COPIES[0];
+    const FILE_AT: usize = NAME_AT + CODE_COPIES[1];
+    const TABLE_AT: usize = FILE_AT + CODE_COPIES[2];
+    let code = tmp.key.code;
+    let fields = [py.code_qualname, py.code_filename, py.code_linetable];
+    for (i, field) in fields.into_iter().enumerate() {
+        tmp.objects[i] = 0;
+        read_into(&mut tmp.objects[i], code + u64::from(field));
+        if tmp.objects[i] == 0 {
+            return false;
+        }
+    }
+    let Some(mut entry) = maps::reserve::<CODE_RECORD>() else {
+        return false;
+    };
+    let dst = entry.as_mut_ptr();
+    // SAFETY: each copy stays inside its part of the CODE_RECORD-byte reservation (`copy`
+    // bounds it by the part's size).
+    unsafe {
+        tmp.word = CODE_COPIES[0] as u64;
+        tmp.lens[0] = copy(
+            dst.add(size_of::<RecordHeader>()),
+            CODE_COPIES[0],
+            code,
+            tmp,
+        );
+        // A str holds at most 4 bytes per character after a header of at most 72 bytes
+        // (3.10, non-ASCII); a bytes object 32 bytes of header, then its size.
+        read_into(&mut tmp.word, tmp.objects[0] + STR_LENGTH);
+        tmp.word = tmp.word.saturating_mul(4).saturating_add(72);
+        tmp.lens[1] = copy(dst.add(NAME_AT), CODE_COPIES[1], tmp.objects[0], tmp);
+        read_into(&mut tmp.word, tmp.objects[1] + STR_LENGTH);
+        tmp.word = tmp.word.saturating_mul(4).saturating_add(72);
+        tmp.lens[2] = copy(dst.add(FILE_AT), CODE_COPIES[2], tmp.objects[1], tmp);
+        read_into(&mut tmp.word, tmp.objects[2] + BYTES_SIZE);
+        tmp.word = tmp.word.saturating_add(BYTES_DATA);
+        tmp.lens[3] = copy(dst.add(TABLE_AT), CODE_COPIES[3], tmp.objects[2], tmp);
+    }
+    // Field by field: a RecordHeader assembled on the stack does not fit there.
+    let hdr = dst.cast::<RecordHeader>();
+    // SAFETY: the header fits at the start of the reservation, which is 8-aligned.
+    unsafe {
+        (*hdr).kind = kind::CODE;
+        (*hdr).nr = 0;
+        (*hdr).tgid = creation.tgid;
+        (*hdr).tid = creation.tid;
+        // Just before the creation's time: written after it, but userspace merges records by
+        // time, and naming the creation's frames needs this first.
+        (*hdr).ts_ns = creation.ts_ns.wrapping_sub(1);
+        (*hdr).ret = 0;
+        (*hdr).args[0] = code;
+        (*hdr).args[1] = tmp.objects[0];
+        (*hdr).args[2] = tmp.objects[1];
+        (*hdr).args[3] = tmp.objects[2];
+        (*hdr).args[4] = u64::from(tmp.lens[0]) | u64::from(tmp.lens[1]) << 32;
+        (*hdr).args[5] = u64::from(tmp.lens[2]) | u64::from(tmp.lens[3]) << 32;
+    }
+    maps::submit(entry);
+    true
+}
+
+/// `ob_size` of a `str` (its length in characters) and of a `bytes` object, and where a
+/// bytes object's data starts: the same in 3.10 to 3.13.
+const STR_LENGTH: u64 = 16;
+const BYTES_SIZE: u64 = 16;
+const BYTES_DATA: u64 = 32;
+
+/// Reads the word at `src` into `dst` (0 when the read fails).
+#[inline(always)]
+fn read_into(dst: &mut u64, src: u64) {
+    // SAFETY: an 8-byte read into an 8-byte destination; the helper zeroes it on a fault.
+    unsafe { bpf_probe_read_user_raw(core::ptr::from_mut(dst).cast(), 8, src as *const _) };
+}
+
+/// Reads `min(tmp.word, cap)` bytes (at least 1; `cap` a power of two) from user memory at
+/// `src` into `dst`; returns how many, or 0 when the read failed.
+#[inline(always)]
+unsafe fn copy(dst: *mut u8, cap: usize, src: u64, tmp: &mut CodeScratch) -> u32 {
+    tmp.word = tmp.word.min(cap as u64).max(1);
+    // As in the stack copy: older verifiers (6.1) lose the bound above, so the length is
+    // masked after a volatile reload (from the map, not a stack slot), which changes nothing
+    // for 1 <= word <= cap.
+    // SAFETY: reading a field of the scratch value.
+    let want = unsafe { core::ptr::read_volatile(&raw const tmp.word) };
+    let len = ((want - 1) & (cap as u64 - 1)) + 1;
+    // SAFETY: the caller's destination has room for cap bytes.
+    let r = unsafe { bpf_probe_read_user_raw(dst.cast(), len as u32, src as *const _) };
+    if r == 0 { len as u32 } else { 0 }
 }
 
 /// This thread's id as CPython stored it: the host's, or the one in the process's own pid

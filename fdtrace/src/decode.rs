@@ -2,7 +2,8 @@
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use fdtrace_common::{
-    AUX_MAX, PY_BYTES, PY_FRAMES_MAX, PyFrame, RecordHeader, STACKED_FIXED, StackHeader, kind,
+    AUX_MAX, CODE_COPIES, CODE_RECORD, PY_BYTES, PY_FRAMES_MAX, PyFrame, RecordHeader,
+    STACKED_FIXED, StackHeader, kind,
 };
 use thiserror::Error;
 
@@ -146,8 +147,51 @@ pub fn decode_into(
                 py,
             })
         }
+        kind::CODE => {
+            if len < CODE_RECORD {
+                return Err(DecodeError::BadLength {
+                    claimed: CODE_RECORD,
+                    len,
+                });
+            }
+            // The copies, in the arena like a path: `aux` holds them whole, and the header's
+            // args say how much of each is meaningful.
+            arena.extend_from_slice(&ring[HEADER..CODE_RECORD]);
+            Ok(Record {
+                header,
+                stack: None,
+                aux: arena.split().freeze(),
+                py: Vec::new(),
+            })
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
+}
+
+/// The copies a [`kind::CODE`] record carries, each with the address it was read from:
+/// the code object's start, its name, its file name and its line table (see
+/// [`fdtrace_common::CODE_COPIES`]). Empty ones (a failed read) are left out.
+pub fn code_copies(rec: &Record) -> Vec<(u64, &[u8])> {
+    let a = &rec.header.args;
+    let lens = [
+        a[4] as u32,
+        (a[4] >> 32) as u32,
+        a[5] as u32,
+        (a[5] >> 32) as u32,
+    ];
+    let addresses = [a[0], a[1], a[2], a[3]];
+    let mut at = 0;
+    let mut copies = Vec::with_capacity(4);
+    for ((&cap, len), address) in CODE_COPIES.iter().zip(lens).zip(addresses) {
+        let len = (len as usize).min(cap);
+        if let Some(bytes) = rec.aux.get(at..at + len)
+            && len > 0
+        {
+            copies.push((address, bytes));
+        }
+        at += cap;
+    }
+    copies
 }
 
 /// The inverse of [`decode`], for tests and synthetic sources.

@@ -296,6 +296,13 @@ pub fn detect(pid: u32, path: &str, start: u64, pgoff: u64) -> Option<Interprete
     Some(found)
 }
 
+/// A new [`PyProc::generation`]: code objects the probe announced under an earlier
+/// registration of a pid (an earlier program, or process) are announced again.
+fn next_generation() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The pid namespace of `pid` (nsfs device and inode) when it is not ours.
 fn foreign_pid_namespace(pid: u32) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
@@ -321,6 +328,10 @@ fn detect_object(path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {
         proc: PyProc {
             runtime: bias + object.runtime,
             offsets: layout.probe,
+            code_qualname: layout.code_qualname as u16,
+            code_filename: layout.code_filename as u16,
+            code_linetable: layout.code_linetable as u16,
+            generation: next_generation(),
             ..PyProc::default()
         },
     })
@@ -536,34 +547,78 @@ impl Resolver {
 
     fn read_code(&self, pid: u32, address: u64) -> Option<Code> {
         let (layout, mem) = self.processes.get(&pid)?;
-        let mem = mem.as_ref()?;
-        let word = |at: u64| read_u64(mem, at);
-        // An int: the low half of the word on a little-endian machine.
-        let firstlineno = read_u64(mem, address.wrapping_add(layout.code_firstlineno))? as u32;
-        let qualname = read_str(
-            mem,
-            layout,
-            word(address.wrapping_add(layout.code_qualname))?,
-        )?;
-        let filename = read_str(
-            mem,
-            layout,
-            word(address.wrapping_add(layout.code_filename))?,
-        )?;
-        let table = word(address.wrapping_add(layout.code_linetable))?;
-        let len = word(table.wrapping_add(layout.bytes_size))?;
-        let linetable = read_bytes(
-            mem,
-            table.wrapping_add(layout.bytes_data),
-            len.min(1 << 20) as usize,
-        )?;
-        Some(Code {
-            qualname,
-            filename,
-            firstlineno,
-            linetable,
-        })
+        read_code(&Memory::Process(mem.as_ref()?), layout, address)
     }
+
+    /// Takes what the probe copied of a code object `pid` ran when it first saw it: the
+    /// object's start and the objects its name, file and line table point to, each with its
+    /// address. The process may be gone by the time its records are read (a script that leaks
+    /// and exits at once); these let its frames be named anyway.
+    pub fn learn_code(&mut self, pid: u32, address: u64, copies: &[(u64, &[u8])]) {
+        let Some((layout, _)) = self.processes.get(&pid) else {
+            return;
+        };
+        if let Some(code) = read_code(&Memory::Copies(copies), layout, address) {
+            self.codes.insert((pid, address), Some(Arc::new(code)));
+        }
+    }
+}
+
+/// Where a code object and the objects it points to are read from.
+enum Memory<'a> {
+    /// The live process, through /proc/PID/mem.
+    Process(&'a File),
+    /// Copies the probe made: (address, bytes) each.
+    Copies(&'a [(u64, &'a [u8])]),
+}
+
+impl Memory<'_> {
+    fn read(&self, at: u64, len: usize) -> Option<Vec<u8>> {
+        match self {
+            Memory::Process(mem) => {
+                let mut buf = vec![0; len];
+                mem.read_exact_at(&mut buf, at).ok()?;
+                Some(buf)
+            }
+            Memory::Copies(copies) => copies.iter().find_map(|&(base, bytes)| {
+                let start = usize::try_from(at.checked_sub(base)?).ok()?;
+                Some(bytes.get(start..start.checked_add(len)?)?.to_vec())
+            }),
+        }
+    }
+
+    fn u64_at(&self, at: u64) -> Option<u64> {
+        let b = self.read(at, 8)?;
+        Some(u64::from_ne_bytes(b.try_into().ok()?))
+    }
+}
+
+fn read_code(mem: &Memory<'_>, layout: &Layout, address: u64) -> Option<Code> {
+    let word = |at: u64| mem.u64_at(at);
+    // An int: the low half of the word on a little-endian machine.
+    let firstlineno = word(address.wrapping_add(layout.code_firstlineno))? as u32;
+    let qualname = read_str(
+        mem,
+        layout,
+        word(address.wrapping_add(layout.code_qualname))?,
+    )?;
+    let filename = read_str(
+        mem,
+        layout,
+        word(address.wrapping_add(layout.code_filename))?,
+    )?;
+    let table = word(address.wrapping_add(layout.code_linetable))?;
+    let len = word(table.wrapping_add(layout.bytes_size))?;
+    let linetable = mem.read(
+        table.wrapping_add(layout.bytes_data),
+        len.min(1 << 20) as usize,
+    )?;
+    Some(Code {
+        qualname,
+        filename,
+        firstlineno,
+        linetable,
+    })
 }
 
 /// The Python frames among `frames` (innermost first), each with whether it is where a C call
@@ -607,24 +662,15 @@ fn line_of(layout: &Layout, code: &Code, address: u64, word: u64) -> Option<u32>
     }
 }
 
-fn read_bytes(mem: &File, at: u64, len: usize) -> Option<Vec<u8>> {
-    let mut buf = vec![0; len];
-    mem.read_exact_at(&mut buf, at).ok()?;
-    Some(buf)
-}
-
-fn read_u64(mem: &File, at: u64) -> Option<u64> {
-    let b = read_bytes(mem, at, 8)?;
-    Some(u64::from_ne_bytes(b.try_into().ok()?))
-}
-
 /// A `str` object's text: compact ASCII, or compact with 1, 2 or 4 bytes per character.
 ///
 /// Addresses come from another process's memory and may be garbage (a code object freed
 /// since its frame was captured): arithmetic on them wraps, and the read then fails.
-fn read_str(mem: &File, layout: &Layout, at: u64) -> Option<String> {
-    let len = read_u64(mem, at.wrapping_add(layout.unicode_length))?.min(4096) as usize;
-    let state = read_u64(mem, at.wrapping_add(layout.unicode_state))? as u32;
+fn read_str(mem: &Memory<'_>, layout: &Layout, at: u64) -> Option<String> {
+    let len = mem
+        .u64_at(at.wrapping_add(layout.unicode_length))?
+        .min(4096) as usize;
+    let state = mem.u64_at(at.wrapping_add(layout.unicode_state))? as u32;
     let kind = (state >> UNICODE_KIND_SHIFT) & 7;
     let compact = state & (1 << UNICODE_COMPACT_BIT) != 0;
     let ascii = state & (1 << UNICODE_ASCII_BIT) != 0;
@@ -632,18 +678,14 @@ fn read_str(mem: &File, layout: &Layout, at: u64) -> Option<String> {
         return None;
     }
     if ascii {
-        let bytes = read_bytes(mem, at.wrapping_add(layout.unicode_ascii_data), len)?;
+        let bytes = mem.read(at.wrapping_add(layout.unicode_ascii_data), len)?;
         return String::from_utf8(bytes).ok();
     }
     let width = match kind {
         1 | 2 | 4 => kind as usize,
         _ => return None,
     };
-    let bytes = read_bytes(
-        mem,
-        at.wrapping_add(layout.unicode_compact_data),
-        len * width,
-    )?;
+    let bytes = mem.read(at.wrapping_add(layout.unicode_compact_data), len * width)?;
     Some(
         bytes
             .chunks(width)

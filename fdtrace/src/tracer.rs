@@ -241,6 +241,11 @@ impl Tracer {
                 vec![Event::Exec { pid, ts, info }]
             }
             kind::SYSCALL => Self::change(pid, ts, h.nr, &a),
+            kind::CODE => {
+                let copies = crate::decode::code_copies(rec);
+                self.python.learn_code(pid, a[0], &copies);
+                Vec::new()
+            }
             kind::STACKED => {
                 let stack = self.intern(rec);
                 if h.ret < 0 {

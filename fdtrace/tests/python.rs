@@ -13,9 +13,17 @@ use std::{
 use fdtrace::{probe::ProbeOptions, report::Report, stack::Lang};
 
 fn marker_line(marker: &str) -> u32 {
-    let text =
-        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/leak.py"))
-            .unwrap();
+    marker_line_in(marker, "leak.py")
+}
+
+/// The line of `tests/fixtures/<file>` holding `marker`.
+fn marker_line_in(marker: &str, file: &str) -> u32 {
+    let text = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(file),
+    )
+    .unwrap();
     text.lines().position(|l| l.contains(marker)).unwrap() as u32 + 1
 }
 
@@ -177,6 +185,47 @@ fn python_leaks_name_the_python_function_and_line() {
                 .iter()
                 .any(|f| f.function.as_deref() == Some("balanced"))),
             "{python}: balanced opens are not leaks"
+        );
+    }
+}
+
+#[test]
+#[ignore = "root"]
+fn a_script_that_exits_at_once_is_still_named() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/exit_at_once.py");
+    let line = marker_line_in("LEAK open_report", "exit_at_once.py");
+    for python in interpreters() {
+        let run = common::run_traced(
+            &[&python, script.to_str().unwrap()],
+            ProbeOptions::default(),
+        );
+        assert_eq!(run.exit_code, 0, "{python}");
+        let report = run.session.report();
+        let site = report
+            .sites
+            .iter()
+            .filter(|s| s.pid == run.pid)
+            .find(|s| {
+                s.frames
+                    .iter()
+                    .any(|f| f.function.as_deref() == Some("open_report"))
+            })
+            .unwrap_or_else(|| panic!("{python}: open_report not named: {:#?}", report.sites));
+        assert_eq!(site.open, 3, "{python}");
+        let frame = site
+            .frames
+            .iter()
+            .find(|f| f.function.as_deref() == Some("open_report"))
+            .unwrap();
+        assert_eq!(frame.lang, Lang::Python);
+        assert_eq!(frame.file.as_deref(), Some("exit_at_once.py"), "{python}");
+        assert_eq!(frame.line, Some(line), "{python}");
+        assert!(
+            site.frames
+                .iter()
+                .any(|f| f.function.as_deref() == Some("main")),
+            "{python}: {:#?}",
+            site.frames
         );
     }
 }
