@@ -216,6 +216,7 @@ mod tests {
                     soft: limit,
                     hard: limit,
                 },
+                ..ProcessInfo::default()
             },
             fds: (0..fds).map(file).collect(),
         }

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod container;
 pub mod decode;
 pub mod export;
 pub mod headroom;

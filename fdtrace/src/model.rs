@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    num::NonZeroU32,
     sync::Arc,
 };
 
@@ -22,6 +23,8 @@ use arcstr::ArcStr;
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use sites::GROWTH_WINDOW;
+
+use crate::container::Container;
 
 pub type Pid = u32;
 /// An interned, unwound stack; [`NO_STACK`] where none was captured.
@@ -132,9 +135,29 @@ impl Errno {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessInfo {
     pub ppid: Pid,
+    /// Its pid in its own (innermost) pid namespace; `None` when /proc could not tell (it
+    /// exited first, or a recording predates it), shown as the pid. Also whether `container`
+    /// was read: see [`ProcessInfo::placed`].
+    pub ns_pid: Option<NonZeroU32>,
     pub comm: String,
     pub exe: String,
     pub limit: Limit,
+    /// Its container (DESIGN.md "Additions"), behind a pointer its children share: one word
+    /// in each of the [`MAX_EXITED_KEPT`] process records, not a copy of the id.
+    pub container: Option<Arc<Container>>,
+}
+
+impl ProcessInfo {
+    /// Its pid in its own pid namespace, or `pid` when that is unknown.
+    pub fn ns_pid_or(&self, pid: Pid) -> Pid {
+        self.ns_pid.map_or(pid, NonZeroU32::get)
+    }
+
+    /// Whether /proc told where it runs (`ns_pid` and `container`); when not, an exec keeps
+    /// what was known.
+    pub fn placed(&self) -> bool {
+        self.ns_pid.is_some()
+    }
 }
 
 /// Everything the model consumes. Times are CLOCK_MONOTONIC nanoseconds.
@@ -206,12 +229,16 @@ pub enum Event {
         info: ProcessInfo,
     },
     /// A traced process forked; `shares_table` for CLONE_FILES. The child starts as a copy of
-    /// its parent (program, limit, descriptors).
+    /// its parent (program, limit, descriptors) but has a pid of its own in its namespace:
+    /// `ns_pid` and `container` are the child's as /proc told them. When /proc could not
+    /// (`ns_pid` is `None`), its pid there is unknown and it keeps its parent's container.
     Forked {
         parent: Pid,
         child: Pid,
         ts: u64,
         shares_table: bool,
+        ns_pid: Option<NonZeroU32>,
+        container: Option<Arc<Container>>,
     },
     Exited {
         pid: Pid,
@@ -364,7 +391,8 @@ struct LiveProcess {
     sites: Vec<SiteId>,
 }
 
-const _: () = assert!(size_of::<Process>() <= 160);
+// `ProcessInfo::container` made it 8 bytes more (`ns_pid` fits in what was padding).
+const _: () = assert!(size_of::<Process>() <= 168);
 
 #[derive(Clone, Debug)]
 pub struct ProcessExit {
@@ -621,8 +649,11 @@ impl Model {
                 child,
                 ts,
                 shares_table,
+                ns_pid,
+                container,
             } => {
                 self.fork(*parent, *child, *ts, *shares_table);
+                self.place(*child, *ns_pid, container.as_ref());
             }
             Event::Exited { pid, ts, code } => self.exit(*pid, *ts, *code),
             Event::Failed {
@@ -973,6 +1004,11 @@ impl Model {
             p.info.comm = keep(&info.comm, &p.info.comm);
             p.info.exe = keep(&info.exe, &p.info.exe);
         }
+        // Exec changes neither the pid namespace nor the cgroup: what was known stays when
+        // /proc could not be read in time.
+        if info.placed() {
+            self.place(pid, info.ns_pid, info.container.as_ref());
+        }
         let doomed: Vec<i32> = self
             .table_mut(pid)
             .map(|t| {
@@ -1033,6 +1069,23 @@ impl Model {
                 origin: parent_site.origin,
             };
             self.adopt(child, ts, n, key, &fd.target, fd.cloexec, fd.opened_ns);
+        }
+    }
+
+    /// Sets where a process runs as /proc told. Without `ns_pid` (/proc could not be read) it
+    /// keeps the container it had: a child's is its parent's, the cgroup being inherited at
+    /// fork. An equal container keeps the copy it has, so that a container's processes share
+    /// one.
+    fn place(&mut self, pid: Pid, ns_pid: Option<NonZeroU32>, container: Option<&Arc<Container>>) {
+        let Some(p) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        p.info.ns_pid = ns_pid;
+        if ns_pid.is_none() {
+            return;
+        }
+        if p.info.container.as_deref() != container.map(Arc::as_ref) {
+            p.info.container = container.cloned();
         }
     }
 

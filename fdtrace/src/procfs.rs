@@ -2,9 +2,12 @@
 //!
 //! These are the ground truth the model is seeded and reconciled with.
 
-use std::{fs, io, path::PathBuf, sync::Arc};
+use std::{fs, io, num::NonZeroU32, path::PathBuf, sync::Arc};
 
-use crate::model::{FdKind, Limit, NewFd};
+use crate::{
+    container::{self, Container},
+    model::{FdKind, Limit, NewFd},
+};
 
 /// The kind of descriptor a /proc/PID/fd link names.
 pub fn kind_of_link(link: &str) -> FdKind {
@@ -119,6 +122,39 @@ pub fn identity(pid: u32) -> io::Result<Identity> {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok(Identity { comm, exe, ppid })
+}
+
+/// Where a process runs: its pid in its own pid namespace and its container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub ns_pid: NonZeroU32,
+    pub container: Option<Container>,
+}
+
+/// The [`Placement`] of `pid`, or `None` when its status cannot be read (it has exited).
+/// An unreadable cgroup file only leaves the container unknown.
+pub fn placement(pid: u32) -> Option<Placement> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let nspids = nspids(&status)?;
+    let ns_pid = *nspids.last()?;
+    let ns_link = |p: &str| fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let own_pid_namespace = match (ns_link(&pid.to_string()), ns_link("1")) {
+        (Some(mine), Some(init)) => mine != init,
+        // NSpid lists the pid in each namespace from /proc's down to the process's own.
+        _ => nspids.len() > 1,
+    };
+    let container = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|cgroup| container::from_cgroup_file(&cgroup, own_pid_namespace));
+    Some(Placement { ns_pid, container })
+}
+
+/// The `NSpid:` line of /proc/PID/status: the pid in each pid namespace, outermost first (in
+/// Linux since 4.1).
+fn nspids(status: &str) -> Option<Vec<NonZeroU32>> {
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    let pids: Option<Vec<NonZeroU32>> = line.split_whitespace().map(|p| p.parse().ok()).collect();
+    pids.filter(|p| !p.is_empty())
 }
 
 /// The part of the main thread's stack an unwinder can need: from the bottom of the `[stack]`
@@ -236,6 +272,20 @@ mod tests {
     }
 
     #[test]
+    fn nspid_lists_the_pid_in_each_namespace() {
+        let nested = "Name:\tsleep\nTgid:\t81234\nNSpid:\t81234\t7\nNSpgid:\t81234\t7\n";
+        let pids = nspids(nested).unwrap();
+        assert_eq!(pids.iter().map(|p| p.get()).collect::<Vec<_>>(), [81234, 7]);
+        assert_eq!(
+            nspids("NSpid:\t55\n").unwrap(),
+            [NonZeroU32::new(55).unwrap()]
+        );
+        for bad in ["Name:\tx\n", "NSpid:\n", "NSpid:\t12\tx\n", "NSpid:\t0\n"] {
+            assert_eq!(nspids(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn own_process_is_readable() {
         let me = std::process::id();
         let fds = fds(me).unwrap();
@@ -243,6 +293,9 @@ mod tests {
         let id = identity(me).unwrap();
         assert!(!id.comm.is_empty());
         assert!(limit(me).unwrap().soft > 0);
+        // getpid() is also the pid in the process's own namespace.
+        let here = placement(me).unwrap();
+        assert_eq!(here.ns_pid.get(), me);
         let (lo, hi) = main_stack(me).unwrap();
         assert!(lo < hi);
         // Clamped below the mapping's end: argv and the aux vector are always above it.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::WallClock,
+    container,
     model::{FdKind, FdView, Folded, Limit, Model, Origin, Pid, SiteId},
     stack::{Frame, Lang},
     tracer::Stacks,
@@ -131,9 +132,17 @@ fn by_count<'a>(counts: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<Command
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProcessReport {
     pub pid: Pid,
+    /// The pid in the process's own pid namespace: `pid` on the host, or when unknown (0 in a
+    /// report written before there was this field).
+    #[serde(default)]
+    pub ns_pid: Pid,
     pub ppid: Pid,
     pub comm: String,
     pub exe: String,
+    /// The container's full id, or the cgroup path of a process in a pid namespace of its
+    /// own that no runtime names (see [`crate::container`]); null on the host.
+    #[serde(default)]
+    pub container: Option<String>,
     pub limit: Limit,
     pub peak_open: u64,
     pub open_at_end: u64,
@@ -219,9 +228,11 @@ impl Report {
             let end_ns = p.exit.as_ref().map_or(model.last_ns, |e| e.ts);
             processes.push(ProcessReport {
                 pid: p.pid,
+                ns_pid: p.info.ns_pid_or(p.pid),
                 ppid: p.info.ppid,
                 comm: p.info.comm.clone(),
                 exe: p.info.exe.clone(),
+                container: p.info.container.as_deref().map(|c| c.as_str().to_string()),
                 limit: p.info.limit,
                 peak_open: p.peak_open,
                 open_at_end: model.open_count(p.pid),
@@ -494,9 +505,14 @@ impl Report {
             let leaked: u64 = mine.iter().filter(|s| !s.inherited).map(|s| s.open).sum();
             let inherited: u64 = mine.iter().filter(|s| s.inherited).map(|s| s.open).sum();
             let when = if p.exited { "at exit" } else { "now" };
+            // Host processes' lines stay as they were; 0 is a report from before `ns_pid`.
+            let ns_pid = if p.ns_pid == 0 { p.pid } else { p.ns_pid };
+            let placement = container::placement(p.pid, ns_pid, p.container.as_deref())
+                .map(|s| format!(", {s}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 w,
-                "{tag} FILE DESCRIPTORS: {} open {when} ({leaked} opened while traced, {inherited} inherited) in {} [{}], limit {}, peak {}",
+                "{tag} FILE DESCRIPTORS: {} open {when} ({leaked} opened while traced, {inherited} inherited) in {} [{}], limit {}, peak {}{placement}",
                 p.open_at_end,
                 p.comm,
                 p.exe,
@@ -829,10 +845,12 @@ fn fmt_limit(limit: u64) -> String {
 }
 
 /// What an exited process left open, without what differs between processes that did the
-/// same: its command, and per site the kind, origin, count and stack (not the pid, the
-/// descriptor numbers, the targets or the addresses).
+/// same: its command and container (the first one's line names it for all), and per site the
+/// kind, origin, count and stack (not the pid, the descriptor numbers, the targets or the
+/// addresses).
 fn signature(p: &ProcessReport, sites: &[&SiteReport]) -> String {
-    let mut key = format!("{}\0{}", p.comm, p.exe);
+    let container = p.container.as_deref().unwrap_or("");
+    let mut key = format!("{}\0{}\0{container}", p.comm, p.exe);
     for s in sites {
         let _ = write!(
             key,

@@ -198,11 +198,17 @@ impl Tracer {
                 let child = a[0] as u32;
                 self.unwinder.fork(pid, child);
                 self.python.fork(pid, child);
+                // The child's pid in its namespace is its own, and `unshare --pid` puts even a
+                // plain fork's child in another namespace: /proc says, while the child lives.
+                // One gone already keeps its parent's container, its pid there unknown.
+                let placement = procfs::placement(child);
                 vec![Event::Forked {
                     parent: pid,
                     child,
                     ts,
                     shares_table: a[1] & CLONE_FILES != 0,
+                    ns_pid: placement.as_ref().map(|p| p.ns_pid),
+                    container: placement.and_then(|p| p.container).map(Arc::new),
                 }]
             }
             kind::EXIT => {
@@ -232,11 +238,15 @@ impl Tracer {
                     .flat_map(|w| w.to_ne_bytes())
                     .take_while(|&c| c != 0)
                     .collect();
+                // Read late, the process may have exited: then the model keeps what it knew.
+                let placement = procfs::placement(pid);
                 let info = ProcessInfo {
                     ppid: 0,
+                    ns_pid: placement.as_ref().map(|p| p.ns_pid),
                     comm: String::from_utf8_lossy(&comm).into_owned(),
                     exe: String::from_utf8_lossy(&rec.aux).into_owned(),
                     limit: crate::model::Limit::default(),
+                    container: placement.and_then(|p| p.container).map(Arc::new),
                 };
                 vec![Event::Exec { pid, ts, info }]
             }
@@ -396,11 +406,14 @@ impl Tracer {
 fn process_info(pid: u32) -> std::io::Result<ProcessInfo> {
     let id = procfs::identity(pid)?;
     let limit = procfs::limit(pid).unwrap_or_default();
+    let placement = procfs::placement(pid);
     Ok(ProcessInfo {
         ppid: id.ppid,
+        ns_pid: placement.as_ref().map(|p| p.ns_pid),
         comm: id.comm,
         exe: id.exe,
         limit,
+        container: placement.and_then(|p| p.container).map(Arc::new),
     })
 }
 

@@ -83,6 +83,7 @@ fn info(comm: &str) -> ProcessInfo {
             soft: 1024,
             hard: 524_288,
         },
+        ..ProcessInfo::default()
     }
 }
 
@@ -112,6 +113,8 @@ fn child(m: &mut Model, pid: Pid, ts: u64, leak: bool) {
         child: pid,
         ts,
         shares_table: false,
+        ns_pid: None,
+        container: None,
     });
     m.apply(&Event::Exec {
         pid,

@@ -1,4 +1,5 @@
 use super::*;
+use crate::container::Container;
 
 const MS: u64 = 1_000_000;
 const P: Pid = 100;
@@ -21,6 +22,7 @@ fn info(limit: u64) -> ProcessInfo {
             soft: limit,
             hard: limit,
         },
+        ..ProcessInfo::default()
     }
 }
 
@@ -202,6 +204,8 @@ fn fork_copies_the_table_with_call_sites() {
         child: 200,
         ts: 3 * MS,
         shares_table: false,
+        ns_pid: None,
+        container: None,
     });
     open(&mut m, 200, 4 * MS, 4, 8, false);
     m.apply(&Event::Closed {
@@ -221,6 +225,63 @@ fn fork_copies_the_table_with_call_sites() {
 }
 
 #[test]
+fn children_share_the_container_and_have_pids_of_their_own() {
+    let id = Arc::new(Container::Id("3f2a".repeat(16)));
+    let ns = NonZeroU32::new;
+    let mut m = Model::new();
+    m.apply(&Event::Attached {
+        pid: P,
+        ts: MS,
+        info: ProcessInfo {
+            ns_pid: ns(7),
+            container: Some(id.clone()),
+            ..info(64)
+        },
+        fds: vec![],
+    });
+    // /proc read for the child: the same container, read again, is the parent's copy.
+    m.apply(&Event::Forked {
+        parent: P,
+        child: 200,
+        ts: 2 * MS,
+        shares_table: false,
+        ns_pid: ns(8),
+        container: Some(Arc::new(Container::Id("3f2a".repeat(16)))),
+    });
+    // Gone before /proc could be read: its pid there is unknown, its container its parent's.
+    fork(&mut m, P, 201, 3 * MS);
+    let child = &m.processes[&200].info;
+    assert_eq!((child.ns_pid, child.ns_pid_or(200)), (ns(8), 8));
+    assert!(Arc::ptr_eq(child.container.as_ref().unwrap(), &id));
+    let unknown = &m.processes[&201].info;
+    assert_eq!((unknown.ns_pid, unknown.ns_pid_or(201)), (None, 201));
+    assert_eq!(unknown.container, Some(id.clone()));
+
+    // Exec changes neither: read too late, what was known stays; read, it is taken.
+    m.apply(&Event::Exec {
+        pid: 200,
+        ts: 4 * MS,
+        info: ProcessInfo {
+            comm: "worker".into(),
+            ..ProcessInfo::default()
+        },
+    });
+    let child = &m.processes[&200].info;
+    assert_eq!((child.comm.as_str(), child.ns_pid), ("worker", ns(8)));
+    assert_eq!(child.container, Some(id));
+    m.apply(&Event::Exec {
+        pid: 201,
+        ts: 5 * MS,
+        info: ProcessInfo {
+            ns_pid: ns(9),
+            ..ProcessInfo::default()
+        },
+    });
+    let unknown = &m.processes[&201].info;
+    assert_eq!((unknown.ns_pid, &unknown.container), (ns(9), &None));
+}
+
+#[test]
 fn clone_files_shares_one_table() {
     let mut m = attached(64);
     m.apply(&Event::Forked {
@@ -228,6 +289,8 @@ fn clone_files_shares_one_table() {
         child: 200,
         ts: 3 * MS,
         shares_table: true,
+        ns_pid: None,
+        container: None,
     });
     open(&mut m, 200, 4 * MS, 3, 8, false);
     assert_eq!(m.open_count(P), 3);
@@ -401,6 +464,8 @@ fn pid_reuse_after_exit_starts_fresh() {
         child: 200,
         ts: 2 * MS,
         shares_table: false,
+        ns_pid: None,
+        container: None,
     });
     m.apply(&Event::Exited {
         pid: 200,
@@ -412,6 +477,8 @@ fn pid_reuse_after_exit_starts_fresh() {
         child: 200,
         ts: 4 * MS,
         shares_table: false,
+        ns_pid: None,
+        container: None,
     });
     assert!(m.processes[&200].alive());
     assert_eq!(m.open_count(200), 2);
@@ -492,6 +559,8 @@ fn fork(m: &mut Model, parent: Pid, child: Pid, ts: u64) {
         child,
         ts,
         shares_table: false,
+        ns_pid: None,
+        container: None,
     });
 }
 
@@ -680,6 +749,8 @@ fn a_site_in_a_shared_table_lives_until_its_last_descriptor_closes() {
         child: 200,
         ts: 2 * MS,
         shares_table: true,
+        ns_pid: None,
+        container: None,
     });
     open(&mut m, 200, 3 * MS, 3, 7, false);
     exit(&mut m, 200, 4 * MS);
@@ -710,6 +781,8 @@ fn unsharing_a_table_counts_the_copies() {
         child: 200,
         ts: 2 * MS,
         shares_table: true,
+        ns_pid: None,
+        container: None,
     });
     open(&mut m, P, 3 * MS, 3, 7, false);
     m.apply(&Event::ClosedRange {

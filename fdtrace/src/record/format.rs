@@ -1,4 +1,5 @@
-//! The recording file format, version 2 (version 1 lacked `reopened` on closes).
+//! The recording file format, version 3. Version 2 lacked where processes run (`ns_pid`,
+//! `container`) and is still read (see [`super::v2`]); version 1 lacked `reopened` on closes.
 //!
 //! ```text
 //! prelude   MAGIC (8 bytes) · format version (u16 LE) · flags (u16 LE, 0)
@@ -23,8 +24,10 @@ use crate::{
 };
 
 pub const MAGIC: [u8; 8] = *b"\x89fdtrace";
-/// Bumped on any change a version-1 reader would misread.
-pub const FORMAT_VERSION: u16 = 2;
+/// Bumped on any change an older reader would misread.
+pub const FORMAT_VERSION: u16 = 3;
+/// The oldest format this reader still reads.
+pub const OLDEST_READABLE: u16 = 2;
 pub const PRELUDE_LEN: usize = MAGIC.len() + 4;
 pub const CHUNK_HEADER_LEN: usize = 8;
 /// Larger chunks are refused as damage (the writer stays far below).
@@ -111,8 +114,9 @@ impl DeltaEncoder {
     }
 }
 
-/// Serializes and compresses a chunk (already delta-encoded) into its frame.
-pub fn encode_chunk(chunk: &Chunk) -> std::io::Result<Vec<u8>> {
+/// Serializes and compresses a chunk (already delta-encoded) into its frame; any serializable
+/// chunk, so that tests can write [`super::v2`] files too.
+pub fn encode_chunk(chunk: &impl Serialize) -> std::io::Result<Vec<u8>> {
     let raw = postcard::to_stdvec(chunk).map_err(std::io::Error::other)?;
     let payload = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());

@@ -3,13 +3,14 @@
 //! symbolized frames and never raw stack bytes or other process memory").
 //!
 //! [`format`] describes the file; [`writer`] records a live session, [`reader`] reads a file
-//! back (whole, cut or damaged), [`replay`] plays it through the model, [`redact`] hides paths,
-//! addresses and arguments.
+//! back (whole, cut or damaged; [`v2`] spells out the previous format), [`replay`] plays it
+//! through the model, [`redact`] hides paths, addresses and arguments.
 
 pub mod format;
 pub mod reader;
 pub mod redact;
 pub mod replay;
+pub mod v2;
 pub mod writer;
 
 pub use format::{Command, Entry, Header};

@@ -3,9 +3,12 @@
 
 use std::{io::Read as _, path::Path};
 
-use super::format::{
-    self, CHUNK_HEADER_LEN, Chunk, DeltaEncoder, Entry, FORMAT_VERSION, Header, MAGIC, MAX_CHUNK,
-    MAX_DECOMPRESSED, PRELUDE_LEN,
+use super::{
+    format::{
+        self, CHUNK_HEADER_LEN, Chunk, DeltaEncoder, Entry, FORMAT_VERSION, Header, MAGIC,
+        MAX_CHUNK, MAX_DECOMPRESSED, OLDEST_READABLE, PRELUDE_LEN,
+    },
+    v2,
 };
 
 /// Why a file gives nothing to read. Displayed after the file's name: "FILE {error}".
@@ -14,7 +17,7 @@ pub enum ReadError {
     #[error("is not an fdtrace recording")]
     NotRecording,
     #[error(
-        "was written by an older fdtrace (format {0}; this one reads format {FORMAT_VERSION}): report it with that version"
+        "was written by an older fdtrace (format {0}; this one reads formats {OLDEST_READABLE} to {FORMAT_VERSION}): report it with that version"
     )]
     Older(u16),
     #[error("was written by a newer fdtrace (format {0}; this one reads format {FORMAT_VERSION})")]
@@ -91,8 +94,9 @@ enum ChunkError {
     Corrupt,
 }
 
-/// The decompressed, decoded chunk at the start of `bytes` and its framed length.
-fn chunk(bytes: &[u8], verify: bool) -> Result<(Chunk, usize), ChunkError> {
+/// The decompressed, decoded chunk at the start of `bytes` (of a file in format `version`)
+/// and its framed length.
+fn chunk(bytes: &[u8], verify: bool, version: u16) -> Result<(Chunk, usize), ChunkError> {
     let Some(head) = bytes.get(..CHUNK_HEADER_LEN) else {
         return Err(ChunkError::Cut);
     };
@@ -117,8 +121,15 @@ fn chunk(bytes: &[u8], verify: bool) -> Result<(Chunk, usize), ChunkError> {
     if raw.len() as u64 > MAX_DECOMPRESSED {
         return Err(ChunkError::Corrupt);
     }
-    let chunk = postcard::from_bytes(&raw).map_err(|_| ChunkError::Corrupt)?;
-    Ok((chunk, CHUNK_HEADER_LEN + len))
+    let chunk = if version == 2 {
+        postcard::from_bytes::<v2::Chunk>(&raw).map(v2::Chunk::upgrade)
+    } else {
+        postcard::from_bytes(&raw)
+    };
+    Ok((
+        chunk.map_err(|_| ChunkError::Corrupt)?,
+        CHUNK_HEADER_LEN + len,
+    ))
 }
 
 /// Reads a recording from its bytes.
@@ -148,11 +159,11 @@ pub fn parse_with(bytes: &[u8], verify_checksums: bool) -> Result<Recording, Rea
     if version == 0 {
         return Err(ReadError::NotRecording);
     }
-    if version < FORMAT_VERSION {
+    if version < OLDEST_READABLE {
         return Err(ReadError::Older(version));
     }
     let mut at = PRELUDE_LEN;
-    let header = match chunk(&bytes[at..], verify) {
+    let header = match chunk(&bytes[at..], verify, version) {
         Ok((Chunk::Header(header), len)) => {
             at += len;
             header
@@ -166,7 +177,7 @@ pub fn parse_with(bytes: &[u8], verify_checksums: bool) -> Result<Recording, Rea
     let mut damage = None;
     while at < bytes.len() {
         let offset = at as u64;
-        let list = match chunk(&bytes[at..], verify) {
+        let list = match chunk(&bytes[at..], verify, version) {
             Ok((Chunk::Entries(list), len)) => {
                 at += len;
                 list

@@ -4,7 +4,8 @@
 //! so the same input gives the same token throughout one recording, which keeps call sites,
 //! targets and processes distinguishable, while the tokens say nothing outside it. Function
 //! names, source file basenames, module names and descriptor kinds are kept: they are what a
-//! maintainer needs to find the leak.
+//! maintainer needs to find the leak. So are container ids: random, they name nothing outside
+//! the host, and they are what `docker ps` there matches; a container's cgroup path is a path.
 
 use std::{
     hash::{BuildHasher as _, RandomState},
@@ -12,6 +13,7 @@ use std::{
 };
 
 use crate::{
+    container::Container,
     model::{Event, FdKind, NewFd, ProcessInfo},
     stack::Frame,
 };
@@ -92,7 +94,20 @@ impl Redactor {
     fn info(&self, info: &ProcessInfo) -> ProcessInfo {
         ProcessInfo {
             exe: self.path(&info.exe),
+            container: self.container(info.container.as_ref()),
             ..info.clone()
+        }
+    }
+
+    /// A cgroup path redacted as a path, still absolute so that it reads as a path.
+    fn container(&self, container: Option<&Arc<Container>>) -> Option<Arc<Container>> {
+        let container = container?;
+        match container.as_ref() {
+            Container::Id(_) => Some(container.clone()),
+            Container::Cgroup(path) => Some(Arc::new(Container::Cgroup(format!(
+                "/{}",
+                self.path(path.trim_start_matches('/'))
+            )))),
         }
     }
 
@@ -134,6 +149,21 @@ impl Redactor {
                 ts: *ts,
                 info: self.info(info),
             },
+            Event::Forked {
+                parent,
+                child,
+                ts,
+                shares_table,
+                ns_pid,
+                container,
+            } => Event::Forked {
+                parent: *parent,
+                child: *child,
+                ts: *ts,
+                shares_table: *shares_table,
+                ns_pid: *ns_pid,
+                container: self.container(container.as_ref()),
+            },
             Event::Reconciled { pid, ts, fds } => Event::Reconciled {
                 pid: *pid,
                 ts: *ts,
@@ -165,6 +195,19 @@ mod tests {
         assert!(exe.ends_with("/server") && !exe.contains("alice"), "{exe}");
         let argv = r.argv(&["/usr/bin/app".into(), "--token=hunter2".into()]);
         assert!(!argv[1].contains("hunter2"));
+        let cgroup = Container::Cgroup("/user.slice/user-1000.slice/session-3.scope".into());
+        let hidden = r.container(Some(&Arc::new(cgroup))).unwrap();
+        let Container::Cgroup(path) = hidden.as_ref() else {
+            panic!("{hidden:?}");
+        };
+        assert!(
+            path.starts_with("/dir-")
+                && path.ends_with("/session-3.scope")
+                && !path.contains("1000"),
+            "{path}"
+        );
+        let id = Arc::new(Container::Id("3f2a".repeat(16)));
+        assert_eq!(r.container(Some(&id)), Some(id));
         // Another file, another key.
         assert_ne!(
             a,

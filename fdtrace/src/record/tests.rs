@@ -4,13 +4,15 @@ use std::{
 };
 
 use super::{
-    format::{Command, Entry, Header},
+    format::{self, Command, Entry, Header},
     reader::{self, Damage, ReadError},
     replay::Replay,
+    v2,
     writer::Recorder,
 };
 use crate::{
     clock::WallClock,
+    container::Container,
     model::{Errno, Event, FdKind, Limit, Model, NewFd, ProcessInfo},
     report::Report,
     stack::{Frame, Lang},
@@ -79,6 +81,7 @@ fn scenario(iterations: i32) -> (Vec<Frame>, Vec<Frame>, Vec<Event>) {
             comm: "app".into(),
             exe: "/srv/app".into(),
             limit: Limit { soft: 64, hard: 64 },
+            ..ProcessInfo::default()
         },
         fds: vec![file(0, "/dev/pts/0"), file(1, "/dev/pts/0")],
     }];
@@ -248,18 +251,22 @@ fn junk_and_other_versions_are_refused() {
             "{junk:?}"
         );
     }
-    let mut newer = reader::prelude_of_version(super::format::FORMAT_VERSION + 1).to_vec();
+    let mut newer = reader::prelude_of_version(format::FORMAT_VERSION + 1).to_vec();
     newer.extend_from_slice(b"whatever comes next");
     let err = reader::parse(&newer).unwrap_err();
-    assert!(matches!(err, ReadError::Newer(3)));
+    assert!(matches!(err, ReadError::Newer(4)));
     assert_eq!(
         err.to_string(),
-        "was written by a newer fdtrace (format 3; this one reads format 2)"
+        "was written by a newer fdtrace (format 4; this one reads format 3)"
     );
     let mut older = reader::prelude_of_version(1).to_vec();
     older.extend_from_slice(b"closes without reopened");
     let err = reader::parse(&older).unwrap_err();
     assert!(matches!(err, ReadError::Older(1)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "was written by an older fdtrace (format 1; this one reads formats 2 to 3): report it with that version"
+    );
     let path = temp("junk");
     std::fs::write(&path, b"not a recording at all").unwrap();
     let err = reader::open(&path).unwrap_err();
@@ -347,4 +354,220 @@ fn markdown_folds_stacks_and_tables_blame() {
         "{md}"
     );
     assert!(md.contains("| 3 | file | `load (app.c:9) [app]` |"), "{md}");
+}
+
+const ID: &str = "3f2a9c1b7d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8";
+
+/// A containerized server (pid 7 in its container) that forks a worker (pid 8 there) and a
+/// child /proc could not be read for in time (its pid there unknown), then a shell in a pid
+/// namespace of its own with no runtime's id in its cgroup.
+fn containerized() -> Vec<Event> {
+    let ms = 1_000_000;
+    let id = Arc::new(Container::Id(ID.into()));
+    let cgroup = Arc::new(Container::Cgroup(
+        "/user.slice/user-1000.slice/session-3.scope".into(),
+    ));
+    let leak = |pid, ts| Event::Opened {
+        pid,
+        tid: pid,
+        ts,
+        syscall: 257,
+        fds: vec![file(3, "/etc/hostname")],
+        stack: 0,
+    };
+    vec![
+        Event::Attached {
+            pid: 81_234,
+            ts: ms,
+            info: ProcessInfo {
+                ppid: 81_200,
+                ns_pid: std::num::NonZeroU32::new(7),
+                comm: "server".into(),
+                exe: "/srv/server".into(),
+                limit: Limit { soft: 64, hard: 64 },
+                container: Some(id.clone()),
+            },
+            fds: vec![],
+        },
+        Event::Forked {
+            parent: 81_234,
+            child: 81_240,
+            ts: 2 * ms,
+            shares_table: false,
+            ns_pid: std::num::NonZeroU32::new(8),
+            container: Some(id.clone()),
+        },
+        Event::Forked {
+            parent: 81_234,
+            child: 81_241,
+            ts: 3 * ms,
+            shares_table: false,
+            ns_pid: None,
+            container: None,
+        },
+        Event::Attached {
+            pid: 90_000,
+            ts: 4 * ms,
+            info: ProcessInfo {
+                ppid: 1,
+                ns_pid: std::num::NonZeroU32::new(1),
+                comm: "sh".into(),
+                exe: "/bin/sh".into(),
+                limit: Limit { soft: 64, hard: 64 },
+                container: Some(cgroup),
+            },
+            fds: vec![],
+        },
+        leak(81_234, 5 * ms),
+        leak(81_240, 6 * ms),
+        leak(81_241, 7 * ms),
+        leak(90_000, 8 * ms),
+    ]
+}
+
+#[test]
+fn recordings_keep_where_processes_run() {
+    let path = temp("containers");
+    let mut recorder = Recorder::create(&path, header(), false).unwrap();
+    let mut model = Model::new();
+    for event in containerized() {
+        model.apply(&event);
+        recorder.event(&event);
+    }
+    recorder.finish().unwrap();
+    let stacks = Stacks::default();
+    let live = Report::build(&model, &stacks, &header().clock);
+    let recording = reader::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let report = replayed(recording);
+    assert_eq!(report, live);
+
+    let placed: Vec<(u32, u32, Option<&str>)> = report
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.ns_pid, p.container.as_deref()))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            (81_234, 7, Some(ID)),
+            (81_240, 8, Some(ID)),
+            // Unknown in its namespace: shown as its pid, in its parent's container.
+            (81_241, 81_241, Some(ID)),
+            (
+                90_000,
+                1,
+                Some("/user.slice/user-1000.slice/session-3.scope")
+            ),
+        ]
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["processes"][0]["ns_pid"], 7);
+    assert_eq!(json["processes"][0]["container"], ID);
+    let text = report.to_text();
+    for line in [
+        "==81234== FILE DESCRIPTORS: 1 open now (1 opened while traced, 0 inherited) in server [/srv/server], limit 64, peak 1, pid 7 in container 3f2a9c1b7d4e\n",
+        "==81240== FILE DESCRIPTORS: 1 open now (1 opened while traced, 0 inherited) in server [/srv/server], limit 64, peak 1, pid 8 in container 3f2a9c1b7d4e\n",
+        "==81241== FILE DESCRIPTORS: 1 open now (1 opened while traced, 0 inherited) in server [/srv/server], limit 64, peak 1, in container 3f2a9c1b7d4e\n",
+        "==90000== FILE DESCRIPTORS: 1 open now (1 opened while traced, 0 inherited) in sh [/bin/sh], limit 64, peak 1, pid 1 in cgroup /user.slice/user-1000.slice/session-3.scope\n",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+
+    // Redacted, the cgroup path is a path; the id stays, to match `docker ps` on the host.
+    let path = temp("containers-redacted");
+    let mut recorder = Recorder::create(&path, header(), true).unwrap();
+    for event in containerized() {
+        recorder.event(&event);
+    }
+    recorder.finish().unwrap();
+    let report = replayed(reader::open(&path).unwrap());
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(report.processes[0].container.as_deref(), Some(ID));
+    let shell = report.processes[3].container.as_deref().unwrap();
+    assert!(
+        shell.starts_with("/dir-") && shell.ends_with("/session-3.scope"),
+        "{shell}"
+    );
+}
+
+/// Zigzag-encoded delta, as recordings store event times.
+fn delta(ns: i64) -> u64 {
+    ((ns << 1) ^ (ns >> 63)) as u64
+}
+
+#[test]
+fn format_2_recordings_still_read_with_processes_on_the_host() {
+    let info = v2::ProcessInfo {
+        ppid: 1,
+        comm: "app".into(),
+        exe: "/srv/app".into(),
+        limit: Limit { soft: 64, hard: 64 },
+    };
+    let entries = vec![
+        v2::Entry::Event(v2::Event::Attached {
+            pid: 42,
+            ts: delta(1_000),
+            info: info.clone(),
+            fds: vec![file(0, "/dev/pts/0")],
+        }),
+        v2::Entry::Event(v2::Event::Forked {
+            parent: 42,
+            child: 43,
+            ts: delta(1_000),
+            shares_table: false,
+        }),
+        v2::Entry::Event(v2::Event::Exec {
+            pid: 43,
+            ts: delta(1_000),
+            info: v2::ProcessInfo {
+                comm: "worker".into(),
+                ..info
+            },
+        }),
+        v2::Entry::Event(v2::Event::Opened {
+            pid: 43,
+            tid: 43,
+            ts: delta(1_000),
+            syscall: 257,
+            fds: vec![file(3, "/etc/passwd")],
+            stack: 0,
+        }),
+        v2::Entry::ExitCode { pid: 42, code: 0 },
+        v2::Entry::Finished { events: 4 },
+    ];
+    let mut bytes = reader::prelude_of_version(2).to_vec();
+    bytes.extend(format::encode_chunk(&v2::Chunk::Header(header())).unwrap());
+    bytes.extend(format::encode_chunk(&v2::Chunk::Entries(entries)).unwrap());
+
+    let recording = reader::parse(&bytes).unwrap();
+    assert_eq!(recording.damage, None);
+    assert_eq!(recording.header, header());
+    let events: Vec<&Event> = reader::events(&recording).collect();
+    assert_eq!(events.len(), 4);
+    assert!(matches!(
+        events[1],
+        Event::Forked {
+            child: 43,
+            ts: 2_000,
+            ns_pid: None,
+            container: None,
+            ..
+        }
+    ));
+    let report = replayed(recording);
+    let placed: Vec<(u32, u32, Option<&str>)> = report
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.ns_pid, p.container.as_deref()))
+        .collect();
+    assert_eq!(placed, [(42, 42, None), (43, 43, None)]);
+    assert_eq!(report.processes[1].comm, "worker");
+    let text = report.to_text();
+    assert!(
+        text.contains(
+            "==43== FILE DESCRIPTORS: 2 open now (1 opened while traced, 1 inherited) in worker [/srv/app], limit 64, peak 2\n"
+        ),
+        "{text}"
+    );
 }

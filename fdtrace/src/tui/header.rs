@@ -9,6 +9,7 @@ use ratatui::{
 };
 
 use super::{App, format};
+use crate::container::{self, Container};
 
 pub struct Header<'a> {
     pub app: &'a App,
@@ -46,7 +47,13 @@ impl Header<'_> {
         let mut left = vec![Span::styled("fdtrace ", t.title)];
         let focus = view.focus_process();
         if let Some(p) = focus {
-            left.push(Span::raw(format!("pid {} {}", p.pid, p.comm)));
+            left.push(Span::raw(format!("pid {}", p.pid)));
+            // Next to the host pid, the one the container's own tools and logs show.
+            let container = p.container.as_deref().map(Container::as_str);
+            if let Some(placement) = container::placement(p.pid, p.ns_pid, container) {
+                left.push(Span::styled(format!(" ({placement})"), t.label));
+            }
+            left.push(Span::raw(format!(" {}", p.comm)));
             if !p.exe.is_empty() {
                 left.push(Span::styled(format!(" {}", p.exe), t.dim));
             }

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     clock::WallClock,
+    container::Container,
     model::{Errno, Event, FdKind, Limit, Model, NewFd, ProcessInfo},
     probe::ProbeCost,
     report::Report,
@@ -110,6 +111,11 @@ fn fd(fd: i32, kind: FdKind, target: &str) -> NewFd {
 /// The leaking server's first `requests` requests, then `failures` failed accepts; the app
 /// observes the model every 250 ms of model time, like the run loop.
 fn scenario(requests: u64, failures: u64, live: bool) -> (TestFeed, App) {
+    scenario_in(requests, failures, live, ProcessInfo::default())
+}
+
+/// [`scenario`] with the server placed as `placed` says (`ns_pid` and `container`).
+fn scenario_in(requests: u64, failures: u64, live: bool, placed: ProcessInfo) -> (TestFeed, App) {
     let mut stacks = Stacks::default();
     let main = frame(
         "demo_server::main",
@@ -187,6 +193,7 @@ fn scenario(requests: u64, failures: u64, live: bool) -> (TestFeed, App) {
                 soft: 128,
                 hard: 524_288,
             },
+            ..placed
         },
         fds: vec![
             fd(0, FdKind::File, "/dev/pts/3"),
@@ -308,6 +315,21 @@ fn header() {
     });
 }
 
+/// The server in a container, where it is pid 7: the header says so next to the host pid.
+#[test]
+fn header_of_a_containerized_process() {
+    let id = "3f2a9c1b7d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8";
+    let placed = ProcessInfo {
+        ns_pid: std::num::NonZeroU32::new(7),
+        container: Some(Arc::new(Container::Id(id.into()))),
+        ..ProcessInfo::default()
+    };
+    let (_, app) = scenario_in(124, 4, true, placed);
+    snapshot("header_container", |area, buf| {
+        Header { app: &app }.render(area, buf);
+    });
+}
+
 /// A shell's thousand children: the header names the live ones and counts the others, and
 /// the history of each goes when it exits.
 #[test]
@@ -320,6 +342,8 @@ fn exited_children_are_counted_and_forgotten() {
             child,
             ts,
             shares_table: false,
+            ns_pid: None,
+            container: None,
         });
         app.observe(&feed);
         feed.model.apply(&Event::Exited {
@@ -333,6 +357,8 @@ fn exited_children_are_counted_and_forgotten() {
         child: 7_000,
         ts: feed.model.last_ns + MS,
         shares_table: false,
+        ns_pid: None,
+        container: None,
     });
     app.observe(&feed);
     app.refresh(&feed);
@@ -355,6 +381,8 @@ fn header_of_a_replay_following_children() {
             child,
             ts: feed.model.last_ns + MS,
             shares_table: false,
+            ns_pid: None,
+            container: None,
         });
     }
     feed.model.apply(&Event::Exited {

@@ -9,6 +9,7 @@ use std::{
 
 use super::{Feed, format};
 use crate::{
+    container::Container,
     model::{
         Corrections, FdKind, FdView, Limit, Model, NO_STACK, Origin, Pid, Process, SiteId, StackId,
     },
@@ -26,6 +27,10 @@ const RATE_WINDOW_NS: u64 = 5_000_000_000;
 #[derive(Clone, Debug, Default)]
 pub struct ProcessView {
     pub pid: Pid,
+    /// Its pid in its own pid namespace (`pid` on the host, or when unknown).
+    pub ns_pid: Pid,
+    /// The container's id or cgroup path, as the report has it.
+    pub container: Option<Arc<Container>>,
     pub comm: String,
     pub exe: String,
     pub alive: bool,
@@ -162,6 +167,8 @@ pub struct Collector {
 fn process_view(model: &Model, p: &Process) -> ProcessView {
     ProcessView {
         pid: p.pid,
+        ns_pid: p.info.ns_pid_or(p.pid),
+        container: p.info.container.clone(),
         comm: p.info.comm.clone(),
         exe: p.info.exe.clone(),
         alive: p.alive(),
