@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{collections::HashMap, fs, path::Path, process::Command};
+use std::{collections::HashMap, fs, process::Command};
 
 use fdtrace::{
     model::FdKind,
@@ -11,20 +11,7 @@ use fdtrace::{
     report::{Report, SiteReport},
 };
 
-/// The line of `tests/fixtures/<file>` holding `marker`.
-fn marker_line(file: &str, marker: &str) -> u32 {
-    let text = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file),
-    )
-    .unwrap();
-    let index = text
-        .lines()
-        .position(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("{marker} not in {file}"));
-    index as u32 + 1
-}
+use common::marker_line;
 
 fn report_of(argv: &[&str]) -> (Report, u32) {
     let run = common::run_traced(argv, ProbeOptions::default());

@@ -18,25 +18,12 @@ use fdtrace::{
     clock::monotonic_ns,
     model::{FdKind, Pid},
     probe::ProbeOptions,
-    report::Report,
+    report::{FrameReport, Report, SiteReport},
     session::Session,
     stack::Lang,
 };
 
-/// The line of `tests/fixtures/<file>` holding `marker`.
-fn marker_line(file: &str, marker: &str) -> u32 {
-    let text = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file),
-    )
-    .unwrap();
-    let index = text
-        .lines()
-        .position(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("{marker} not in {file}"));
-    index as u32 + 1
-}
+use common::marker_line;
 
 /// A program running in its own pid and mount namespaces, from a directory that is empty on
 /// the host and a private tmpfs inside.
@@ -161,6 +148,28 @@ fn process_json(report: &Report, pid: Pid) -> serde_json::Value {
         .clone()
 }
 
+/// The container's site whose stack runs through `open_settings`, which must hold the 5
+/// descriptors the program leaked there, and that frame.
+fn open_settings_site(report: &Report, pid: Pid) -> (&SiteReport, &FrameReport) {
+    let site = report
+        .sites
+        .iter()
+        .filter(|s| s.pid == pid && s.kind == FdKind::File)
+        .find(|s| {
+            s.frames
+                .iter()
+                .any(|f| f.function.as_deref() == Some("open_settings"))
+        })
+        .unwrap_or_else(|| panic!("no site in open_settings: {:#?}", report.sites));
+    assert_eq!(site.open, 5);
+    let frame = site
+        .frames
+        .iter()
+        .find(|f| f.function.as_deref() == Some("open_settings"))
+        .unwrap();
+    (site, frame)
+}
+
 #[test]
 #[ignore = "root"]
 fn a_containers_c_program_is_named_from_its_own_files() {
@@ -187,22 +196,7 @@ fn a_containers_c_program_is_named_from_its_own_files() {
         "the test attached to another process than the program"
     );
 
-    let site = report
-        .sites
-        .iter()
-        .filter(|s| s.pid == container.pid && s.kind == FdKind::File)
-        .find(|s| {
-            s.frames
-                .iter()
-                .any(|f| f.function.as_deref() == Some("open_settings"))
-        })
-        .unwrap_or_else(|| panic!("no site in open_settings: {:#?}", report.sites));
-    assert_eq!(site.open, 5);
-    let frame = site
-        .frames
-        .iter()
-        .find(|f| f.function.as_deref() == Some("open_settings"))
-        .unwrap();
+    let (site, frame) = open_settings_site(&report, container.pid);
     assert_eq!(frame.file.as_deref(), Some("container_app.c"));
     assert_eq!(
         frame.line,
@@ -239,22 +233,7 @@ fn a_containers_python_app_gets_python_frames() {
         "not in its own pid namespace"
     );
 
-    let site = report
-        .sites
-        .iter()
-        .filter(|s| s.pid == container.pid)
-        .find(|s| {
-            s.frames
-                .iter()
-                .any(|f| f.function.as_deref() == Some("open_settings"))
-        })
-        .unwrap_or_else(|| panic!("no Python site in open_settings: {:#?}", report.sites));
-    assert_eq!(site.open, 5);
-    let frame = site
-        .frames
-        .iter()
-        .find(|f| f.function.as_deref() == Some("open_settings"))
-        .unwrap();
+    let (_, frame) = open_settings_site(&report, container.pid);
     assert_eq!(frame.lang, Lang::Python);
     assert_eq!(frame.file.as_deref(), Some("container_app.py"));
     assert_eq!(

@@ -13,18 +13,7 @@ use std::{
 use fdtrace::{probe::ProbeOptions, report::Report, stack::Lang};
 
 fn marker_line(marker: &str) -> u32 {
-    marker_line_in(marker, "leak.py")
-}
-
-/// The line of `tests/fixtures/<file>` holding `marker`.
-fn marker_line_in(marker: &str, file: &str) -> u32 {
-    let text = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file),
-    )
-    .unwrap();
-    text.lines().position(|l| l.contains(marker)).unwrap() as u32 + 1
+    common::marker_line("leak.py", marker)
 }
 
 /// The minor versions fdtrace describes.
@@ -193,7 +182,7 @@ fn python_leaks_name_the_python_function_and_line() {
 #[ignore = "root"]
 fn a_script_that_exits_at_once_is_still_named() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/exit_at_once.py");
-    let line = marker_line_in("LEAK open_report", "exit_at_once.py");
+    let line = common::marker_line("exit_at_once.py", "LEAK open_report");
     for python in interpreters() {
         let run = common::run_traced(
             &[&python, script.to_str().unwrap()],

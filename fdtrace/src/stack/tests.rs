@@ -197,15 +197,21 @@ fn unmapped_ip_has_no_module() {
     assert_eq!(frames[0].addr, 0x10);
 }
 
-#[test]
-fn symbolizes_libc_from_elf_symbols_and_caches() {
+/// Where `getpid` is in this process, and the mapping of libc it is in.
+fn libc_getpid() -> (u64, crate::stack::maps::MapEntry) {
     // SAFETY: dlsym with a NUL-terminated name; the result is only used as a number.
     let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
     let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
     let libc = maps
-        .iter()
+        .into_iter()
         .find(|m| (m.start..m.end).contains(&getpid))
         .unwrap();
+    (getpid, libc)
+}
+
+#[test]
+fn symbolizes_libc_from_elf_symbols_and_caches() {
+    let (getpid, libc) = libc_getpid();
     let raw = RawFrame {
         module: libc.path.clone(),
         file_offset: getpid - libc.start + libc.offset,
@@ -276,13 +282,7 @@ fn throughput() {
 
 #[test]
 fn a_containers_module_is_read_only_from_the_path_given_for_it() {
-    // SAFETY: dlsym with a NUL-terminated name; the result is only used as a number.
-    let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
-    let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
-    let libc = maps
-        .iter()
-        .find(|m| (m.start..m.end).contains(&getpid))
-        .unwrap();
+    let (getpid, libc) = libc_getpid();
     let path = libc.path.as_deref().unwrap();
     // The same path in a container is another file: a name keyed by its identity.
     let module = super::namespaced_module(path, libc.dev, libc.inode);

@@ -32,6 +32,17 @@ pub fn run_deadline() -> Instant {
     }
 }
 
+/// The line of `tests/fixtures/<file>` holding `marker` (the fixtures mark the lines tests
+/// expect in reports).
+pub fn marker_line(file: &str, marker: &str) -> u32 {
+    let text = std::fs::read_to_string(fixture_dir().join(file)).unwrap();
+    let index = text
+        .lines()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("{marker} not in {file}"));
+    index as u32 + 1
+}
+
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
