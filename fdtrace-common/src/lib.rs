@@ -29,6 +29,16 @@ pub mod names {
     /// Global [`crate::KernelLayout`]: tracepoint field and kernel struct offsets, read from
     /// the running kernel at load.
     pub const GLOBAL_LAYOUT: &str = "FDT_LAYOUT";
+    /// Global `u32`: which selection maps the exec probe consults, a mask of [`crate::select`]
+    /// bits (0: it adopts nothing).
+    pub const GLOBAL_SELECT: &str = "FDT_SELECT";
+    /// `HashMap<[u8; 16] comm, u8>`: a process that executes a program under one of these
+    /// names (NUL-padded, as the kernel's comm) is adopted by the exec probe.
+    pub const MAP_SELECT_COMMS: &str = "FDT_SEL_COMMS";
+    /// `HashMap<u64 cgroup id, u8>`: a process that executes a program in one of these cgroup
+    /// v2 directories or below one is adopted by the exec probe. A cgroup's id is its
+    /// directory's inode number.
+    pub const MAP_SELECT_CGROUPS: &str = "FDT_SEL_CGROUPS";
 
     /// BTF-typed tracepoint (`tp_btf`) on `sys_exit`: every descriptor change and every
     /// EMFILE/ENFILE, reading the caller's registers with plain loads.
@@ -93,10 +103,31 @@ pub enum Counter {
     /// A creation in a CPython process got no Python frames: the calling thread was not found
     /// in the interpreter's thread list, or its frame chain could not be read.
     PyFramesMissing = 5,
+    /// A process matching the selection (`--comm`, `--cgroup`) executed a program but could
+    /// not be added to the full traced-process map: it is not traced.
+    NotAdopted = 6,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 6;
+pub const COUNTERS: u32 = 7;
+
+/// Selecting processes by what they are rather than by pid (`--comm`, `--cgroup`): the exec
+/// probe adopts an untraced process whose new program matches, so one that starts later is
+/// traced from its first instruction.
+pub mod select {
+    /// Bit of `FDT_SELECT`: consult the comm map.
+    pub const COMM: u32 = 1;
+    /// Bit of `FDT_SELECT`: consult the cgroup map.
+    pub const CGROUP: u32 = 2;
+    /// Bytes of a comm, NUL included (the kernel's TASK_COMM_LEN): longer names are cut to 15.
+    pub const COMM_LEN: usize = 16;
+    /// Entries of each selection map.
+    pub const MAX_ENTRIES: u32 = 256;
+    /// Cgroup levels the probe looks up, from the root's children down: a process in a cgroup
+    /// deeper than this is matched by its ancestors down to this level only. Container cgroups
+    /// sit at 2 to 6 (kubepods.slice/kubepods-burstable.slice/...-pod.slice/cri-containerd-ID.scope).
+    pub const CGROUP_LEVELS: u32 = 32;
+}
 
 /// Where the probes find what they read from tracepoint records and kernel structures, as
 /// the running kernel lays them out: userspace reads it from tracefs format files and BTF at

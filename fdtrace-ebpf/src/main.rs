@@ -8,7 +8,8 @@
 //! and a raw tracepoint that reads them with that helper, for kernels whose verifier refuses
 //! the typed one (Debian 12's 6.1). Sched tracepoints follow forks, execs and exits; the
 //! offsets they read come from the running kernel (`FDT_LAYOUT`). Every program checks the
-//! traced-process map first.
+//! traced-process map first; the exec probe then adopts an untraced process whose new program
+//! matches the selection maps (`--comm`, `--cgroup`).
 #![no_std]
 #![no_main]
 #![expect(
@@ -26,8 +27,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
         generated::{
-            bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel_str,
-            bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str, bpf_task_pt_regs,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_get_current_task_btf,
+            bpf_probe_read_kernel_str, bpf_probe_read_user as read_user_raw,
+            bpf_probe_read_user_str, bpf_task_pt_regs,
         },
     },
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
@@ -36,10 +38,12 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
     AUX_MAX, Counter, KernelLayout, NO_FIELD, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX,
-    STACKED_FIXED, StackHeader, StackedRecord, Traced, kind,
+    STACKED_FIXED, StackHeader, StackedRecord, Traced, kind, select,
     syscalls::{self, Action, Aux},
 };
-use maps::{PYTHON, SCRATCH, TRACED, count, emit_header, emit_scratch};
+use maps::{
+    PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count, emit_header, emit_scratch,
+};
 
 /// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
 #[unsafe(no_mangle)]
@@ -48,6 +52,11 @@ static FDT_STACK_BYTES: u32 = STACK_DEFAULT;
 /// Whether forked children are traced; set by userspace at load time.
 #[unsafe(no_mangle)]
 static FDT_FOLLOW: u32 = 1;
+
+/// Which selection maps the exec probe consults (`fdtrace_common::select` bits); set by
+/// userspace at load time. 0 keeps an untraced process's exec down to the traced-map lookup.
+#[unsafe(no_mangle)]
+static FDT_SELECT: u32 = 0;
 
 /// The running kernel's offsets, set by userspace at load time. The zeros here are never used:
 /// userspace refuses to load when it cannot read a layout.
@@ -625,7 +634,7 @@ pub fn fdt_exec(ctx: TracePointContext) -> u32 {
 fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
     let (tgid, tid) = current();
     // SAFETY: a lookup.
-    if unsafe { TRACED.get(tgid) }.is_none() {
+    if unsafe { TRACED.get(tgid) }.is_none() && !adopt(ctx, tgid) {
         return Ok(());
     }
     let rec = SCRATCH.get_ptr_mut(0).ok_or(())?;
@@ -689,6 +698,77 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         }
     }
     emit_scratch(rec, STACKED_FIXED)
+}
+
+/// Adds the current, untraced process to the traced set when the program it now runs matches
+/// the selection (`--comm`, `--cgroup`); returns whether it is traced. The exec record that
+/// follows tells userspace about it, which then reads its /proc as for `--pid`.
+///
+/// Deciding here rather than in userspace misses nothing between polls: the process is traced
+/// from the first instruction of its new program, and its forks are followed from then on.
+#[inline(always)]
+fn adopt(ctx: &TracePointContext, tgid: u32) -> bool {
+    const BPF_NOEXIST: u64 = 1;
+    const EEXIST: i32 = 17;
+    // SAFETY: a global written only by the loader.
+    let select = unsafe { core::ptr::read_volatile(&raw const FDT_SELECT) };
+    if select == 0 || !selected(select) {
+        return false;
+    }
+    // Not overwriting: userspace may have just added it itself, with its stack's bounds.
+    match TRACED.insert(tgid, Traced::default(), BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => return true,
+        Err(_) => {
+            count(Counter::NotAdopted);
+            if layout().debug != 0 {
+                warn!(
+                    ctx,
+                    "exec of {}: selected, but the traced map is full", tgid
+                );
+            }
+            return false;
+        }
+    }
+    if layout().debug != 0 {
+        debug!(ctx, "exec of {}: selected, now traced", tgid);
+    }
+    true
+}
+
+/// Whether the current process matches the selection: its comm (already the new program's
+/// at sched_process_exec) is selected, or its cgroup or one of that cgroup's ancestors is.
+///
+/// A process's cgroup is where it sits, often a leaf below the selected directory (a
+/// container's init.scope, a service's sub-cgroup), so the ancestors are looked up one level
+/// at a time: `bpf_get_current_ancestor_cgroup_id` is allowed in tracepoint programs since
+/// 5.14 (kernel/trace/bpf_trace.c, bpf_tracing_func_proto) and answers 0 past the process's
+/// own level. Registering every descendant directory in the map instead would miss a
+/// directory created after fdtrace started (a new container's scope) until userspace polled.
+#[inline(always)]
+fn selected(select: u32) -> bool {
+    if select & select::COMM != 0
+        && let Ok(comm) = bpf_get_current_comm()
+        // SAFETY: a lookup.
+        && unsafe { SELECT_COMMS.get(comm) }.is_some()
+    {
+        return true;
+    }
+    if select & select::CGROUP != 0 {
+        // Level 0 is the root, which userspace refuses to select.
+        for level in 1..=select::CGROUP_LEVELS {
+            // SAFETY: no preconditions.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id == 0 {
+                break;
+            }
+            // SAFETY: a lookup.
+            if unsafe { SELECT_CGROUPS.get(id) }.is_some() {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
-    COUNTERS as COUNTER_SLOTS, Counter, PyProc, RecordHeader, StackedRecord, Traced,
+    COUNTERS as COUNTER_SLOTS, Counter, PyProc, RecordHeader, StackedRecord, Traced, select,
 };
 
 /// Processes being traced, by tgid. Userspace seeds it; the fork probe adds children.
@@ -28,6 +28,16 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 /// Traced processes running CPython: where `_PyRuntime` is and the version's offsets.
 #[map(name = "FDT_PYTHON")]
 pub static PYTHON: HashMap<u32, PyProc> = HashMap::with_max_entries(16384, 0);
+
+/// Comms that select a process (`--comm`), NUL-padded as `bpf_get_current_comm` returns them.
+/// Userspace fills it before the probes can see an exec.
+#[map(name = "FDT_SEL_COMMS")]
+pub static SELECT_COMMS: HashMap<[u8; select::COMM_LEN], u8> =
+    HashMap::with_max_entries(select::MAX_ENTRIES, 0);
+
+/// Cgroup v2 ids that select the processes in them and below them (`--cgroup`, `--container`).
+#[map(name = "FDT_SEL_CGROUPS")]
+pub static SELECT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(select::MAX_ENTRIES, 0);
 
 #[map(name = "FDT_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StackedRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -19,6 +19,7 @@ pub mod procfs;
 pub mod python;
 pub mod record;
 pub mod report;
+pub mod select;
 pub mod session;
 pub mod signals;
 pub mod stack;

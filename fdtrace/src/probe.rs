@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
-use fdtrace_common::{COUNTERS, Counter, KernelLayout, PyProc, Traced, names};
+use fdtrace_common::{COUNTERS, Counter, KernelLayout, PyProc, Traced, names, select};
 use thiserror::Error;
 
 use crate::layout::{self, ExitSource, LayoutError};
@@ -45,7 +45,7 @@ pub enum ProbeError {
     Unsupported(String),
     #[error("the probes' {0} map is missing from the object")]
     MissingMap(&'static str),
-    #[error("updating the traced-process map failed: {0}")]
+    #[error("updating the probes' maps failed: {0}")]
     Map(#[from] aya::maps::MapError),
 }
 
@@ -71,6 +71,10 @@ pub struct ProbeOptions {
     pub fallbacks: bool,
     /// Load the probes' own diagnostics (aya-log) and log them (`--debug-probes`).
     pub debug: bool,
+    /// Which selection maps the exec probe consults (`fdtrace_common::select` bits): set the
+    /// bit of each kind of selector in use, then fill the maps with [`Probes::select_comm`]
+    /// and [`Probes::select_cgroup`]. 0 adopts nothing.
+    pub select: u32,
 }
 
 /// The program type the `sys_exit` probe was loaded as.
@@ -141,6 +145,7 @@ impl Default for ProbeOptions {
             stats: false,
             fallbacks: false,
             debug: false,
+            select: 0,
         }
     }
 }
@@ -192,6 +197,8 @@ pub struct Probes {
     ebpf: Ebpf,
     traced: HashMap<MapData, u32, Traced>,
     python: HashMap<MapData, u32, PyProc>,
+    select_comms: HashMap<MapData, [u8; select::COMM_LEN], u8>,
+    select_cgroups: HashMap<MapData, u64, u8>,
     counters: PerCpuArray<MapData, u64>,
     choices: ProbeChoices,
     registrar: Option<PythonRegistrar>,
@@ -210,6 +217,7 @@ pub struct Counters {
     pub aux_read_failed: u64,
     pub traced_full: u64,
     pub py_frames_missing: u64,
+    pub not_adopted: u64,
 }
 
 /// The probes' own cost so far, from the kernel's BPF statistics.
@@ -242,6 +250,7 @@ impl Probes {
             .override_global(names::GLOBAL_STACK_BYTES, &options.stack_bytes, true)
             .override_global(names::GLOBAL_FOLLOW, &u32::from(options.follow), true)
             .override_global(names::GLOBAL_LAYOUT, &kernel_layout, true)
+            .override_global(names::GLOBAL_SELECT, &options.select, true)
             // A quarter of the ring, whatever its size.
             .override_global(
                 names::GLOBAL_WAKEUP_BYTES,
@@ -305,6 +314,11 @@ impl Probes {
         };
         let traced = HashMap::try_from(traced)?;
         let python = HashMap::try_from(python)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
+        };
+        let select_comms = HashMap::try_from(take(&mut ebpf, names::MAP_SELECT_COMMS)?)?;
+        let select_cgroups = HashMap::try_from(take(&mut ebpf, names::MAP_SELECT_CGROUPS)?)?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_COUNTERS)
                 .ok_or(ProbeError::MissingMap(names::MAP_COUNTERS))?,
@@ -317,6 +331,8 @@ impl Probes {
             ebpf,
             traced,
             python,
+            select_comms,
+            select_cgroups,
             counters,
             choices,
             registrar: Some(registrar),
@@ -382,6 +398,26 @@ impl Probes {
         };
     }
 
+    /// Has the exec probe adopt processes that execute a program under this comm (the name
+    /// cut to 15 bytes and NUL-padded, as the kernel keeps it). Needs the
+    /// [`select::COMM`] bit in [`ProbeOptions::select`].
+    pub fn select_comm(&mut self, comm: [u8; select::COMM_LEN]) -> Result<(), ProbeError> {
+        self.select_comms.insert(comm, 1, 0)?;
+        Ok(())
+    }
+
+    /// Has the exec probe adopt processes that execute a program in this cgroup v2 directory
+    /// (its inode number) or below it. Needs the [`select::CGROUP`] bit.
+    pub fn select_cgroup(&mut self, id: u64) -> Result<(), ProbeError> {
+        self.select_cgroups.insert(id, 1, 0)?;
+        Ok(())
+    }
+
+    /// Whether the kernel side traces `pid` now.
+    pub fn is_traced(&self, pid: u32) -> bool {
+        self.traced.get(&pid, 0).is_ok()
+    }
+
     pub fn untrace(&mut self, pid: u32) {
         // Already gone when the exit probe removed it.
         let _ = self.traced.remove(&pid);
@@ -403,7 +439,7 @@ impl Probes {
                 .get(&(c as u32), 0)
                 .map_or(0, |v| v.iter().sum())
         };
-        debug_assert_eq!(COUNTERS, 6);
+        debug_assert_eq!(COUNTERS, 7);
         Counters {
             ring_full: sum(Counter::RingFull),
             stack_read_failed: sum(Counter::StackReadFailed),
@@ -411,6 +447,7 @@ impl Probes {
             aux_read_failed: sum(Counter::AuxReadFailed),
             traced_full: sum(Counter::TracedFull),
             py_frames_missing: sum(Counter::PyFramesMissing),
+            not_adopted: sum(Counter::NotAdopted),
         }
     }
 

@@ -2,6 +2,7 @@
 //! (ticks, loss accounting, reconciliation with /proc) that keeps the model true.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -13,6 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::BytesMut;
+use fdtrace_common::kind;
 
 use crate::{
     clock::{WallClock, monotonic_ns},
@@ -22,6 +24,7 @@ use crate::{
     probe::{ProbeOptions, Probes, PythonRegistrar, RingReader},
     procfs, python,
     report::Report,
+    select::{self, Selection},
     stack::StackMemo,
     tracer::Tracer,
 };
@@ -29,6 +32,12 @@ use crate::{
 /// How often /proc is compared with the tables; a difference is corrected when two consecutive
 /// comparisons agree on it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// How often processes that match the selection without having executed a program since
+/// tracing began (moved into a selected cgroup, renamed with prctl) are looked for. The exec
+/// probe takes in every other one at once.
+const RESCAN_EVERY: Duration = Duration::from_secs(2);
+/// Bound of [`Session::unreadable`].
+const UNREADABLE_MAX: usize = 4096;
 /// When the traced processes hold more than this together, they are reconciled less often:
 /// listing /proc/PID/fd costs about 1 us per descriptor.
 const LARGE_TABLE: u64 = 100_000;
@@ -69,6 +78,12 @@ pub struct Session {
     map_reports: Receiver<MapEvent>,
     map_thread: Option<JoinHandle<()>>,
     map_events: Vec<MapEvent>,
+    /// The `--comm`/`--cgroup`/`--container` selection, when there is one: rescanned for.
+    selection: Option<Selection>,
+    last_rescan: Instant,
+    /// Processes named by records that could not be read from /proc (gone already): not
+    /// tried again for each of their records. Forgotten at their exit record.
+    unreadable: HashSet<Pid>,
 }
 
 type Observer = Box<dyn FnMut(&Event)>;
@@ -143,6 +158,9 @@ impl Session {
             map_reports,
             map_thread: Some(map_thread),
             map_events: Vec::new(),
+            selection: None,
+            last_rescan: Instant::now(),
+            unreadable: HashSet::new(),
         })
     }
 
@@ -163,6 +181,103 @@ impl Session {
         self.sync_python();
         self.apply(&event);
         Ok(())
+    }
+
+    /// Traces the processes `selection` picks by comm and cgroup: from now on the exec probe
+    /// adopts each that starts matching (the session must have been started with
+    /// [`Selection::probe_bits`] in its options), and those that match already are added
+    /// with their descendants, like `--pid` ones. Returns those.
+    pub fn select(&mut self, selection: &Selection) -> anyhow::Result<Vec<Pid>> {
+        if !selection.selects_later() {
+            return Ok(Vec::new());
+        }
+        // The maps first, then the scan: a process that executes in between is adopted by
+        // the probe, one that did before is found by the scan, and neither is missed.
+        for comm in &selection.comms {
+            self.probes
+                .select_comm(comm.key())
+                .context("selecting processes by comm")?;
+        }
+        for cgroup in &selection.cgroups {
+            self.probes
+                .select_cgroup(cgroup.id)
+                .context("selecting processes by cgroup")?;
+        }
+        self.selection = Some(selection.clone());
+        self.last_rescan = Instant::now();
+        let added = self.add_matching();
+        log::info!(
+            "selecting {}: {} process(es) match now, {added:?}",
+            selection.describe_later(),
+            added.len()
+        );
+        Ok(added)
+    }
+
+    /// Adds the processes matching the selection that are not traced yet, with their
+    /// descendants. Those the kernel traces already (adopted at exec, or forked by a traced
+    /// parent) are left to their records, which arrive in order.
+    fn add_matching(&mut self) -> Vec<Pid> {
+        let Some(selection) = &self.selection else {
+            return Vec::new();
+        };
+        let mut added = Vec::new();
+        for pid in selection.matching_now(std::process::id()) {
+            if self.knows(pid) || self.probes.is_traced(pid) {
+                continue;
+            }
+            // It may have exited since the scan.
+            if self.add(pid).is_ok() {
+                added.push(pid);
+                self.add_descendants(pid);
+            }
+        }
+        added
+    }
+
+    /// Whether the model has `pid` as a live process.
+    fn knows(&self, pid: Pid) -> bool {
+        self.model
+            .processes
+            .get(&pid)
+            .is_some_and(crate::model::Process::alive)
+    }
+
+    /// Starts tracing a process the records name but the model does not know: one the exec
+    /// probe adopted (its exec record comes first), or one whose first records were lost (a
+    /// fork record, to a full ring). It is read from /proc as [`Session::add`] reads one, so
+    /// that its identity, limit and table are right; stamped with the record's time, so its
+    /// later records apply after. Returns whether it was attached.
+    ///
+    /// A creation between the record and the /proc listing is listed as inherited and then
+    /// replaced by its own record (the model puts a creation over what held its number): it is
+    /// open once, at its own call site, and the inherited entry it replaced counts as one
+    /// close of the inherited site. Closes in between find nothing to close.
+    fn attach_unknown(&mut self, pid: Pid, ts: u64, out: &mut Vec<Event>) -> bool {
+        if self.unreadable.contains(&pid) {
+            return false;
+        }
+        // When the process has exited and its pid gone to another since, the records are not
+        // about that one.
+        let event = if select::started_after(pid, ts) {
+            None
+        } else {
+            self.tracer.attach(pid, ts).ok()
+        };
+        let Some(event) = event else {
+            if self.unreadable.len() >= UNREADABLE_MAX {
+                self.unreadable.clear();
+            }
+            self.unreadable.insert(pid);
+            return false;
+        };
+        // The probe's stack clamp follows the new program's stack, as after a traced exec.
+        self.probes.retrace_exec(pid, procfs::main_stack(pid));
+        self.sync_python();
+        log::debug!("attached {pid}, first seen in a record");
+        self.apply(&event);
+        out.push(event);
+        true
     }
 
     /// Has the kernel report the mappings of `pid` and its descendants as they are made, for
@@ -249,6 +364,9 @@ impl Session {
         });
 
         let mut out = Vec::new();
+        // The process of the last record, known to the model: runs of records of one process
+        // skip the lookup below.
+        let mut known: Option<Pid> = None;
         for item in items {
             let rec = match item {
                 Item::Record(rec) => rec,
@@ -262,6 +380,24 @@ impl Session {
                     continue;
                 }
             };
+            let (pid, ts) = (rec.header.tgid, rec.header.ts_ns);
+            if rec.header.kind == kind::EXIT {
+                // Its pid may come back as another process's.
+                self.unreadable.remove(&pid);
+                known = None;
+            } else if known != Some(pid) {
+                if self.knows(pid) {
+                    known = Some(pid);
+                } else if self.attach_unknown(pid, ts, &mut out) {
+                    known = Some(pid);
+                    if rec.header.kind == kind::EXEC {
+                        // The attach read the new program's identity and table: the exec
+                        // itself (closing the old program's close-on-exec descriptors)
+                        // happened before.
+                        continue;
+                    }
+                }
+            }
             for event in self.tracer.translate(&rec) {
                 if let Event::Exec { pid, .. } = &event {
                     // The new image has a new stack: the probe's clamp must follow.
@@ -295,6 +431,12 @@ impl Session {
             if self.records_since_trim >= BATCH_RECORDS {
                 self.records_since_trim = 0;
                 release_freed_memory();
+            }
+        }
+        if self.selection.is_some() && self.last_rescan.elapsed() >= RESCAN_EVERY {
+            self.last_rescan = Instant::now();
+            for pid in self.add_matching() {
+                log::info!("{pid} matches the selection without an exec: traced from now");
             }
         }
         if new_loss || self.last_reconcile.elapsed() >= RECONCILE_EVERY {
@@ -365,6 +507,10 @@ impl Session {
             (
                 c.py_frames_missing,
                 "creations in CPython without Python frames",
+            ),
+            (
+                c.not_adopted,
+                "selected processes not traced (traced-process map full)",
             ),
             (maps_lost, "mapping reports lost (frames may be unresolved)"),
             (

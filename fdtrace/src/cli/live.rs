@@ -1,4 +1,5 @@
-//! `fdtrace --pid`: attach to running processes.
+//! `fdtrace --pid` (and `--comm`, `--cgroup`, `--container`): attach to running processes, and
+//! to those that start matching later.
 
 use std::{
     io::IsTerminal as _,
@@ -8,7 +9,7 @@ use std::{
 
 use anyhow::bail;
 
-use super::{AttachArgs, check_privileges, emit_report};
+use super::{AttachArgs, check_privileges, emit_report, select_options};
 use crate::{
     headroom,
     model::{Event, Origin, Pid},
@@ -23,15 +24,18 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
             bail!("no process with pid {pid}");
         }
     }
+    let selection = args.select.resolve(&args.pids)?;
     check_privileges()?;
     let tui = !args.no_tui && std::io::stdout().is_terminal();
-    let mut session = Session::start(args.probe.options(args.follow, tui))?;
+    let options = select_options(args.probe, args.follow, tui, &selection);
+    let mut session = Session::start(options)?;
     for &pid in &args.pids {
         session.add(pid)?;
-        if args.follow {
+        if options.follow {
             session.add_descendants(pid);
         }
     }
+    let matched = session.select(&selection)?;
     signals::install();
     if tui {
         // The UI owns the terminal until it closes. The full report (every incident with its
@@ -54,11 +58,25 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let pids = args.pids.clone();
-    eprintln!(
-        "fdtrace: tracing {} (Ctrl-C for the report)",
-        describe(&pids)
-    );
+    let mut pids = args.pids.clone();
+    pids.extend(&matched);
+    if !selection.selects_later() {
+        eprintln!(
+            "fdtrace: tracing {} (Ctrl-C for the report)",
+            describe(&pids)
+        );
+    } else if pids.is_empty() {
+        eprintln!(
+            "fdtrace: waiting for processes matching {} (Ctrl-C for the report)",
+            selection.describe_later()
+        );
+    } else {
+        eprintln!(
+            "fdtrace: tracing {}, and processes matching {} as they start (Ctrl-C for the report)",
+            describe(&pids),
+            selection.describe_later()
+        );
+    }
     let mut printer = LivePrinter::default();
     let mut headroom = args.warn_at.map(headroom::Watch::new);
     loop {
@@ -81,7 +99,8 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         if signals::take().is_some() {
             break;
         }
-        if !session.any_alive() {
+        // Processes selected by comm or cgroup may come (back) at any time.
+        if !selection.selects_later() && !session.any_alive() {
             eprintln!("fdtrace: every traced process has exited");
             break;
         }
@@ -92,14 +111,21 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn describe(pids: &[Pid]) -> String {
+    // A cgroup can hold hundreds of processes: the first few say enough.
+    const SHOWN: usize = 8;
     let names: Vec<String> = pids
         .iter()
+        .take(SHOWN)
         .map(|&p| match crate::procfs::identity(p) {
             Ok(id) => format!("{p} ({})", id.comm),
             Err(_) => p.to_string(),
         })
         .collect();
-    format!("pid {}", names.join(", "))
+    let more = match pids.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!("pid {}{more}", names.join(", "))
 }
 
 /// Text-mode output while tracing: each incident as it happens, a summary every few seconds.

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     probe::{self, ProbeError, ProbeOptions},
     report::Report,
+    select::Selection,
 };
 
 #[derive(Debug, Parser)]
@@ -22,8 +23,8 @@ use crate::{
     name = "fdtrace",
     disable_version_flag = true,
     about = "Which call sites hold a process's file descriptors, which keep growing, and what filled the table when accept() failed with EMFILE",
-    override_usage = "sudo fdtrace --pid PID [--pid PID ...] [--follow] [--no-tui] [--warn-at PERCENT]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] [--warn-at PERCENT] -- CMD [ARGS...]\n       sudo fdtrace record (--pid PID ... | -- CMD [ARGS...]) -o FILE [--duration SECS] [--redact]\n       fdtrace replay FILE\n       fdtrace report FILE [--format text|markdown|json] [-o FILE]\n       fdtrace export FILE --format perfetto|folded|svg [-o FILE]",
-    after_help = "The live view (--pid, replay) is a terminal UI when standard output is a terminal; press ? in it for its keys. While it runs, logs go to $XDG_STATE_HOME/fdtrace.log, or /tmp/fdtrace-UID.log when XDG_STATE_HOME is unset (level from FDTRACE_LOG, default info).",
+    override_usage = "sudo fdtrace (--pid PID | --comm NAME | --cgroup PATH | --container ID)... [--follow] [--no-tui] [--warn-at PERCENT]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] [--warn-at PERCENT] -- CMD [ARGS...]\n       sudo fdtrace record ((--pid PID | --comm NAME | --cgroup PATH | --container ID)... | -- CMD [ARGS...]) -o FILE [--duration SECS] [--redact]\n       fdtrace replay FILE\n       fdtrace report FILE [--format text|markdown|json] [-o FILE]\n       fdtrace export FILE --format perfetto|folded|svg [-o FILE]",
+    after_help = "--comm, --cgroup and --container also trace the processes that start matching later (a restarted server, a new container's processes) from their first instruction, and the children of all they select; without a match yet, fdtrace waits for one.\n\nThe live view (--pid, replay) is a terminal UI when standard output is a terminal; press ? in it for its keys. While it runs, logs go to $XDG_STATE_HOME/fdtrace.log, or /tmp/fdtrace-UID.log when XDG_STATE_HOME is unset (level from FDTRACE_LOG, default info).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -45,6 +46,8 @@ pub(crate) struct AttachArgs {
     /// Process to trace (repeat for several).
     #[arg(long = "pid", value_name = "PID")]
     pub(crate) pids: Vec<u32>,
+    #[command(flatten)]
+    pub(crate) select: MatchArgs,
     /// Also trace the processes they have forked and will fork.
     #[arg(long)]
     pub(crate) follow: bool,
@@ -62,6 +65,55 @@ pub(crate) struct AttachArgs {
     pub(crate) warn_at: Option<f64>,
     #[command(flatten)]
     pub(crate) probe: ProbeArgs,
+}
+
+/// Selectors by what a process is, which also take in processes that start matching later.
+#[derive(Debug, Args, Default)]
+pub(crate) struct MatchArgs {
+    /// Trace the processes named NAME (their comm, as /proc/PID/comm shows it; names are cut
+    /// to 15 bytes as the kernel cuts them), now and as they start (repeat for several).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub(crate) comms: Vec<String>,
+    /// Trace the processes in the cgroup v2 directory PATH or below it, now and as they start:
+    /// PATH is relative to where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified
+    /// on hybrid systems), absolute under it, or as /proc/PID/cgroup shows it (repeat for
+    /// several).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub(crate) cgroups: Vec<String>,
+    /// Trace the processes of a container (docker, podman, containerd, CRI-O), now and as they
+    /// start: its id, or a prefix of at least 4 hex digits that only it has (repeat for
+    /// several).
+    #[arg(long = "container", value_name = "ID")]
+    pub(crate) containers: Vec<String>,
+}
+
+impl MatchArgs {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.comms.is_empty() && self.cgroups.is_empty() && self.containers.is_empty()
+    }
+
+    /// The selection with `pids`, its cgroups and containers found on this machine.
+    pub(crate) fn resolve(&self, pids: &[u32]) -> anyhow::Result<Selection> {
+        Ok(Selection::resolve(
+            pids,
+            &self.comms,
+            &self.cgroups,
+            &self.containers,
+        )?)
+    }
+}
+
+/// Options for probes that trace `selection`: selecting by comm or cgroup follows children.
+pub(crate) fn select_options(
+    probe: ProbeArgs,
+    follow: bool,
+    stats: bool,
+    selection: &Selection,
+) -> ProbeOptions {
+    ProbeOptions {
+        select: selection.probe_bits(),
+        ..probe.options(follow || selection.selects_later(), stats)
+    }
 }
 
 #[derive(Debug, Args, Clone, Copy)]
@@ -156,8 +208,10 @@ pub fn main() -> anyhow::Result<ExitCode> {
         Some(Command::Replay(args)) => replay::replay(&args),
         Some(Command::Report(args)) => report::report(&args),
         Some(Command::Export(args)) => export::export(&args),
-        None if cli.attach.pids.is_empty() => {
-            bail!("nothing to trace: give --pid PID, or `fdtrace run -- CMD` (see --help)")
+        None if cli.attach.pids.is_empty() && cli.attach.select.is_empty() => {
+            bail!(
+                "nothing to trace: give --pid PID, --comm NAME, --cgroup PATH or --container ID, or `fdtrace run -- CMD` (see --help)"
+            )
         }
         None => live::attach(&cli.attach),
     }

@@ -1,4 +1,5 @@
-//! `fdtrace record`: trace like `run` or `--pid` and write what the model consumed to a file.
+//! `fdtrace record`: trace like `run` or `--pid` (`--comm`, `--cgroup`, `--container`) and write
+//! what the model consumed to a file.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use super::{ProbeArgs, check_privileges};
+use super::{MatchArgs, ProbeArgs, check_privileges, select_options};
 use crate::{
     launch,
     model::Pid,
@@ -21,9 +22,12 @@ use crate::{
 
 #[derive(Debug, Args)]
 pub(crate) struct RecordArgs {
-    /// Process to record (repeat for several); or give a command after `--`.
+    /// Process to record (repeat for several); or select processes by --comm, --cgroup or
+    /// --container; or give a command after `--`.
     #[arg(long = "pid", value_name = "PID")]
     pids: Vec<u32>,
+    #[command(flatten)]
+    select: MatchArgs,
     /// With --pid: also record the processes they have forked and will fork.
     #[arg(long)]
     follow: bool,
@@ -47,8 +51,11 @@ pub(crate) struct RecordArgs {
 const GRACE: Duration = Duration::from_millis(500);
 
 pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
-    if args.pids.is_empty() == args.command.is_empty() {
-        bail!("record what? give --pid PID (repeatable) or -- CMD [ARGS...], not both");
+    let selecting = !args.pids.is_empty() || !args.select.is_empty();
+    if selecting != args.command.is_empty() {
+        bail!(
+            "record what? give --pid PID, --comm NAME, --cgroup PATH or --container ID (each repeatable), or -- CMD [ARGS...], not both"
+        );
     }
     if let Some(d) = args.duration
         && !(d.is_finite() && d > 0.0)
@@ -64,9 +71,11 @@ pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
         launch::check_command(command)
             .map_err(|err| anyhow::anyhow!("cannot run {command}: {err}"))?;
     }
+    let selection = args.select.resolve(&args.pids)?;
     check_privileges()?;
     let launching = !args.command.is_empty();
-    let mut session = Session::start(args.probe.options(args.follow || launching, false))?;
+    let options = select_options(args.probe, args.follow || launching, false, &selection);
+    let mut session = Session::start(options)?;
     let started = Instant::now();
     let stop_at = args
         .duration
@@ -115,16 +124,23 @@ pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     } else {
         for &pid in &args.pids {
             session.add(pid)?;
-            if args.follow {
+            if options.follow {
                 session.add_descendants(pid);
             }
         }
     }
+    let matched = session.select(&selection)?;
     signals::install();
     eprintln!(
         "fdtrace: recording to {} (Ctrl-C to stop)",
         args.output.display()
     );
+    if selection.selects_later() && args.pids.is_empty() && matched.is_empty() {
+        eprintln!(
+            "fdtrace: waiting for processes matching {}",
+            selection.describe_later()
+        );
+    }
 
     let main_pid: Option<Pid> = child.as_ref().map(|c| c.pid);
     let mut status = None;
@@ -164,7 +180,12 @@ pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
                 .get(&pid)
                 .is_some_and(|p| !p.alive())
         });
-        if main_seen_exit && (status.is_some() || main_pid.is_none()) && !session.any_alive() {
+        // Processes selected by comm or cgroup may come (back) at any time.
+        if main_seen_exit
+            && (status.is_some() || main_pid.is_none())
+            && !session.any_alive()
+            && !selection.selects_later()
+        {
             break;
         }
         if grace_until.is_some_and(|t| Instant::now() > t) {

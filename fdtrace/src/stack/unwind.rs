@@ -24,6 +24,12 @@ const MAX_FRAMES: usize = 128;
 /// a library loaded since the last read.
 const MIN_REREAD_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Reads of a process's maps allowed without `MIN_REREAD_INTERVAL` between them. A process
+/// attached as it execs (one a selection adopted) is read before its loader has mapped its
+/// libraries, and its first creations come within a millisecond: held to the interval, their
+/// stacks stayed unresolved.
+const EARLY_REREADS: u32 = 4;
+
 /// framehop tags its rule cache with a global u16 generation, bumped on every `add_module`;
 /// after 65536 bumps a stale rule could match again. Start a fresh cache well before.
 const MODULES_PER_CACHE: u32 = 30_000;
@@ -82,6 +88,8 @@ struct Process {
     space: Option<Arc<AddressSpace>>,
     /// When its maps were last read (or tried), for `MIN_REREAD_INTERVAL`.
     last_read: Instant,
+    /// Reads of its maps so far (see `EARLY_REREADS`).
+    reads: u32,
     /// For processes whose mappings the kernel reports as they happen (see `map`): the
     /// executable mappings so far. `space` is rebuilt from them when `stale`.
     reported: Option<Vec<MapEntry>>,
@@ -93,6 +101,7 @@ impl Process {
         Self {
             space,
             last_read: Instant::now(),
+            reads: 0,
             reported: None,
             stale: false,
         }
@@ -182,7 +191,10 @@ impl Unwinder {
     pub fn refresh(&mut self, pid: u32) -> anyhow::Result<()> {
         let now = Instant::now();
         let result = self.read_address_space(pid);
-        let previous = self.processes.remove(&pid).and_then(|p| p.space);
+        let (previous, reads) = self
+            .processes
+            .remove(&pid)
+            .map_or((None, 0), |p| (p.space, p.reads));
         let (space, outcome) = match result {
             Ok(space) => (Some(space), Ok(())),
             // Keep what we had: events already queued may still unwind with it.
@@ -190,6 +202,7 @@ impl Unwinder {
         };
         let mut process = Process::new(space);
         process.last_read = now;
+        process.reads = reads + 1;
         // A process fed by mapping reports continues from what /proc says now.
         if let Some(space) = &process.space
             && self.reported.contains(&pid)
@@ -393,10 +406,9 @@ impl Unwinder {
     /// Rereads the maps unless that was done less than `MIN_REREAD_INTERVAL` ago. Returns
     /// whether the executable mappings changed.
     fn reread_if_due(&mut self, pid: u32) -> bool {
-        let due = self
-            .processes
-            .get(&pid)
-            .is_none_or(|p| p.last_read.elapsed() >= MIN_REREAD_INTERVAL);
+        let due = self.processes.get(&pid).is_none_or(|p| {
+            p.reads < EARLY_REREADS || p.last_read.elapsed() >= MIN_REREAD_INTERVAL
+        });
         if !due {
             return false;
         }
