@@ -457,11 +457,11 @@ impl Unwinder {
                 && let Some(module) = &module
                 && !entry.deleted
                 && !self.foreign_files.contains_key(module)
-                && let Ok(file) = open_mapped_file(pid, entry)
+                && let Ok(file) = open_mapped_file(pid, entry, foreign)
             {
                 self.foreign_files.insert(Arc::clone(module), file);
             }
-            if let Some(object) = self.object_for(pid, entry) {
+            if let Some(object) = self.object_for(pid, entry, foreign) {
                 if object.has_unwind_info() {
                     unwinder.add_module(Module::new(
                         module.as_deref().unwrap_or_default().to_owned(),
@@ -495,7 +495,7 @@ impl Unwinder {
     }
 
     /// The parsed object behind an executable mapping, from the cache or read now.
-    fn object_for(&mut self, pid: u32, entry: &MapEntry) -> Option<Arc<CodeObject>> {
+    fn object_for(&mut self, pid: u32, entry: &MapEntry, foreign: bool) -> Option<Arc<CodeObject>> {
         let path = entry.path.as_ref()?;
         let is_vdso = &**path == VDSO;
         if !entry.is_file() && !is_vdso {
@@ -512,7 +512,8 @@ impl Unwinder {
                 let object = if is_vdso {
                     read_vdso(pid, entry)
                 } else {
-                    open_mapped_file(pid, entry).and_then(|file| CodeObject::read_file(&file))
+                    open_mapped_file(pid, entry, foreign)
+                        .and_then(|file| CodeObject::read_file(&file))
                 };
                 object
                     .inspect_err(|e| log::debug!("no unwind info for {path} (pid {pid}): {e:#}"))
@@ -554,9 +555,12 @@ fn in_foreign_mount_namespace(pid: u32) -> bool {
 
 /// Opens the file behind a mapping: through the process's root first (it may live in another
 /// mount namespace), then through `map_files` (works for unlinked files; needs `CAP_SYS_ADMIN`),
-/// then by the path as we see it, if that is the same file (same device and inode): in a
-/// container the same path is often another file, and its symbols would be wrong names.
-fn open_mapped_file(pid: u32, entry: &MapEntry) -> anyhow::Result<File> {
+/// then by the path as we see it. For a process in another mount namespace (`foreign`), only
+/// if that is the same file (same device and inode): in a container the same path is often
+/// another file, whose unwind tables would be wrong. Not for others: a process gone before
+/// its files were opened is taken to be ours, and on 9p (the kernel matrix's guests) a file's
+/// identity in a mapping report did not match its stat.
+fn open_mapped_file(pid: u32, entry: &MapEntry, foreign: bool) -> anyhow::Result<File> {
     use std::os::unix::fs::MetadataExt as _;
     let path = entry.path.as_deref().unwrap_or_default();
     let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", entry.start, entry.end);
@@ -575,7 +579,7 @@ fn open_mapped_file(pid: u32, entry: &MapEntry) -> anyhow::Result<File> {
     if !entry.deleted {
         let file = File::open(path).with_context(|| path.to_owned())?;
         let meta = file.metadata()?;
-        if (meta.dev(), meta.ino()) == (entry.dev, entry.inode) {
+        if !foreign || (meta.dev(), meta.ino()) == (entry.dev, entry.inode) {
             return Ok(file);
         }
         anyhow::bail!("{path} is another file here than in process {pid}");
