@@ -131,14 +131,23 @@ pub struct Placement {
     pub container: Option<Container>,
 }
 
+/// The identity (nsfs device and inode) of the `kind` namespace (`pid`, `mnt`, ...) of
+/// `/proc/<proc>` (a pid, `self` or `1`), or `None` when it cannot be read (the process is
+/// gone). Two processes are in the same namespace when these are equal.
+pub fn namespace(proc: &str, kind: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(format!("/proc/{proc}/ns/{kind}")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 /// The [`Placement`] of `pid`, or `None` when its status cannot be read (it has exited).
 /// An unreadable cgroup file only leaves the container unknown.
 pub fn placement(pid: u32) -> Option<Placement> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let nspids = nspids(&status)?;
     let ns_pid = *nspids.last()?;
-    let ns_link = |p: &str| fs::read_link(format!("/proc/{p}/ns/pid")).ok();
-    let own_pid_namespace = match (ns_link(&pid.to_string()), ns_link("1")) {
+    let pid_ns = |p: &str| namespace(p, "pid");
+    let own_pid_namespace = match (pid_ns(&pid.to_string()), pid_ns("1")) {
         (Some(mine), Some(init)) => mine != init,
         // NSpid lists the pid in each namespace from /proc's down to the process's own.
         _ => nspids.len() > 1,

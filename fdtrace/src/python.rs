@@ -305,10 +305,8 @@ fn next_generation() -> u16 {
 
 /// The pid namespace of `pid` (nsfs device and inode) when it is not ours.
 fn foreign_pid_namespace(pid: u32) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
-    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
-    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then(|| (theirs.dev(), theirs.ino()))
+    let theirs = crate::procfs::namespace(&pid.to_string(), "pid")?;
+    (Some(theirs) != crate::procfs::namespace("self", "pid")).then_some(theirs)
 }
 
 fn detect_object(path: &str, start: u64, pgoff: u64) -> Option<Interpreter> {

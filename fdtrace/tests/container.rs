@@ -136,6 +136,15 @@ fn trace(container: &mut Container) -> (Report, Vec<String>) {
     (report, truth)
 }
 
+/// The pid the program printed as its own (`getpid: N`): the one in its pid namespace.
+fn said_pid(truth: &[String]) -> u64 {
+    truth
+        .iter()
+        .find_map(|l| l.strip_prefix("getpid: "))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no getpid line in {truth:?}"))
+}
+
 /// The JSON report's entry for `pid`, as consumers read it.
 fn process_json(report: &Report, pid: Pid) -> serde_json::Value {
     let json = serde_json::to_value(report).unwrap();
@@ -181,11 +190,7 @@ fn a_containers_c_program_is_named_from_its_own_files() {
         "the app directory is visible on the host"
     );
     let (report, truth) = trace(&mut container);
-    let ns_pid: u64 = truth
-        .iter()
-        .find_map(|l| l.strip_prefix("getpid: "))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no getpid line in {truth:?}"));
+    let ns_pid = said_pid(&truth);
     let host_view = truth
         .iter()
         .find(|l| l.starts_with("NSpid:"))
@@ -222,11 +227,7 @@ fn a_containers_python_app_gets_python_frames() {
     let mut container =
         Container::start("py", &[&script], &[python, "-u", "{app}/container_app.py"]);
     let (report, truth) = trace(&mut container);
-    let ns_pid: u64 = truth
-        .iter()
-        .find_map(|l| l.strip_prefix("getpid: "))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no getpid line in {truth:?}"));
+    let ns_pid = said_pid(&truth);
     assert_ne!(
         u64::from(container.pid),
         ns_pid,

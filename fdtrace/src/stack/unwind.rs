@@ -546,8 +546,8 @@ fn module_name(entry: &MapEntry, foreign: bool) -> Option<Arc<str>> {
 /// Whether `pid` sees another file system tree than we do (it runs in a container). False
 /// when that cannot be read: the process is gone, and its files are looked up as ours.
 fn in_foreign_mount_namespace(pid: u32) -> bool {
-    let ns = |p: &str| std::fs::read_link(p).ok();
-    match (ns(&format!("/proc/{pid}/ns/mnt")), ns("/proc/self/ns/mnt")) {
+    let mnt = |p: &str| crate::procfs::namespace(p, "mnt");
+    match (mnt(&pid.to_string()), mnt("self")) {
         (Some(theirs), Some(ours)) => theirs != ours,
         _ => false,
     }
