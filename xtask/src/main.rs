@@ -98,6 +98,10 @@ enum Task {
         )]
         kernels: Vec<String>,
     },
+    /// Inside a vm-test guest: keep the kernel's code patched as the tests will want it, and
+    /// sleep until the guest ends (the guest's run script starts it).
+    #[command(hide = true)]
+    VmGuestHoldKeys,
     /// Fuzz the recording reader for SECONDS (cargo +nightly fuzz; installs cargo-fuzz into
     /// .tools/ once) and print how many executions it survived.
     Fuzz {
@@ -163,6 +167,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             toolchain::setup(&workspace)?;
             vm::run(&workspace, &kernels)?;
         }
+        Task::VmGuestHoldKeys => vm::hold_static_keys()?,
         Task::Bench { only } => bench::run(&workspace, &only)?,
         Task::Fuzz { seconds } => {
             fuzz::run(&workspace, seconds)?;

@@ -627,6 +627,18 @@ impl Guest<'_> {
         );
         writeln!(script, "R={}", sh_quote(utf8(results)?))?;
         script.push_str("uname -r > \"$R/kernel\"\n");
+        // Every test flips static keys as its tracer comes and goes, and the kernel patches
+        // its own code for each flip. Under QEMU's multi-threaded TCG the other vCPU can then
+        // run a stale translation of that code: twice in one CI run, 6.12 died of "Oops: int3"
+        // in __schedule, whose perf_sched_events branch the tracer's per-task perf events
+        // (the mapping watcher) turn on and off. Holding the keys on for the whole guest
+        // leaves nothing to patch; the tests still load, attach and detach every probe.
+        let xtask = env::current_exe().context("locating the xtask binary")?;
+        writeln!(
+            script,
+            "{} vm-guest-hold-keys > \"$R/hold-keys.log\" 2>&1 &",
+            sh_quote(utf8(&xtask)?)
+        )?;
         for binary in binaries {
             writeln!(
                 script,
@@ -642,6 +654,48 @@ impl Guest<'_> {
         Ok(script)
     }
 }
+
+/// The guest side of the static-key hold (see `Guest::script`): a task-bound perf event keeps
+/// perf_sched_events on, and the sched tracepoints the probes use stay enabled in tracefs
+/// (with tracing off, so nothing is recorded). Never returns unless it fails.
+pub fn hold_static_keys() -> anyhow::Result<()> {
+    // perf_event_attr as far as PERF_ATTR_SIZE_VER0: type, size, config; the rest zero.
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(PERF_TYPE_SOFTWARE) | (size_of_val(&attr) as u64) << 32;
+    attr[1] = PERF_COUNT_SW_DUMMY;
+    // SAFETY: attr is a perf_event_attr of the size it declares; the other arguments are
+    // plain integers (this task, any CPU, no group, no flags).
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error())
+            .context("perf_event_open (a dummy event on itself)");
+    }
+    let tracing = Path::new("/sys/kernel/tracing");
+    if !tracing.join("events").exists() {
+        let status = Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(tracing)
+            .status()
+            .context("mounting tracefs")?;
+        ensure!(status.success(), "mounting tracefs: {status}");
+    }
+    fs::write(tracing.join("tracing_on"), "0").context("turning tracing off")?;
+    for event in [
+        "sched_process_fork",
+        "sched_process_exec",
+        "sched_process_exit",
+    ] {
+        let enable = tracing.join("events/sched").join(event).join("enable");
+        fs::write(&enable, "1").with_context(|| format!("writing {}", enable.display()))?;
+    }
+    println!("holding perf_sched_events and the sched tracepoints on");
+    loop {
+        thread::sleep(Duration::from_hours(1));
+    }
+}
+
+const PERF_TYPE_SOFTWARE: u32 = 1;
+const PERF_COUNT_SW_DUMMY: u64 = 9;
 
 fn utf8(path: &Path) -> anyhow::Result<&str> {
     path.to_str()
