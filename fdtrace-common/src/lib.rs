@@ -106,10 +106,14 @@ pub enum Counter {
     /// A process matching the selection (`--comm`, `--cgroup`) executed a program but could
     /// not be added to the full traced-process map: it is not traced.
     NotAdopted = 6,
+    /// A connection accepted at the limit was closed, and its socket had already been freed
+    /// and reused by another connection when the close probe looked: whether it was answered
+    /// is unknown, so it is not counted as closed unanswered.
+    SocketReused = 7,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 7;
+pub const COUNTERS: u32 = 8;
 
 /// Selecting processes by what they are rather than by pid (`--comm`, `--cgroup`): the exec
 /// probe adopts an untraced process whose new program matches, so one that starts later is
@@ -164,9 +168,40 @@ pub struct KernelLayout {
     pub mm_start_brk: u32,
     /// 1 to send the probes' own diagnostics (`--debug-probes`), 0 for none.
     pub debug: u32,
-    pub pad: u32,
+    /// `file.private_data` (a socket file's `struct socket`), `socket.sk`, `sock.sk_protocol`
+    /// and `tcp_sock`'s `copied_seq` (read up to), `write_seq` (written up to) and `rcv_nxt`
+    /// (received up to), from BTF: a connection accepted just after an EMFILE is looked at
+    /// again at its close, to tell one closed unanswered. [`NO_FIELD`] in `tcp_copied_seq`
+    /// when the kernel lacks any of them (the probe then skips the look).
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub sk_protocol: u32,
+    pub tcp_copied_seq: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_rcv_nxt: u32,
+    /// `sock_common.skc_dport` (the peer's port): the same at the close as at the accept, or
+    /// the sock was freed and reused by another connection in between. (Not the local port:
+    /// the reset path's `inet_put_port` zeroes it.)
+    pub sk_dport: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 56);
+const _: () = assert!(size_of::<KernelLayout>() == 80);
+
+/// How long after a process's EMFILE/ENFILE an accepted connection counts as accepted at the
+/// limit: libuv's reserve-descriptor trick accepts within microseconds of the failure.
+pub const AT_LIMIT_WINDOW_NS: u64 = 1_000_000_000;
+
+/// What the accept probe keeps of a connection accepted at the limit, for its close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fresh {
+    /// The `struct sock`, read again at the close (see the probe's `unanswered`).
+    pub sock: u64,
+    pub copied_seq: u32,
+    pub write_seq: u32,
+    pub peer_port: u16,
+    pub pad16: u16,
+    pub pad32: u32,
+}
 
 /// A [`KernelLayout`] field this kernel does not have.
 pub const NO_FIELD: u32 = u32::MAX;
@@ -180,8 +215,12 @@ pub struct Traced {
     /// sp is clamped to `stack_hi`, which keeps it off both unmapped pages and the environment.
     pub stack_lo: u64,
     pub stack_hi: u64,
+    /// When the process last failed with EMFILE/ENFILE (CLOCK_MONOTONIC ns; 0: never, or not
+    /// since its exec or fork). Connections it accepts soon after are watched to their close,
+    /// and closes of a process that never hit the limit cost nothing more.
+    pub limit_hit_ns: u64,
 }
-const _: () = assert!(size_of::<Traced>() == 16);
+const _: () = assert!(size_of::<Traced>() == 24);
 
 /// The start of every record.
 #[repr(C)]

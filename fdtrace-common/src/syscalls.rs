@@ -8,6 +8,12 @@ pub const CLOSE: u32 = 3;
 /// The argument slot of a close record that the probe overwrites (close takes one argument):
 /// 1 when another thread's creation had the number again by the time close returned.
 pub const CLOSE_REOPENED: usize = 5;
+/// Another slot of a close record: [`UNANSWERED`] when the descriptor was a TCP connection
+/// accepted just after an EMFILE/ENFILE and closed without a byte read or written, plus
+/// [`REQUEST_WAITING`] when the peer had sent data (its close then resets the connection).
+pub const CLOSE_UNANSWERED: usize = 4;
+pub const UNANSWERED: u64 = 1;
+pub const REQUEST_WAITING: u64 = 2;
 pub const PIPE: u32 = 22;
 pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;

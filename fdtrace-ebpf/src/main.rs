@@ -20,6 +20,8 @@
 mod maps;
 mod python;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::pt_regs,
@@ -28,8 +30,8 @@ use aya_ebpf::{
         bpf_probe_read_user,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_get_current_task_btf,
-            bpf_probe_read_kernel_str, bpf_probe_read_user as read_user_raw,
-            bpf_probe_read_user_str, bpf_task_pt_regs,
+            bpf_probe_read_kernel as read_kernel_raw, bpf_probe_read_kernel_str,
+            bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str, bpf_task_pt_regs,
         },
     },
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
@@ -37,12 +39,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AUX_MAX, Counter, KernelLayout, NO_FIELD, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX,
-    STACKED_FIXED, StackHeader, StackedRecord, Traced, kind, select,
+    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, Fresh, KernelLayout, NO_FIELD, PY_BYTES, RecordHeader,
+    STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
-    PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count, emit_header, emit_scratch,
+    FRESH, PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count, emit_header, emit_scratch,
 };
 
 /// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
@@ -75,13 +77,28 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     mm_start_code: 0,
     mm_start_brk: 0,
     debug: 0,
-    pad: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    sk_protocol: 0,
+    tcp_copied_seq: NO_FIELD,
+    tcp_write_seq: 0,
+    tcp_rcv_nxt: 0,
+    sk_dport: 0,
 };
 
-#[inline(always)]
-fn layout() -> KernelLayout {
-    // SAFETY: a global written only by the loader.
-    unsafe { core::ptr::read_volatile(&raw const FDT_LAYOUT) }
+/// One field of [`FDT_LAYOUT`], read volatile (the loader sets it after compilation); a
+/// volatile read of the whole struct put all of it on the stack, which the deep `sys_exit`
+/// path cannot afford.
+macro_rules! layout {
+    ($field:ident) => {{
+        #[allow(
+            unused_unsafe,
+            reason = "also expanded inside unsafe blocks, where this one is redundant"
+        )]
+        // SAFETY: a global written only by the loader.
+        let value = unsafe { core::ptr::read_volatile(&raw const FDT_LAYOUT.$field) };
+        value
+    }};
 }
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -211,6 +228,11 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     };
 
     if failed {
+        // Only an entry still there: the process may be exiting on another CPU.
+        const BPF_EXIST: u64 = 2;
+        let mut hit = traced;
+        hit.limit_hit_ns = header.ts_ns;
+        let _ = TRACED.insert(tgid, hit, BPF_EXIST);
         return emit_stacked(header, &regs, &traced, Aux::None);
     }
     match syscalls::action(nr) {
@@ -220,6 +242,12 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
                 // openat2's flags are in struct open_how (its first u64), not in a register.
                 // SAFETY: a user pointer the kernel has just read the same struct through.
                 header.args[4] = unsafe { bpf_probe_read_user(args[2] as *const u64) }.unwrap_or(0);
+            }
+            if (nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT)
+                && traced.limit_hit_ns != 0
+                && header.ts_ns.wrapping_sub(traced.limit_hit_ns) <= AT_LIMIT_WINDOW_NS
+            {
+                watch(fresh_key(tgid, ret as u64));
             }
             emit_stacked(header, &regs, &traced, aux)
         }
@@ -239,6 +267,12 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             // stamp and be applied first: the kernel matrix's emulated 6.1 caught that.)
             let mut header = header;
             header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
+            // Only a process that hit the limit has connections to look at.
+            header.args[syscalls::CLOSE_UNANSWERED] = if traced.limit_hit_ns == 0 {
+                0
+            } else {
+                unanswered(tgid, args[0])
+            };
             emit_header(&header)
         }
         Action::Change if nr != syscalls::CLOSE && ret == 0 => emit_header(&header),
@@ -252,35 +286,140 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
 /// have reached sys_exit first. Userspace needs this to apply the two in the right order.
 #[inline(always)]
 fn slot_taken(fd: u64) -> u64 {
-    let l = layout();
-    // Offsets from the running kernel's BTF; every pointer is read through the checking helper.
-    let taken = || -> Result<bool, ()> {
-        // SAFETY: no preconditions.
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-        let files: *const u8 = kernel_field(task, l.task_files)?;
-        let fdt: *const u8 = kernel_field(files, l.files_fdt)?;
-        let max: u32 = kernel_field(fdt, l.fdt_max_fds)?;
-        if fd >= u64::from(max) {
-            return Ok(false);
+    open_file(fd).map_or(0, |file| u64::from(!file.is_null()))
+}
+
+/// The `struct file` in slot `fd` of the current process's table (null when empty). Offsets
+/// from the running kernel's BTF; every pointer is read through the checking helper, each into
+/// the one slot `p` (a slot per read took the close path past the stack limit).
+#[inline(always)]
+fn open_file(fd: u64) -> Result<*const u8, ()> {
+    // SAFETY: no preconditions.
+    let mut p = unsafe { bpf_get_current_task() };
+    follow(&mut p, layout!(task_files))?;
+    follow(&mut p, layout!(files_fdt))?;
+    let fdt = p as *const u8;
+    let mut max: u32 = 0;
+    kernel_field_into(&mut max, fdt, layout!(fdt_max_fds))?;
+    if fd >= u64::from(max) {
+        return Ok(core::ptr::null());
+    }
+    kernel_field_into(&mut p, fdt, layout!(fdt_fd))?;
+    follow(&mut p, (fd * 8) as u32)?;
+    Ok(p as *const u8)
+}
+
+/// A connection accepted within [`AT_LIMIT_WINDOW_NS`] of its process's last EMFILE/ENFILE
+/// is remembered with how far it had been read and written, for [`unanswered`] to compare at
+/// its close. Only TCP: its sequence numbers say what the program read and wrote without
+/// tracing every read and write (which would cost every process on the machine a lookup).
+/// A function of its own (a BPF-to-BPF call) so that its locals get a frame of their own:
+/// inlined, they pushed `sys_exit` past the 512-byte stack; and that frame must stay within
+/// what `sys_exit`'s own leaves of the 512 bytes (64).
+///
+/// `key` is [`fresh_key`]'s: one argument to keep across the helper calls, not two.
+#[inline(never)]
+fn watch(key: u64) {
+    if layout!(tcp_copied_seq) == NO_FIELD {
+        return;
+    }
+    let fd = key & 0xffff_ffff;
+    // Written field by field through a raw pointer, never zeroed first: LLVM turns 16 bytes
+    // of zero stores into a call to memset, a BPF-to-BPF call whose frame the verifier adds
+    // to the chain (6.1 then counted 544 bytes of stack).
+    let mut fresh = MaybeUninit::<Fresh>::uninit();
+    let f = fresh.as_mut_ptr();
+    let tcp = || -> Result<(), ()> {
+        let mut p = open_file(fd)? as u64;
+        // file->private_data is the struct socket, socket->sk the struct sock.
+        follow(&mut p, layout!(file_private_data))?;
+        follow(&mut p, layout!(socket_sk))?;
+        let sock = p as *const u8;
+        let mut protocol: u16 = 0;
+        kernel_field_into(&mut protocol, sock, layout!(sk_protocol))?;
+        if protocol != IPPROTO_TCP {
+            return Err(());
         }
-        let slots: *const u8 = kernel_field(fdt, l.fdt_fd)?;
-        let file: u64 = kernel_field(slots, (fd * 8) as u32)?;
-        Ok(file != 0)
+        // SAFETY: `f` points to `fresh`, which outlives this closure; its fields are integers,
+        // written in place without a reference to the uninitialized whole.
+        unsafe {
+            (*f).sock = p;
+            kernel_field_to(&raw mut (*f).copied_seq, sock, layout!(tcp_copied_seq))?;
+            kernel_field_to(&raw mut (*f).write_seq, sock, layout!(tcp_write_seq))?;
+            kernel_field_to(&raw mut (*f).peer_port, sock, layout!(sk_dport))?;
+            (*f).pad16 = 0;
+            (*f).pad32 = 0;
+        }
+        Ok(())
     };
-    taken().map_or(0, u64::from)
+    if tcp().is_ok() {
+        // SAFETY: `tcp` wrote every field before returning Ok.
+        let _ = FRESH.insert(key, unsafe { fresh.assume_init() }, 0);
+    }
+}
+
+const IPPROTO_TCP: u16 = 6;
+
+/// The close record's [`syscalls::CLOSE_UNANSWERED`] bits for descriptor `fd`: a connection
+/// [`watch`] remembered, closed with nothing read or written since its accept.
+/// Not inlined, for the same reason.
+#[inline(never)]
+fn unanswered(tgid: u32, fd: u64) -> u64 {
+    let key = fresh_key(tgid, fd);
+    // SAFETY: a lookup, copied out at once.
+    let Some(fresh) = (unsafe { FRESH.get(key) }).copied() else {
+        return 0;
+    };
+    let _ = FRESH.remove(key);
+    // Since 6.7 close() drops the file's last reference itself, so tcp_close has run: its FIN
+    // took one sequence number (write_seq + 1), or its reset none and freed the sock. TCP
+    // socks are SLAB_TYPESAFE_BY_RCU, so the memory is still a tcp_sock, but the reset's own
+    // softirq on loopback can hand it to the next connection at once: another peer port
+    // then, and the answer is unknown (counted as such). Before 6.7 the last reference goes on the way
+    // back to user space, after this tracepoint.
+    let sock = fresh.sock as *const u8;
+    let seqs = || -> Result<(u32, u32, u32, u16), ()> {
+        Ok((
+            kernel_field(sock, layout!(tcp_copied_seq))?,
+            kernel_field(sock, layout!(tcp_write_seq))?,
+            kernel_field(sock, layout!(tcp_rcv_nxt))?,
+            kernel_field(sock, layout!(sk_dport))?,
+        ))
+    };
+    let Ok((copied, written, received, peer_port)) = seqs() else {
+        return 0;
+    };
+    if peer_port != fresh.peer_port {
+        count(Counter::SocketReused);
+        return 0;
+    }
+    if copied != fresh.copied_seq || written.wrapping_sub(fresh.write_seq) > 1 {
+        return 0;
+    }
+    // More than the peer's FIN (one sequence number) unread: a request was waiting, and
+    // closing on unread data resets the connection.
+    if received.wrapping_sub(copied) > 1 {
+        syscalls::UNANSWERED | syscalls::REQUEST_WAITING
+    } else {
+        syscalls::UNANSWERED
+    }
+}
+
+#[inline(always)]
+fn fresh_key(tgid: u32, fd: u64) -> u64 {
+    (u64::from(tgid) << 32) | (fd & 0xffff_ffff)
 }
 
 /// The current process's executable image, text to the end of its bss (`mm->start_code` up to
 /// `mm->start_brk`).
 #[inline(always)]
 fn executable_image() -> Result<(u64, u64), ()> {
-    let l = layout();
     // SAFETY: no preconditions.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let mm: *const u8 = kernel_field(task, l.task_mm)?;
+    let mm: *const u8 = kernel_field(task, layout!(task_mm))?;
     Ok((
-        kernel_field(mm, l.mm_start_code)?,
-        kernel_field(mm, l.mm_start_brk)?,
+        kernel_field(mm, layout!(mm_start_code))?,
+        kernel_field(mm, layout!(mm_start_brk))?,
     ))
 }
 
@@ -290,6 +429,38 @@ fn executable_image() -> Result<(u64, u64), ()> {
 fn kernel_field<T>(base: *const u8, offset: u32) -> Result<T, ()> {
     // SAFETY: bpf_probe_read_kernel copies bytewise and checks the address.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
+}
+
+/// Replaces the kernel pointer `p` by the pointer at `offset` bytes into what it points to.
+#[inline(always)]
+fn follow(p: &mut u64, offset: u32) -> Result<(), ()> {
+    let base = *p as *const u8;
+    kernel_field_into(p, base, offset)
+}
+
+/// [`kernel_field`] into `dst`, so that a chain of reads can share one stack slot.
+#[inline(always)]
+fn kernel_field_into<T>(dst: &mut T, base: *const u8, offset: u32) -> Result<(), ()> {
+    // SAFETY: dst is a valid, exclusive place for a T.
+    unsafe { kernel_field_to(core::ptr::from_mut(dst), base, offset) }
+}
+
+/// [`kernel_field_into`] for a place that may not be initialized yet.
+///
+/// # Safety
+/// `dst` must be valid for writing a `T`.
+#[inline(always)]
+unsafe fn kernel_field_to<T>(dst: *mut T, base: *const u8, offset: u32) -> Result<(), ()> {
+    // SAFETY: the helper writes size_of::<T>() bytes to dst, which the caller vouches for,
+    // and checks the source address.
+    let r = unsafe {
+        read_kernel_raw(
+            dst.cast(),
+            size_of::<T>() as u32,
+            base.wrapping_add(offset as usize).cast(),
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(()) }
 }
 
 /// A new RLIMIT_NOFILE, read from the caller's struct rlimit while it is still there.
@@ -549,16 +720,19 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let layout = layout();
+    let offset = layout!(fork_child_pid) as usize;
     // SAFETY: a read inside the tracepoint record, at the offset its format file gave.
-    let child: i32 = unsafe { ctx.read_at(layout.fork_child_pid as usize) }.map_err(|_| ())?;
+    let child: i32 = unsafe { ctx.read_at(offset) }.map_err(|_| ())?;
     let (nr, flags) = clone_flags();
     if child <= 0 {
         // A layout the loader misread: say so rather than trace pid 0.
-        if layout.debug != 0 {
+        if layout!(debug) != 0 {
             warn!(
                 ctx,
-                "fork in {}: child pid read as {} at offset {}", tgid, child, layout.fork_child_pid
+                "fork in {}: child pid read as {} at offset {}",
+                tgid,
+                child,
+                layout!(fork_child_pid)
             );
         }
         return Err(());
@@ -568,9 +742,14 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
     if flags & CLONE_THREAD != 0 || follow == 0 {
         return Ok(());
     }
-    if TRACED.insert(child as u32, traced, 0).is_err() {
+    // The child's table is a copy, but the limit was hit by the parent, not by it.
+    let child_traced = Traced {
+        limit_hit_ns: 0,
+        ..traced
+    };
+    if TRACED.insert(child as u32, child_traced, 0).is_err() {
         count(Counter::TracedFull);
-        if layout.debug != 0 {
+        if layout!(debug) != 0 {
             warn!(
                 ctx,
                 "fork in {}: traced map full, child {} not followed", tgid, child
@@ -578,7 +757,7 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
         }
         return Err(());
     }
-    if layout.debug != 0 {
+    if layout!(debug) != 0 {
         debug!(
             ctx,
             "fork in {}: child {} followed (syscall {})", tgid, child, nr
@@ -656,10 +835,11 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         ret: 0,
         args: [word(0), word(1), 0, 0, 0, 0],
     };
+    let offset = layout!(exec_filename) as usize;
     // filename is a __data_loc word: the low 16 bits are the string's offset from the record
     // start, the high 16 its length.
     // SAFETY: a read inside the tracepoint record, where its format file put the word.
-    let loc: u32 = unsafe { ctx.read_at(layout().exec_filename as usize) }.map_err(|_| ())?;
+    let loc: u32 = unsafe { ctx.read_at(offset) }.map_err(|_| ())?;
     let src = (ctx.as_ptr() as usize + (loc & 0xffff) as usize) as *const u8;
     // SAFETY: the helper bounds the copy by AUX_MAX.
     let r = unsafe {
@@ -684,7 +864,7 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         if !keep {
             let _ = PYTHON.remove(tgid);
         }
-        if layout().debug != 0 {
+        if layout!(debug) != 0 {
             let (start, end) = image.unwrap_or((0, 0));
             debug!(
                 ctx,
@@ -721,7 +901,7 @@ fn adopt(ctx: &TracePointContext, tgid: u32) -> bool {
         Err(e) if e == -EEXIST => return true,
         Err(_) => {
             count(Counter::NotAdopted);
-            if layout().debug != 0 {
+            if layout!(debug) != 0 {
                 warn!(
                     ctx,
                     "exec of {}: selected, but the traced map is full", tgid
@@ -730,7 +910,7 @@ fn adopt(ctx: &TracePointContext, tgid: u32) -> bool {
             return false;
         }
     }
-    if layout().debug != 0 {
+    if layout!(debug) != 0 {
         debug!(ctx, "exec of {}: selected, now traced", tgid);
     }
     true
@@ -810,17 +990,17 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
 /// the same; its offsets come from BTF.
 #[inline(always)]
 fn group_dead(ctx: &TracePointContext) -> Result<bool, ()> {
-    let layout = layout();
-    if layout.exit_group_dead != NO_FIELD {
+    if layout!(exit_group_dead) != NO_FIELD {
+        let offset = layout!(exit_group_dead) as usize;
         // SAFETY: a read inside the tracepoint record, where its format file put the field.
-        let dead: u8 = unsafe { ctx.read_at(layout.exit_group_dead as usize) }.map_err(|_| ())?;
+        let dead: u8 = unsafe { ctx.read_at(offset) }.map_err(|_| ())?;
         return Ok(dead != 0);
     }
     // SAFETY: no preconditions.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let signal: *const u8 = kernel_field(task, layout.task_signal)?;
-    let live: i32 = kernel_field(signal, layout.signal_live)?;
-    if layout.debug != 0 {
+    let signal: *const u8 = kernel_field(task, layout!(task_signal))?;
+    let live: i32 = kernel_field(signal, layout!(signal_live))?;
+    if layout!(debug) != 0 {
         let (tgid, tid) = current();
         debug!(
             ctx,

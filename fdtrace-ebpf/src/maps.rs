@@ -3,10 +3,10 @@
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
-    COUNTERS as COUNTER_SLOTS, Counter, PyProc, RecordHeader, StackedRecord, Traced, select,
+    COUNTERS as COUNTER_SLOTS, Counter, Fresh, PyProc, RecordHeader, StackedRecord, Traced, select,
 };
 
 /// Processes being traced, by tgid. Userspace seeds it; the fork probe adds children.
@@ -38,6 +38,11 @@ pub static SELECT_COMMS: HashMap<[u8; select::COMM_LEN], u8> =
 /// Cgroup v2 ids that select the processes in them and below them (`--cgroup`, `--container`).
 #[map(name = "FDT_SEL_CGROUPS")]
 pub static SELECT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(select::MAX_ENTRIES, 0);
+
+/// Connections accepted at the limit, by (tgid << 32 | fd), until their close. LRU: one that
+/// outlives its process is pushed out by newer ones rather than filling the map.
+#[map(name = "FDT_FRESH")]
+pub static FRESH: LruHashMap<u64, Fresh> = LruHashMap::with_max_entries(4096, 0);
 
 #[map(name = "FDT_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StackedRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -136,6 +136,8 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
         | Event::Failed { .. }
         | Event::LimitChanged { .. }
         | Event::Lost { .. }
+        | Event::Losses(_)
+        | Event::Unanswered { .. }
         | Event::Tick { .. } => Vec::new(),
     }
 }
@@ -368,6 +370,19 @@ pub fn perfetto(recording: &Recording, out: impl Write) -> io::Result<()> {
                 &json!({"ph": "i", "s": "p", "name": name, "ts": w.us(*ts), "pid": pid,
                            "tid": tid, "args": {"open_fds": inc.open_fds, "limit": inc.limit,
                            "blame": blame}}),
+            )?;
+        }
+        if let Event::Unanswered {
+            pid,
+            ts,
+            fd,
+            request_waiting,
+        } = event
+        {
+            w.emit(
+                &json!({"ph": "i", "s": "t", "name": "closed unanswered at the limit",
+                           "ts": w.us(*ts), "pid": pid, "tid": pid,
+                           "args": {"fd": fd, "request_waiting": request_waiting}}),
             )?;
         }
     }

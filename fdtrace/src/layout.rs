@@ -162,6 +162,7 @@ pub fn detect(
     layout.task_mm = member("task_struct", "mm")?;
     layout.mm_start_code = member("mm_struct", "start_code")?;
     layout.mm_start_brk = member("mm_struct", "start_brk")?;
+    tcp_layout(&btf, &mut layout);
     let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
     if group_dead && !force_btf_exit {
         layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
@@ -170,6 +171,39 @@ pub fn detect(
     layout.task_signal = member("task_struct", "signal")?;
     layout.signal_live = member("signal_struct", "live")?;
     Ok((layout, ExitSource::SignalLive))
+}
+
+/// The socket members the accept and close probes read to tell a connection closed
+/// unanswered at the limit. Optional: without them that one count is off (logged), and
+/// everything else works.
+fn tcp_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
+    let found = (|| {
+        // `struct sock` begins with its `sock_common`, and `tcp_sock` with its `sock`, so
+        // each offset counts from the same address.
+        Some([
+            btf.member_offset("file", "private_data")?,
+            btf.member_offset("socket", "sk")?,
+            btf.member_offset("sock", "sk_protocol")?,
+            btf.member_offset("tcp_sock", "copied_seq")?,
+            btf.member_offset("tcp_sock", "write_seq")?,
+            btf.member_offset("tcp_sock", "rcv_nxt")?,
+            btf.member_offset("sock_common", "skc_dport")?,
+        ])
+    })();
+    if let Some([private_data, sk, protocol, copied, write, rcv_nxt, dport]) = found {
+        layout.file_private_data = private_data;
+        layout.socket_sk = sk;
+        layout.sk_protocol = protocol;
+        layout.tcp_copied_seq = copied;
+        layout.tcp_write_seq = write;
+        layout.tcp_rcv_nxt = rcv_nxt;
+        layout.sk_dport = dport;
+    } else {
+        log::info!(
+            "probes: the kernel's BTF lacks a socket member they read: connections closed unanswered at the limit are not counted"
+        );
+        layout.tcp_copied_seq = NO_FIELD;
+    }
 }
 
 /// Just enough of a BTF blob to find struct members by name: the type section walked once,
@@ -360,6 +394,10 @@ print fmt: \"comm=%s pid=%d child_comm=%s child_pid=%d\", REC->parent_comm, REC-
         assert_eq!(source, ExitSource::SignalLive);
         assert_eq!(auto.fork_child_pid, btf.fork_child_pid);
         assert!(btf.task_signal > 0 && btf.signal_live < 4096, "{btf:?}");
+        // The sequence numbers are three different u32s somewhere inside tcp_sock.
+        let seqs = [auto.tcp_copied_seq, auto.tcp_write_seq, auto.tcp_rcv_nxt];
+        assert!(seqs.iter().all(|&s| s > 0 && s < 8192), "{auto:?}");
+        assert!(seqs[0] != seqs[1] && seqs[1] != seqs[2] && seqs[0] != seqs[2]);
     }
 
     #[test]

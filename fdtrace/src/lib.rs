@@ -12,6 +12,7 @@ pub mod export;
 pub mod headroom;
 pub mod launch;
 pub mod layout;
+pub mod losses;
 pub mod mmap_events;
 pub mod model;
 pub mod probe;

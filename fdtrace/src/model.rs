@@ -24,7 +24,7 @@ use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use sites::GROWTH_WINDOW;
 
-use crate::container::Container;
+use crate::{container::Container, losses::Losses};
 
 pub type Pid = u32;
 /// An interned, unwound stack; [`NO_STACK`] where none was captured.
@@ -272,6 +272,19 @@ pub enum Event {
     Tick {
         ts: u64,
     },
+    /// What fdtrace could not see so far, by reason (running totals). After the variants
+    /// of format 3, so that its recordings decode as they are.
+    Losses(Losses),
+    /// A TCP connection accepted just after an EMFILE/ENFILE is being closed with nothing
+    /// read or written (libuv's reserve-descriptor trick, or any server with that policy);
+    /// `request_waiting`: the peer had sent data, so the close resets the connection. Comes
+    /// just before that descriptor's `Closed`.
+    Unanswered {
+        pid: Pid,
+        ts: u64,
+        fd: i32,
+        request_waiting: bool,
+    },
 }
 
 impl Event {
@@ -289,8 +302,12 @@ impl Event {
             | Event::Exited { ts, .. }
             | Event::Failed { ts, .. }
             | Event::Reconciled { ts, .. }
+            | Event::Unanswered { ts, .. }
             | Event::Tick { ts } => Some(*ts),
-            Event::CloexecSet { .. } | Event::LimitChanged { .. } | Event::Lost { .. } => None,
+            Event::CloexecSet { .. }
+            | Event::LimitChanged { .. }
+            | Event::Lost { .. }
+            | Event::Losses(_) => None,
         }
     }
 
@@ -308,10 +325,27 @@ impl Event {
             | Event::Exited { ts, .. }
             | Event::Failed { ts, .. }
             | Event::Reconciled { ts, .. }
+            | Event::Unanswered { ts, .. }
             | Event::Tick { ts } => Some(ts),
-            Event::CloexecSet { .. } | Event::LimitChanged { .. } | Event::Lost { .. } => None,
+            Event::CloexecSet { .. }
+            | Event::LimitChanged { .. }
+            | Event::Lost { .. }
+            | Event::Losses(_) => None,
         }
     }
+}
+
+/// Connections one process accepted just after an EMFILE/ENFILE and closed with nothing read
+/// or written: a proxy in front of it sees each as "upstream prematurely closed connection"
+/// or, when its request had arrived (`request_waiting`), "connection reset by peer" (a 502).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unanswered {
+    pub count: u64,
+    pub request_waiting: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Where the latest of them was accepted.
+    pub stack: StackId,
 }
 
 /// One open descriptor: 24 bytes, since a million of them are held in [`FdMap`]s. The target
@@ -558,6 +592,12 @@ pub struct Model {
     pub incidents: Vec<Incident>,
     pub incidents_total: u64,
     pub dropped: u64,
+    /// Connections accepted at the limit and closed unanswered, by process (pid and start,
+    /// so that a reused pid counts afresh). Rare, so kept apart from [`Process`].
+    pub unanswered: BTreeMap<(Pid, u64), Unanswered>,
+    /// The latest totals of what was missed, by reason (`dropped` counts events alone, and
+    /// is all that recordings before format 4 say).
+    pub losses: Losses,
     pub corrections: Corrections,
     suspects: HashMap<Pid, Suspects>,
     /// Numbers a creation got while the table held them open, by when. A close frees its
@@ -673,7 +713,14 @@ impl Model {
             }
             Event::Reconciled { pid, ts, fds } => self.reconcile(*pid, *ts, fds),
             Event::Lost { count } => self.dropped += count,
+            Event::Losses(totals) => self.losses = self.losses.max(*totals),
             Event::Tick { ts } => self.tick(*ts),
+            Event::Unanswered {
+                pid,
+                ts,
+                fd,
+                request_waiting,
+            } => self.unanswered(*pid, *ts, *fd, *request_waiting),
         }
     }
 
@@ -736,6 +783,36 @@ impl Model {
     /// Exited processes, kept one by one or folded.
     pub fn exited_count(&self) -> u64 {
         self.exited_kept as u64 + self.folded.processes
+    }
+
+    fn unanswered(&mut self, pid: Pid, ts: u64, fd: i32, request_waiting: bool) {
+        let Some(p) = self.processes.get(&pid) else {
+            return;
+        };
+        // The accept's stack names the policy (libuv's `uv__emfile_trick`, say).
+        let stack = self
+            .open_fds(pid)
+            .and_then(|t| t.get(fd))
+            .and_then(|f| self.sites.get(f.site()))
+            .map(|site| site.stack);
+        let d = self.unanswered.entry((pid, p.started_ns)).or_default();
+        d.count += 1;
+        d.request_waiting += u64::from(request_waiting);
+        if d.first_ns == 0 {
+            d.first_ns = ts;
+        }
+        d.last_ns = ts;
+        if let Some(stack) = stack {
+            d.stack = stack;
+        }
+    }
+
+    /// Connections `p` accepted at the limit and closed unanswered.
+    pub fn unanswered_of(&self, p: &Process) -> Unanswered {
+        self.unanswered
+            .get(&(p.pid, p.started_ns))
+            .copied()
+            .unwrap_or_default()
     }
 
     fn site(&mut self, key: SiteKey) -> SiteId {

@@ -218,6 +218,7 @@ pub struct Counters {
     pub traced_full: u64,
     pub py_frames_missing: u64,
     pub not_adopted: u64,
+    pub socket_reused: u64,
 }
 
 /// The probes' own cost so far, from the kernel's BPF statistics.
@@ -372,7 +373,15 @@ impl Probes {
     /// Starts tracing `pid`; `stack` bounds its main thread's stack mapping when known.
     pub fn trace(&mut self, pid: u32, stack: Option<(u64, u64)>) -> Result<(), ProbeError> {
         let (stack_lo, stack_hi) = stack.unwrap_or_default();
-        self.traced.insert(pid, Traced { stack_lo, stack_hi }, 0)?;
+        self.traced.insert(
+            pid,
+            Traced {
+                stack_lo,
+                stack_hi,
+                limit_hit_ns: 0,
+            },
+            0,
+        )?;
         Ok(())
     }
 
@@ -382,9 +391,15 @@ impl Probes {
     pub fn retrace_exec(&mut self, pid: u32, stack: Option<(u64, u64)>) {
         const BPF_EXIST: u64 = 2;
         let (stack_lo, stack_hi) = stack.unwrap_or_default();
-        let _ = self
-            .traced
-            .insert(pid, Traced { stack_lo, stack_hi }, BPF_EXIST);
+        let _ = self.traced.insert(
+            pid,
+            Traced {
+                stack_lo,
+                stack_hi,
+                limit_hit_ns: 0,
+            },
+            BPF_EXIST,
+        );
     }
 
     /// Tells the probe where `pid`'s CPython interpreter is (or that it has none).
@@ -439,7 +454,7 @@ impl Probes {
                 .get(&(c as u32), 0)
                 .map_or(0, |v| v.iter().sum())
         };
-        debug_assert_eq!(COUNTERS, 7);
+        debug_assert_eq!(COUNTERS, 8);
         Counters {
             ring_full: sum(Counter::RingFull),
             stack_read_failed: sum(Counter::StackReadFailed),
@@ -448,6 +463,7 @@ impl Probes {
             traced_full: sum(Counter::TracedFull),
             py_frames_missing: sum(Counter::PyFramesMissing),
             not_adopted: sum(Counter::NotAdopted),
+            socket_reused: sum(Counter::SocketReused),
         }
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::WallClock,
     container,
+    losses::Losses,
     model::{FdKind, FdView, Folded, Limit, Model, Origin, Pid, SiteId},
     stack::{Frame, Lang},
     tracer::Stacks,
@@ -38,7 +39,12 @@ pub struct Report {
     pub schema: String,
     pub fdtrace_version: String,
     pub duration_ms: u64,
+    /// Events missing from what follows (`lost.ring_full` + `lost.undecodable`; from a
+    /// recording made before format 4, the only count there is).
     pub dropped_events: u64,
+    /// What fdtrace could not see, by reason (each a total over the session).
+    #[serde(default)]
+    pub lost: Losses,
     pub processes: Vec<ProcessReport>,
     pub sites: Vec<SiteReport>,
     pub emfile: Vec<IncidentReport>,
@@ -148,6 +154,18 @@ pub struct ProcessReport {
     pub open_at_end: u64,
     pub exit_code: Option<i32>,
     pub exited: bool,
+    /// TCP connections accepted just after an EMFILE/ENFILE and closed with nothing read or
+    /// written (libuv's reserve-descriptor trick, or any server with that policy): a proxy
+    /// answers each with a 502.
+    #[serde(default)]
+    pub dropped_at_emfile: u64,
+    /// Those whose request had arrived: the close reset them ("connection reset by peer");
+    /// the others look closed early ("upstream prematurely closed connection").
+    #[serde(default)]
+    pub dropped_at_emfile_request_waiting: u64,
+    /// Where the latest of them was accepted, innermost first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_at_emfile_frames: Vec<FrameReport>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -226,6 +244,7 @@ impl Report {
         for p in model.processes.values() {
             let open = model.open_fds(p.pid);
             let end_ns = p.exit.as_ref().map_or(model.last_ns, |e| e.ts);
+            let unanswered = model.unanswered_of(p);
             processes.push(ProcessReport {
                 pid: p.pid,
                 ns_pid: p.info.ns_pid_or(p.pid),
@@ -238,6 +257,13 @@ impl Report {
                 open_at_end: model.open_count(p.pid),
                 exit_code: p.exit.as_ref().and_then(|e| e.code),
                 exited: p.exit.is_some(),
+                dropped_at_emfile: unanswered.count,
+                dropped_at_emfile_request_waiting: unanswered.request_waiting,
+                dropped_at_emfile_frames: if unanswered.count > 0 {
+                    frames(stacks, unanswered.stack)
+                } else {
+                    Vec::new()
+                },
             });
             // A clean exit keeps no descriptors: it has no sites here, which is how the text
             // report knows to count it rather than list it.
@@ -321,6 +347,7 @@ impl Report {
             fdtrace_version: env!("CARGO_PKG_VERSION").to_string(),
             duration_ms: model.last_ns.saturating_sub(model.first_ns) / 1_000_000,
             dropped_events: model.dropped,
+            lost: model.losses,
             processes,
             sites,
             emfile,
@@ -357,7 +384,7 @@ impl Report {
         let listed = self
             .processes
             .iter()
-            .filter(|p| p.exited && !with_sites.contains(&p.pid))
+            .filter(|p| p.exited && !with_sites.contains(&p.pid) && p.dropped_at_emfile == 0)
             .map(|p| (p.comm.as_str(), 1));
         let folded = self
             .folded
@@ -369,7 +396,7 @@ impl Report {
 
     /// Whether `p` is listed on its own (alive, or something besides stdio open at exit).
     fn listed<T>(p: &ProcessReport, by_pid: &HashMap<Pid, T>) -> bool {
-        !p.exited || by_pid.contains_key(&p.pid)
+        !p.exited || by_pid.contains_key(&p.pid) || p.dropped_at_emfile > 0
     }
 
     /// The sites of each process, in report order.
@@ -519,6 +546,9 @@ impl Report {
                 fmt_limit(p.limit.soft),
                 p.peak_open
             );
+            if let Some(line) = p.dropped_at_emfile_line() {
+                let _ = writeln!(w, "{tag} {line}");
+            }
             for s in mine.iter().filter(|s| !s.inherited) {
                 let _ = writeln!(w, "{tag}");
                 let _ = writeln!(
@@ -620,6 +650,10 @@ impl Report {
             c.removed,
             c.reused
         );
+        let missed = self.lost.described();
+        if !missed.is_empty() {
+            let _ = writeln!(w, "==fdtrace== also missed: {}", missed.join(", "));
+        }
         out
     }
 }
@@ -641,6 +675,10 @@ impl Report {
             self.emfile.len() as u64 + self.emfile_not_listed,
             self.dropped_events
         );
+        let missed = self.lost.described();
+        if !missed.is_empty() {
+            let _ = writeln!(w, "Also missed: {}.\n", missed.join(", "));
+        }
         let _ = writeln!(
             w,
             "| pid | ppid | command | executable | open at end | peak | limit | exit |"
@@ -664,6 +702,11 @@ impl Report {
                 p.peak_open,
                 fmt_limit(p.limit.soft)
             );
+        }
+        for p in &self.processes {
+            if let Some(line) = p.dropped_at_emfile_line() {
+                let _ = writeln!(w, "\n**{} (pid {})**: {line}.", md_cell(&p.comm), p.pid);
+            }
         }
         if let Some(clean) = self.clean_summary() {
             let _ = writeln!(w, "\n{clean}.");
@@ -819,6 +862,34 @@ pub fn place(frames: &[FrameReport]) -> String {
         .or_else(|| own().next())
         .or(frames.first())
         .map_or_else(|| "(no stack)".to_string(), fmt_frame)
+}
+
+impl ProcessReport {
+    /// The connections it accepted at the limit and closed unanswered, in a proxy's words, or
+    /// None when there were none.
+    pub fn dropped_at_emfile_line(&self) -> Option<String> {
+        let n = self.dropped_at_emfile;
+        if n == 0 {
+            return None;
+        }
+        let chain: Vec<&str> = self
+            .dropped_at_emfile_frames
+            .iter()
+            .filter(|f| f.lang == Lang::Native && !is_runtime(f))
+            .filter_map(|f| f.function.as_deref())
+            .take(3)
+            .collect();
+        let via = if chain.is_empty() {
+            String::new()
+        } else {
+            format!(", accepted in {}", chain.join(" ← "))
+        };
+        Some(format!(
+            "{n} connection{} accepted and closed unanswered while the table was full ({} with the request waiting, reset){via}; a proxy sees these as \"upstream prematurely closed connection\" or \"connection reset by peer\" (502)",
+            if n == 1 { "" } else { "s" },
+            self.dropped_at_emfile_request_waiting,
+        ))
+    }
 }
 
 /// Frames of the C library and language runtimes, skipped when naming "the" place in the program.

@@ -19,6 +19,7 @@ use fdtrace_common::kind;
 use crate::{
     clock::{WallClock, monotonic_ns},
     decode::{self, Record},
+    losses::Losses,
     mmap_events::{MapEvent, MmapWatcher},
     model::{Event, Model, Pid},
     probe::{ProbeOptions, Probes, PythonRegistrar, RingReader},
@@ -416,14 +417,17 @@ impl Session {
 
     fn periodic(&mut self) {
         self.probes.flush_logs();
-        let lost =
-            self.probes.counters().ring_full + self.shared.decode_errors.load(Ordering::Relaxed);
+        let losses = self.losses();
+        let lost = losses.events();
         let new_loss = lost > self.lost_seen;
         if new_loss {
             self.apply(&Event::Lost {
                 count: lost - self.lost_seen,
             });
             self.lost_seen = lost;
+        }
+        if losses != self.model.losses {
+            self.apply(&Event::Losses(losses));
         }
         if self.last_tick.elapsed() >= Duration::from_secs(1) {
             self.last_tick = Instant::now();
@@ -488,40 +492,29 @@ impl Session {
         self.probes.counters()
     }
 
-    /// What the probes and the mapping reports could not do, each non-zero count in words,
-    /// for the views to show next to the events lost.
-    pub fn shortfalls(&self) -> Vec<String> {
+    /// What the probes, the mapping reports and the decoder could not do so far.
+    fn losses(&self) -> Losses {
         let c = self.probes.counters();
-        let maps_lost = self
-            .mappings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .lost;
-        [
-            (c.stack_read_failed, "stacks unreadable (no frames)"),
-            (c.aux_read_failed, "paths or addresses unreadable"),
-            (
-                c.traced_full,
-                "forks not followed (traced-process map full)",
-            ),
-            (
-                c.py_frames_missing,
-                "creations in CPython without Python frames",
-            ),
-            (
-                c.not_adopted,
-                "selected processes not traced (traced-process map full)",
-            ),
-            (maps_lost, "mapping reports lost (frames may be unresolved)"),
-            (
-                self.shared.decode_errors.load(Ordering::Relaxed),
-                "records undecodable",
-            ),
-        ]
-        .into_iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
-        .collect()
+        Losses {
+            ring_full: c.ring_full,
+            undecodable: self.shared.decode_errors.load(Ordering::Relaxed),
+            stacks_unreadable: c.stack_read_failed,
+            paths_unreadable: c.aux_read_failed,
+            forks_not_followed: c.traced_full,
+            selected_not_traced: c.not_adopted,
+            python_frames_missing: c.py_frames_missing,
+            mapping_reports: self
+                .mappings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .lost,
+            unanswered_unknown: c.socket_reused,
+        }
+    }
+
+    /// Each non-zero shortfall in words, for the views to show next to the events lost.
+    pub fn shortfalls(&self) -> Vec<String> {
+        self.model.losses.described()
     }
 
     /// The pids the kernel's traced-process and Python maps hold now.

@@ -281,12 +281,26 @@ impl Tracer {
 
     fn change(pid: u32, ts: u64, nr: u32, a: &[u64; 6]) -> Vec<Event> {
         let event = match nr {
-            sc::CLOSE => Event::Closed {
-                pid,
-                ts,
-                fd: a[0] as i32,
-                reopened: a[sc::CLOSE_REOPENED] != 0,
-            },
+            sc::CLOSE => {
+                let closed = Event::Closed {
+                    pid,
+                    ts,
+                    fd: a[0] as i32,
+                    reopened: a[sc::CLOSE_REOPENED] != 0,
+                };
+                let bits = a[sc::CLOSE_UNANSWERED];
+                if bits & sc::UNANSWERED == 0 {
+                    return vec![closed];
+                }
+                // Before the close, while the model still holds the descriptor.
+                let unanswered = Event::Unanswered {
+                    pid,
+                    ts,
+                    fd: a[0] as i32,
+                    request_waiting: bits & sc::REQUEST_WAITING != 0,
+                };
+                return vec![unanswered, closed];
+            }
             sc::CLOSE_RANGE => Event::ClosedRange {
                 pid,
                 ts,

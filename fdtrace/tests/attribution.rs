@@ -353,3 +353,57 @@ fn attach_to_a_live_server_until_accept_fails() {
     assert_eq!(accept["limit"], 128);
     assert!(has(&accept["blame"][0]["frames"], "load_template"));
 }
+
+#[test]
+#[ignore = "root"]
+fn connections_accepted_at_the_limit_and_closed_unanswered_are_counted() {
+    let bin = common::build_c("emfile_trick.c", &["-O2", "-g", "-fomit-frame-pointer"]);
+    let truth_file = std::env::temp_dir().join(format!("fdtrace-trick-{}", std::process::id()));
+    let (report, pid) = report_of(&[bin.to_str().unwrap(), truth_file.to_str().unwrap()]);
+    let truth: HashMap<String, u64> = fs::read_to_string(&truth_file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let _ = fs::remove_file(&truth_file);
+    println!("the fixture says {truth:?}");
+    assert_eq!(
+        (truth["dropped"], truth["answered"], truth["child"]),
+        (8, 4, 0)
+    );
+    // Its own count of connections whose request was waiting when it closed them.
+    assert!(truth["waiting"] > 0 && truth["waiting"] < 8, "{truth:?}");
+
+    let server = report.processes.iter().find(|p| p.pid == pid).unwrap();
+    assert_eq!(
+        (
+            server.dropped_at_emfile,
+            server.dropped_at_emfile_request_waiting
+        ),
+        (truth["dropped"], truth["waiting"]),
+        "the answered ones do not count, the dropped ones all do"
+    );
+    assert!(
+        server
+            .dropped_at_emfile_frames
+            .iter()
+            .any(|f| f.function.as_deref() == Some("main")),
+        "{:?}",
+        server.dropped_at_emfile_frames
+    );
+    // The client never accepted anything.
+    for p in report.processes.iter().filter(|p| p.pid != pid) {
+        assert_eq!(p.dropped_at_emfile, 0, "{p:?}");
+    }
+    let text = report.to_text();
+    assert!(
+        text.contains(&format!(
+            "=={pid}== 8 connections accepted and closed unanswered while the table was full ({} with the request waiting, reset)",
+            truth["waiting"]
+        )),
+        "{text}"
+    );
+}

@@ -269,6 +269,15 @@ fn a_tight_loop_records_in_few_bytes_per_event_and_cut_files_still_read() {
     assert!(opens <= 50_000 && closes <= 50_000 + other_opens && exits <= 1);
     let missing = (50_000 - opens) + (50_000 + other_opens - closes) + (1 - exits);
     assert_eq!(lost, missing, "records lost, counted vs missing");
+    // The totals by reason, as the report's `lost` gives them, say the same.
+    let totals = reader::events(&recording)
+        .filter_map(|event| match event {
+            Event::Losses(totals) => Some(*totals),
+            _ => None,
+        })
+        .last()
+        .unwrap_or_default();
+    assert_eq!(totals.events(), lost, "{totals:?}");
     assert!(per_event <= 8.0, "{per_event:.2} bytes/event");
 
     // Cut at several points: what was whole reads, with one warning and a zero exit.

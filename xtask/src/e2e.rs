@@ -8,7 +8,10 @@
 //! - the blame at that moment is topped by the leaking file site, holding most of the table;
 //! - nginx's first 5xx came after that moment;
 //! - with the leak fixed (LEAK=0), the same load gives no EMFILE and no 5xx;
-//! - with `uvicorn --workers 2` and `--follow` on the master, each worker's leak is attributed.
+//! - with `uvicorn --workers 2` and `--follow` on the master, each worker's leak is attributed;
+//! - under `uvicorn[standard]` (uvloop), whose libuv accepts and closes connections unanswered
+//!   once the table is full, nginx answers mostly 502 (asyncio: 504), and fdtrace's count of
+//!   those connections (`dropped_at_emfile`) is within 5% of nginx's upstream-closed errors.
 //!
 //! Installs what is missing first: nginx (Debian), fastapi and uvicorn (PyPI, into a venv in
 //! .tools/). Every scenario keeps its files in target/e2e/<scenario>/ for inspection.
@@ -42,8 +45,16 @@ const BACKLOG: u32 = 16;
 /// The load: requests in flight at once, and how many in all.
 const CONCURRENCY: u32 = 8;
 const REQUESTS: u32 = 400;
-/// Pinned so CI installs what this test was written against.
-const PYTHON_PACKAGES: [&str; 2] = ["fastapi==0.165.0", "uvicorn==0.54.0"];
+/// Pinned so CI installs what this test was written against: uvicorn[standard] is FastAPI's
+/// recommended install, and brings uvloop and httptools.
+const PYTHON_PACKAGES: [&str; 4] = [
+    "fastapi==0.165.0",
+    "uvicorn[standard]==0.54.0",
+    "uvloop==0.23.0",
+    "httptools==0.9.0",
+];
+/// How long the uvloop scenario's load runs: long enough for thousands of dropped connections.
+const UVLOOP_LOAD_SECONDS: u32 = 4;
 const STARTUP_TIMEOUT: Duration = Duration::from_mins(1);
 
 pub fn run(workspace: &Path) -> anyhow::Result<()> {
@@ -69,11 +80,13 @@ pub fn run(workspace: &Path) -> anyhow::Result<()> {
         example.root.display()
     );
 
-    let leak = example.scenario("leak", true, 1)?;
+    let leak = example.scenario("leak", true, 1, EventLoop::Asyncio)?;
     check_leak(&leak).with_context(|| format!("e2e leak (see {})", leak.dir.display()))?;
-    let fixed = example.scenario("fixed", false, 1)?;
+    let uvloop = example.scenario("uvloop", true, 1, EventLoop::Uvloop)?;
+    check_uvloop(&uvloop).with_context(|| format!("e2e uvloop (see {})", uvloop.dir.display()))?;
+    let fixed = example.scenario("fixed", false, 1, EventLoop::Asyncio)?;
     check_fixed(&fixed).with_context(|| format!("e2e fixed (see {})", fixed.dir.display()))?;
-    let workers = example.scenario("workers", true, 2)?;
+    let workers = example.scenario("workers", true, 2, EventLoop::Asyncio)?;
     check_workers(&workers)
         .with_context(|| format!("e2e workers (see {})", workers.dir.display()))?;
     println!("e2e: passed in {:.1}s", started.elapsed().as_secs_f64());
@@ -124,7 +137,7 @@ pub fn ensure_fastapi_venv(workspace: &Path) -> anyhow::Result<PathBuf> {
     let python = venv.join("bin").join("python");
     let imports = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import fastapi, uvicorn"])
+            .args(["-c", "import fastapi, uvicorn, uvloop, httptools"])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -153,10 +166,30 @@ pub fn ensure_fastapi_venv(workspace: &Path) -> anyhow::Result<PathBuf> {
     )?;
     ensure!(
         imports(&python),
-        "{} cannot import fastapi and uvicorn",
+        "{} cannot import fastapi, uvicorn, uvloop and httptools",
         python.display()
     );
     Ok(python)
+}
+
+/// The app's event loop and HTTP parser, as `uvicorn --loop --http` names them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EventLoop {
+    /// Plain asyncio and h11: what `pip install uvicorn` runs. A full table fails accept()
+    /// and leaves connections in the backlog (nginx: 504).
+    Asyncio,
+    /// uvloop (libuv) and httptools: what `uvicorn[standard]` runs. A full table makes libuv
+    /// accept and close the waiting connections (nginx: 502).
+    Uvloop,
+}
+
+impl EventLoop {
+    fn uvicorn_args(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Asyncio => ("asyncio", "h11"),
+            Self::Uvloop => ("uvloop", "httptools"),
+        }
+    }
 }
 
 /// What every scenario needs.
@@ -180,11 +213,21 @@ struct Outcome {
     access: Vec<(f64, u16)>,
     /// The load driver's JSON summary.
     load: String,
+    /// nginx's error log.
+    errors: String,
+    /// fdtrace's standard error: its live summary lines.
+    fdtrace_log: String,
     elapsed: Duration,
 }
 
 impl Example {
-    fn scenario(&self, name: &str, leak: bool, workers: u32) -> anyhow::Result<Outcome> {
+    fn scenario(
+        &self,
+        name: &str,
+        leak: bool,
+        workers: u32,
+        event_loop: EventLoop,
+    ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
         let dir = self.root.join(name);
         let _ = fs::remove_dir_all(&dir);
@@ -203,6 +246,8 @@ impl Example {
                 .env("NOFILE", NOFILE.to_string())
                 .env("BACKLOG", BACKLOG.to_string())
                 .env("WORKERS", workers.to_string())
+                .env("LOOP", event_loop.uvicorn_args().0)
+                .env("HTTP", event_loop.uvicorn_args().1)
                 .env("LEAK", if leak { "1" } else { "0" }),
             &dir.join("app.log"),
         )?;
@@ -234,15 +279,26 @@ impl Example {
         let tracer = Tracer::start(&mut fdtrace, &dir.join("fdtrace.log"))?;
 
         let loading = Instant::now();
-        let load = Command::new(&self.python)
-            .arg(self.sources.join("load.py"))
+        let mut load = Command::new(&self.python);
+        load.arg(self.sources.join("load.py"))
             .args(["--port", &nginx_port.to_string()])
             // The same load per worker: a full worker keeps answering (the handler swallows
             // the EMFILE from open) until several connections arrive at once and the second
             // accept finds no descriptor; half the concurrency per worker made that a race.
-            .args(["--concurrency", &(CONCURRENCY * workers).to_string()])
-            .args(["--requests", &REQUESTS.to_string()])
-            .args(["--stop-after-5xx", "1", "--max-seconds", "60"])
+            .args(["--concurrency", &(CONCURRENCY * workers).to_string()]);
+        if event_loop == EventLoop::Uvloop {
+            // The incident as users see it: seconds of load on a full table, every 5xx kept.
+            load.args(["--requests", "1000000", "--stop-after-5xx", "0"])
+                .args(["--max-seconds", &UVLOOP_LOAD_SECONDS.to_string()]);
+        } else {
+            load.args(["--requests", &REQUESTS.to_string()]).args([
+                "--stop-after-5xx",
+                "1",
+                "--max-seconds",
+                "60",
+            ]);
+        }
+        let load = load
             .stderr(Stdio::inherit())
             .output()
             .context("running load.py")?;
@@ -271,7 +327,11 @@ impl Example {
             parsing.elapsed().as_secs_f64()
         );
         let access = parse_access_log(&fs::read_to_string(dir.join("access.log"))?)?;
+        let errors = fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+        let fdtrace_log = fs::read_to_string(dir.join("fdtrace.log")).unwrap_or_default();
         Ok(Outcome {
+            errors,
+            fdtrace_log,
             app: app_pid_of(&report, &baseline)?,
             dir,
             workers: worker_pids,
@@ -334,6 +394,18 @@ fn check_leak(o: &Outcome) -> anyhow::Result<()> {
         first_5xx.1,
         first_5xx.0
     );
+    // asyncio leaves connections in the backlog: nginx times out (504), and none was accepted
+    // and dropped.
+    let by_status = statuses(&o.access);
+    ensure!(
+        by_status.range(500..).all(|(&s, _)| s == 504),
+        "asyncio's 5xx are not all 504: {by_status:?}"
+    );
+    let dropped: u64 = o.report.processes.iter().map(|p| p.dropped_at_emfile).sum();
+    ensure!(
+        dropped == 0,
+        "fdtrace counted {dropped} connections closed unanswered under asyncio, which drops none"
+    );
     // Python frames: the leaking function is named with its file and line, not the
     // interpreter's native frames.
     let app_py =
@@ -376,6 +448,77 @@ fn check_leak(o: &Outcome) -> anyhow::Result<()> {
         } else {
             "no (native frames only)"
         },
+        o.load
+    );
+    Ok(())
+}
+
+/// nginx's error-log lines for upstream connections the app closed before answering: "upstream
+/// prematurely closed connection" (a FIN), and "Connection reset by peer" or "Broken pipe" (a
+/// reset, the request having arrived). Each is one 502.
+fn upstream_closed(errors: &str) -> u64 {
+    errors
+        .lines()
+        .filter(|l| {
+            l.contains("upstream prematurely closed connection")
+                || l.contains("(104: Connection reset by peer)")
+                || l.contains("(32: Broken pipe)")
+        })
+        .count() as u64
+}
+
+fn statuses(access: &[(f64, u16)]) -> BTreeMap<u16, u64> {
+    let mut by_status = BTreeMap::new();
+    for &(_, status) in access {
+        *by_status.entry(status).or_insert(0) += 1;
+    }
+    by_status
+}
+
+fn check_uvloop(o: &Outcome) -> anyhow::Result<()> {
+    let by_status = statuses(&o.access);
+    let count = |status| by_status.get(&status).copied().unwrap_or(0);
+    let fives: u64 = by_status.range(500..).map(|(_, n)| n).sum();
+    ensure!(
+        count(502) * 2 > fives && count(502) > 0,
+        "nginx's 5xx under uvloop are not mostly 502: {by_status:?}"
+    );
+    let app = o
+        .report
+        .processes
+        .iter()
+        .find(|p| p.pid == o.app)
+        .context("the app is not in the report")?;
+    let closed = upstream_closed(&o.errors);
+    let dropped = app.dropped_at_emfile;
+    ensure!(
+        closed > 0 && dropped.abs_diff(closed) * 20 <= closed,
+        "fdtrace counted {dropped} connections closed unanswered at EMFILE, nginx logged {closed} \
+         upstream-closed errors (more than 5% apart); {} events lost",
+        o.report.dropped_events
+    );
+    let trick = app
+        .dropped_at_emfile_frames
+        .iter()
+        .any(|f| f.function.as_deref() == Some("uv__emfile_trick"));
+    ensure!(
+        trick,
+        "the dropped connections' accept is not placed in libuv's uv__emfile_trick: {}",
+        place(&app.dropped_at_emfile_frames)
+    );
+    let summary = o
+        .fdtrace_log
+        .lines()
+        .find(|l| l.contains("accepted and closed unanswered at the limit"))
+        .context("fdtrace's live summary never said the app closed connections unanswered")?;
+    println!(
+        "e2e uvloop: ok in {:.1}s. nginx: {by_status:?}, {closed} upstream-closed errors. \
+         fdtrace: {dropped} connections accepted and closed unanswered ({} with the request \
+         waiting), in uv__emfile_trick; {} EMFILE marks; {} events lost. Live: {summary}. load: {}",
+        o.elapsed.as_secs_f64(),
+        app.dropped_at_emfile_request_waiting,
+        o.report.emfile.len() as u64 + o.report.emfile_not_listed,
+        o.report.dropped_events,
         o.load
     );
     Ok(())
@@ -549,6 +692,12 @@ struct Report {
 struct ProcessEntry {
     pid: u32,
     peak_open: u64,
+    #[serde(default)]
+    dropped_at_emfile: u64,
+    #[serde(default)]
+    dropped_at_emfile_request_waiting: u64,
+    #[serde(default)]
+    dropped_at_emfile_frames: Vec<Frame>,
 }
 
 #[derive(Deserialize)]

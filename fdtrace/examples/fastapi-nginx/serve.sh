@@ -1,9 +1,12 @@
 #!/bin/sh
 # Starts the app under uvicorn on loopback with a low descriptor limit, as in the incident.
 #   PORT=8000 NOFILE=64 LEAK=1 WORKERS=1 BACKLOG=2048 PYTHON=python3 ./serve.sh
+# LOOP=uvloop HTTP=httptools runs it as `uvicorn[standard]` does (the default, asyncio and h11,
+# is what plain `pip install uvicorn` runs).
 # exec keeps the pid: attach fdtrace to it (with --follow when WORKERS > 1).
 set -eu
 cd "$(dirname "$0")"
 ulimit -n "${NOFILE:-64}"
 exec "${PYTHON:-python3}" -m uvicorn app:app --host 127.0.0.1 --port "${PORT:-8000}" \
-  --workers "${WORKERS:-1}" --backlog "${BACKLOG:-2048}" --no-access-log
+  --workers "${WORKERS:-1}" --backlog "${BACKLOG:-2048}" --no-access-log \
+  --loop "${LOOP:-asyncio}" --http "${HTTP:-h11}"

@@ -225,6 +225,15 @@ impl LivePrinter {
                     },
                 );
             let limit = p.info.limit.soft;
+            let unanswered = model.unanswered_of(p);
+            let dropped = if unanswered.count > 0 {
+                format!(
+                    " | {} accepted and closed unanswered at the limit (502s behind a proxy)",
+                    unanswered.count
+                )
+            } else {
+                String::new()
+            };
             let shortfalls = session.shortfalls();
             let shortfalls = if shortfalls.is_empty() {
                 String::new()
@@ -232,7 +241,7 @@ impl LivePrinter {
                 format!(" | {}", shortfalls.join(", "))
             };
             eprintln!(
-                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {} | lost {}{shortfalls}",
+                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {}{dropped} | lost {}{shortfalls}",
                 p.pid,
                 p.info.comm,
                 if limit == u64::MAX {

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{RunArgs, check_privileges, emit_report};
+use super::{Format, RunArgs, check_privileges, emit_report};
 use crate::{
     clock::monotonic_ns,
     headroom::{self, Crossing},
@@ -85,9 +85,11 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     let report = session.report();
     emit_report(&report, args.format, args.output.as_ref(), true)?;
+    // The text report on the terminal says it already; a JSON or a file report would leave
+    // the terminal without it.
     let shortfalls = session.shortfalls();
-    if !shortfalls.is_empty() {
-        eprintln!("==fdtrace== also: {}", shortfalls.join(", "));
+    if !shortfalls.is_empty() && (args.format != Format::Text || args.output.is_some()) {
+        eprintln!("==fdtrace== also missed: {}", shortfalls.join(", "));
     }
     let crossings = watch.map_or_else(Vec::new, |w| w.crossings(&session.model));
     for crossing in &crossings {

@@ -1,5 +1,7 @@
-//! The recording file format, version 3. Version 2 lacked where processes run (`ns_pid`,
-//! `container`) and is still read (see [`super::v2`]); version 1 lacked `reopened` on closes.
+//! The recording file format, version 4. Version 3 lacked what was missed by reason
+//! (`Event::Losses`, the last variant, so version 3 reads as version 4); version 2 lacked where
+//! processes run (`ns_pid`, `container`) and is still read (see [`super::v2`]); version 1
+//! lacked `reopened` on closes.
 //!
 //! ```text
 //! prelude   MAGIC (8 bytes) · format version (u16 LE) · flags (u16 LE, 0)
@@ -25,7 +27,7 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"\x89fdtrace";
 /// Bumped on any change an older reader would misread.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// The oldest format this reader still reads.
 pub const OLDEST_READABLE: u16 = 2;
 pub const PRELUDE_LEN: usize = MAGIC.len() + 4;

@@ -13,6 +13,7 @@ use super::{
 use crate::{
     clock::WallClock,
     container::Container,
+    losses::Losses,
     model::{Errno, Event, FdKind, Limit, Model, NewFd, ProcessInfo},
     report::Report,
     stack::{Frame, Lang},
@@ -123,6 +124,12 @@ fn scenario(iterations: i32) -> (Vec<Frame>, Vec<Frame>, Vec<Event>) {
         stack: 2,
     });
     events.push(Event::Lost { count: 3 });
+    events.push(Event::Losses(Losses {
+        ring_full: 3,
+        stacks_unreadable: 2,
+        mapping_reports: 1,
+        ..Losses::default()
+    }));
     events.push(Event::Exited {
         pid: 42,
         ts: ts + 10,
@@ -170,6 +177,15 @@ fn a_recording_replays_into_the_same_report() {
     assert_eq!(report.emfile.len(), 1);
     assert_eq!(report.processes[0].exit_code, Some(3));
     assert_eq!(report.dropped_events, 3);
+    assert_eq!(
+        (report.lost.stacks_unreadable, report.lost.mapping_reports),
+        (2, 1)
+    );
+    assert!(
+        report
+            .to_text()
+            .contains("also missed: 2 stacks unreadable (no frames), 1 mapping reports lost")
+    );
     std::fs::remove_file(path).unwrap();
 }
 
@@ -254,10 +270,10 @@ fn junk_and_other_versions_are_refused() {
     let mut newer = reader::prelude_of_version(format::FORMAT_VERSION + 1).to_vec();
     newer.extend_from_slice(b"whatever comes next");
     let err = reader::parse(&newer).unwrap_err();
-    assert!(matches!(err, ReadError::Newer(4)));
+    assert!(matches!(err, ReadError::Newer(5)));
     assert_eq!(
         err.to_string(),
-        "was written by a newer fdtrace (format 4; this one reads format 3)"
+        "was written by a newer fdtrace (format 5; this one reads format 4)"
     );
     let mut older = reader::prelude_of_version(1).to_vec();
     older.extend_from_slice(b"closes without reopened");
@@ -265,7 +281,7 @@ fn junk_and_other_versions_are_refused() {
     assert!(matches!(err, ReadError::Older(1)), "{err}");
     assert_eq!(
         err.to_string(),
-        "was written by an older fdtrace (format 1; this one reads formats 2 to 3): report it with that version"
+        "was written by an older fdtrace (format 1; this one reads formats 2 to 4): report it with that version"
     );
     let path = temp("junk");
     std::fs::write(&path, b"not a recording at all").unwrap();
@@ -569,5 +585,134 @@ fn format_2_recordings_still_read_with_processes_on_the_host() {
             "==43== FILE DESCRIPTORS: 2 open now (1 opened while traced, 1 inherited) in worker [/srv/app], limit 64, peak 2\n"
         ),
         "{text}"
+    );
+}
+
+#[test]
+fn a_format_3_recording_still_reads() {
+    // Format 4 only added variants after format 3's: a file of those reads the same.
+    let path = temp("format3");
+    let mut recorder = Recorder::create(&path, header(), false).unwrap();
+    let mut model = Model::new();
+    for event in containerized() {
+        model.apply(&event);
+        recorder.event(&event);
+    }
+    recorder.finish().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    bytes[format::MAGIC.len()..format::MAGIC.len() + 2].copy_from_slice(&3u16.to_le_bytes());
+    let recording = reader::parse(&bytes).unwrap();
+    assert_eq!(recording.damage, None);
+    let live = Report::build(&model, &Stacks::default(), &header().clock);
+    assert_eq!(replayed(recording), live);
+}
+
+/// A server at its limit that accepts two connections and closes them unanswered (libuv's
+/// reserve-descriptor trick), one with its request waiting; and answers a third.
+fn accepted_at_the_limit() -> (Vec<Frame>, Vec<Event>) {
+    let libc = Frame {
+        module: Some("libc.so.6".into()),
+        ..frame("accept4", "accept4.c", 31)
+    };
+    let stack = vec![
+        libc,
+        frame("uv__accept", "core.c", 505),
+        frame("uv__emfile_trick", "stream.c", 476),
+        frame("uv__server_io", "stream.c", 550),
+        frame("uv__io_poll", "epoll.c", 370),
+    ];
+    let socket = |fd| NewFd {
+        fd,
+        kind: FdKind::Socket,
+        target: Arc::from("tcp 127.0.0.1:8000 <- 127.0.0.1:51000"),
+        cloexec: true,
+    };
+    let ms = 1_000_000;
+    let mut events = vec![Event::Attached {
+        pid: 42,
+        ts: ms,
+        info: ProcessInfo {
+            ppid: 1,
+            comm: "uvicorn".into(),
+            exe: "/usr/bin/python3.11".into(),
+            limit: Limit { soft: 64, hard: 64 },
+            ..ProcessInfo::default()
+        },
+        fds: vec![],
+    }];
+    for (i, waiting) in [(0u64, Some(false)), (1, Some(true)), (2, None)] {
+        let ts = (10 + 10 * i) * ms;
+        events.push(Event::Failed {
+            pid: 42,
+            tid: 42,
+            ts,
+            syscall: fdtrace_common::syscalls::ACCEPT4,
+            errno: Errno::Emfile,
+            stack: 1,
+        });
+        events.push(Event::Opened {
+            pid: 42,
+            tid: 42,
+            ts: ts + 1,
+            syscall: fdtrace_common::syscalls::ACCEPT4,
+            fds: vec![socket(63)],
+            stack: 1,
+        });
+        if let Some(request_waiting) = waiting {
+            events.push(Event::Unanswered {
+                pid: 42,
+                ts: ts + 2,
+                fd: 63,
+                request_waiting,
+            });
+        }
+        events.push(Event::Closed {
+            pid: 42,
+            ts: ts + 3,
+            fd: 63,
+            reopened: false,
+        });
+    }
+    (stack, events)
+}
+
+#[test]
+fn connections_closed_unanswered_at_the_limit_are_counted_and_named() {
+    let (stack, events) = accepted_at_the_limit();
+    let path = temp("unanswered");
+    let mut stacks = Stacks::default();
+    stacks.push(stack);
+    let mut recorder = Recorder::create(&path, header(), false).unwrap();
+    recorder.stacks(&stacks);
+    let mut model = Model::new();
+    for event in &events {
+        model.apply(event);
+        recorder.event(event);
+    }
+    recorder.finish().unwrap();
+    let live = Report::build(&model, &stacks, &header().clock);
+    let report = replayed(reader::open(&path).unwrap());
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(report, live);
+
+    let p = &report.processes[0];
+    assert_eq!(
+        (p.dropped_at_emfile, p.dropped_at_emfile_request_waiting),
+        (2, 1)
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["processes"][0]["dropped_at_emfile"], 2);
+    let text = report.to_text();
+    assert!(
+        text.contains(
+            "==42== 2 connections accepted and closed unanswered while the table was full (1 with the request waiting, reset), accepted in uv__accept ← uv__emfile_trick ← uv__server_io; a proxy sees these as \"upstream prematurely closed connection\" or \"connection reset by peer\" (502)\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        report
+            .to_markdown()
+            .contains("**uvicorn (pid 42)**: 2 connections")
     );
 }

@@ -176,12 +176,23 @@ impl Header<'_> {
                 t.good
             },
         ));
+        if view.unanswered > 0 {
+            // Each a 502 at a proxy in front: as telling as the EMFILE count beside it.
+            spans.push(sep());
+            spans.push(Span::styled("closed unanswered ", t.label));
+            spans.push(Span::styled(view.unanswered.to_string(), t.bad));
+        }
         spans.push(sep());
         spans.push(Span::styled("dropped ", t.label));
         spans.push(Span::styled(
             view.dropped.to_string(),
             if view.dropped > 0 { t.warn } else { t.good },
         ));
+        for missed in view.losses.shortfalls() {
+            spans.push(sep());
+            spans.push(Span::styled(format!("{} ", missed.short), t.label));
+            spans.push(Span::styled(missed.count.to_string(), t.warn));
+        }
         let c = view.corrections;
         if c.added + c.removed + c.reused > 0 {
             spans.push(sep());

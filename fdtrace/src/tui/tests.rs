@@ -372,6 +372,38 @@ fn exited_children_are_counted_and_forgotten() {
     );
 }
 
+/// What was missed, and connections closed unanswered at the limit, reach the header: each
+/// reason only when it happened.
+#[test]
+fn the_header_counts_what_was_missed_and_dropped() {
+    let (mut feed, mut app) = scenario(10, 1, true);
+    app.observe(&feed);
+    app.refresh(&feed);
+    let quiet = screen(&app, 200, 45);
+    assert!(
+        !quiet.contains("no stack") && !quiet.contains("closed unanswered"),
+        "{quiet}"
+    );
+    feed.model.apply(&Event::Losses(crate::losses::Losses {
+        stacks_unreadable: 3,
+        mapping_reports: 2,
+        ..crate::losses::Losses::default()
+    }));
+    let fd = feed.model.open_fds(PID).unwrap().iter().last().unwrap().0;
+    feed.model.apply(&Event::Unanswered {
+        pid: PID,
+        ts: feed.model.last_ns + MS,
+        fd,
+        request_waiting: true,
+    });
+    app.observe(&feed);
+    app.refresh(&feed);
+    let header = screen(&app, 200, 45);
+    for expected in ["closed unanswered 1", "no stack 3", "maps lost 2"] {
+        assert!(header.contains(expected), "{expected}: {header}");
+    }
+}
+
 #[test]
 fn header_of_a_replay_following_children() {
     let (mut feed, mut app) = scenario(60, 0, false);

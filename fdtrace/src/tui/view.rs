@@ -10,6 +10,7 @@ use std::{
 use super::{Feed, format};
 use crate::{
     container::Container,
+    losses::Losses,
     model::{
         Corrections, FdKind, FdView, Limit, Model, NO_STACK, Origin, Pid, Process, SiteId, StackId,
     },
@@ -131,7 +132,11 @@ pub struct View {
     pub opens_per_sec: f64,
     pub closes_per_sec: f64,
     pub incidents_total: u64,
+    /// Connections accepted at the limit and closed unanswered, all processes together.
+    pub unanswered: u64,
     pub dropped: u64,
+    /// What else was missed, by reason (the header lists the non-zero ones).
+    pub losses: Losses,
     pub corrections: Corrections,
     pub probe: Option<ProbeLoad>,
     pub sites: Vec<SiteRow>,
@@ -358,7 +363,9 @@ impl Collector {
             opens_per_sec,
             closes_per_sec,
             incidents_total: model.incidents_total,
+            unanswered: model.unanswered.values().map(|u| u.count).sum(),
             dropped: model.dropped,
+            losses: model.losses,
             corrections: model.corrections,
             probe: self.probe_load(),
             sites: self.sites(feed),
