@@ -183,8 +183,19 @@ pub struct KernelLayout {
     /// the sock was freed and reused by another connection in between. (Not the local port:
     /// the reset path's `inet_put_port` zeroes it.)
     pub sk_dport: u32,
+    /// `sock.sk_ack_backlog` and `sock.sk_max_ack_backlog` (connections the kernel has
+    /// accepted and the program not yet, and the listen backlog), `sock_common.skc_family`,
+    /// `skc_rcv_saddr` and `skc_num` (the listening address), from BTF: an accept failing at
+    /// the limit reports its listening socket's queue at that instant. [`NO_FIELD`] in
+    /// `sk_ack_backlog` when the kernel lacks any of them.
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    pub sk_family: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_num: u32,
+    pub pad: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 80);
+const _: () = assert!(size_of::<KernelLayout>() == 104);
 
 /// How long after a process's EMFILE/ENFILE an accepted connection counts as accepted at the
 /// limit: libuv's reserve-descriptor trick accepts within microseconds of the failure.

@@ -14,6 +14,13 @@ pub const CLOSE_REOPENED: usize = 5;
 pub const CLOSE_UNANSWERED: usize = 4;
 pub const UNANSWERED: u64 = 1;
 pub const REQUEST_WAITING: u64 = 2;
+/// The slots of a failed accept/accept4 record that the probe overwrites (the syscall takes
+/// four arguments): the listening socket's queue, `queued | backlog << 32`, and its address,
+/// `LISTEN_IPV4 | ipv4 (network order) << 16 | port` or `LISTEN_IPV6 | port`; 0 when unknown.
+pub const ACCEPT_QUEUE: usize = 4;
+pub const ACCEPT_LISTEN: usize = 5;
+pub const LISTEN_IPV4: u64 = 1 << 62;
+pub const LISTEN_IPV6: u64 = 1 << 63;
 pub const PIPE: u32 = 22;
 pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;

@@ -84,6 +84,12 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     tcp_write_seq: 0,
     tcp_rcv_nxt: 0,
     sk_dport: 0,
+    sk_ack_backlog: NO_FIELD,
+    sk_max_ack_backlog: 0,
+    sk_family: 0,
+    sk_rcv_saddr: 0,
+    sk_num: 0,
+    pad: 0,
 };
 
 /// One field of [`FDT_LAYOUT`], read volatile (the loader sets it after compilation); a
@@ -233,6 +239,11 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         let mut hit = traced;
         hit.limit_hit_ns = header.ts_ns;
         let _ = TRACED.insert(tgid, hit, BPF_EXIST);
+        let mut header = header;
+        if nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT {
+            header.args[syscalls::ACCEPT_QUEUE] = listen_queue(args[0]);
+            header.args[syscalls::ACCEPT_LISTEN] = listen_address(args[0]);
+        }
         return emit_stacked(header, &regs, &traced, Aux::None);
     }
     match syscalls::action(nr) {
@@ -330,10 +341,7 @@ fn watch(key: u64) {
     let mut fresh = MaybeUninit::<Fresh>::uninit();
     let f = fresh.as_mut_ptr();
     let tcp = || -> Result<(), ()> {
-        let mut p = open_file(fd)? as u64;
-        // file->private_data is the struct socket, socket->sk the struct sock.
-        follow(&mut p, layout!(file_private_data))?;
-        follow(&mut p, layout!(socket_sk))?;
+        let p = sock_of(fd)?;
         let sock = p as *const u8;
         let mut protocol: u16 = 0;
         kernel_field_into(&mut protocol, sock, layout!(sk_protocol))?;
@@ -359,6 +367,65 @@ fn watch(key: u64) {
 }
 
 const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// The `struct sock` of socket descriptor `fd`, as a u64 (0 for none).
+#[inline(always)]
+fn sock_of(fd: u64) -> Result<u64, ()> {
+    let mut p = open_file(fd)? as u64;
+    if p == 0 {
+        return Err(());
+    }
+    // file->private_data is the struct socket, socket->sk the struct sock.
+    follow(&mut p, layout!(file_private_data))?;
+    follow(&mut p, layout!(socket_sk))?;
+    Ok(p)
+}
+
+/// The [`syscalls::ACCEPT_QUEUE`] slot for an accept on `fd` that failed at the limit: the
+/// connections waiting in its listen queue at this instant, which the program cannot take.
+/// Its own BPF-to-BPF call, as [`watch`], to keep its locals off `sys_exit`'s frame.
+#[inline(never)]
+fn listen_queue(fd: u64) -> u64 {
+    if layout!(sk_ack_backlog) == NO_FIELD {
+        return 0;
+    }
+    let read = || -> Result<u64, ()> {
+        let sock = sock_of(fd)? as *const u8;
+        let mut queued: u32 = 0;
+        let mut backlog: u32 = 0;
+        kernel_field_into(&mut queued, sock, layout!(sk_ack_backlog))?;
+        kernel_field_into(&mut backlog, sock, layout!(sk_max_ack_backlog))?;
+        Ok(u64::from(queued) | (u64::from(backlog) << 32))
+    };
+    read().unwrap_or(0)
+}
+
+/// The [`syscalls::ACCEPT_LISTEN`] slot: where the listening socket `fd` listens.
+#[inline(never)]
+fn listen_address(fd: u64) -> u64 {
+    if layout!(sk_ack_backlog) == NO_FIELD {
+        return 0;
+    }
+    let read = || -> Result<u64, ()> {
+        let sock = sock_of(fd)? as *const u8;
+        let mut family: u16 = 0;
+        let mut port: u16 = 0;
+        kernel_field_into(&mut family, sock, layout!(sk_family))?;
+        kernel_field_into(&mut port, sock, layout!(sk_num))?;
+        match family {
+            AF_INET => {
+                let mut addr: u32 = 0;
+                kernel_field_into(&mut addr, sock, layout!(sk_rcv_saddr))?;
+                Ok(syscalls::LISTEN_IPV4 | (u64::from(addr) << 16) | u64::from(port))
+            }
+            AF_INET6 => Ok(syscalls::LISTEN_IPV6 | u64::from(port)),
+            _ => Err(()),
+        }
+    };
+    read().unwrap_or(0)
+}
 
 /// The close record's [`syscalls::CLOSE_UNANSWERED`] bits for descriptor `fd`: a connection
 /// [`watch`] remembered, closed with nothing read or written since its accept.

@@ -138,6 +138,7 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
         | Event::Lost { .. }
         | Event::Losses(_)
         | Event::Unanswered { .. }
+        | Event::Listen { .. }
         | Event::Tick { .. } => Vec::new(),
     }
 }

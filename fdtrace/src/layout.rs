@@ -163,6 +163,7 @@ pub fn detect(
     layout.mm_start_code = member("mm_struct", "start_code")?;
     layout.mm_start_brk = member("mm_struct", "start_brk")?;
     tcp_layout(&btf, &mut layout);
+    listen_layout(&btf, &mut layout);
     let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
     if group_dead && !force_btf_exit {
         layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
@@ -173,37 +174,78 @@ pub fn detect(
     Ok((layout, ExitSource::SignalLive))
 }
 
-/// The socket members the accept and close probes read to tell a connection closed
-/// unanswered at the limit. Optional: without them that one count is off (logged), and
-/// everything else works.
-fn tcp_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
-    let found = (|| {
-        // `struct sock` begins with its `sock_common`, and `tcp_sock` with its `sock`, so
-        // each offset counts from the same address.
-        Some([
-            btf.member_offset("file", "private_data")?,
-            btf.member_offset("socket", "sk")?,
-            btf.member_offset("sock", "sk_protocol")?,
-            btf.member_offset("tcp_sock", "copied_seq")?,
-            btf.member_offset("tcp_sock", "write_seq")?,
-            btf.member_offset("tcp_sock", "rcv_nxt")?,
-            btf.member_offset("sock_common", "skc_dport")?,
-        ])
-    })();
-    if let Some([private_data, sk, protocol, copied, write, rcv_nxt, dport]) = found {
-        layout.file_private_data = private_data;
-        layout.socket_sk = sk;
-        layout.sk_protocol = protocol;
-        layout.tcp_copied_seq = copied;
-        layout.tcp_write_seq = write;
-        layout.tcp_rcv_nxt = rcv_nxt;
-        layout.sk_dport = dport;
-    } else {
-        log::info!(
-            "probes: the kernel's BTF lacks a socket member they read: connections closed unanswered at the limit are not counted"
-        );
-        layout.tcp_copied_seq = NO_FIELD;
+/// The offsets of `members` (struct, member), or None when the kernel's BTF lacks one: for
+/// what the probes read only to say more, which works without them (logging `what` is off).
+fn optional_members<const N: usize>(
+    btf: &BtfTypes<'_>,
+    members: [(&str, &str); N],
+    what: &str,
+) -> Option<[u32; N]> {
+    let mut offsets = [0; N];
+    for (offset, (name, member)) in offsets.iter_mut().zip(members) {
+        let Some(found) = btf.member_offset(name, member) else {
+            log::info!("probes: the kernel's BTF has no {name}.{member}: {what}");
+            return None;
+        };
+        *offset = found;
     }
+    Some(offsets)
+}
+
+/// The socket members the accept and close probes read to tell a connection closed
+/// unanswered at the limit. `struct sock` begins with its `sock_common`, and `tcp_sock` with
+/// its `sock`, so each offset counts from the same address.
+fn tcp_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
+    let members = [
+        ("file", "private_data"),
+        ("socket", "sk"),
+        ("sock", "sk_protocol"),
+        ("tcp_sock", "copied_seq"),
+        ("tcp_sock", "write_seq"),
+        ("tcp_sock", "rcv_nxt"),
+        ("sock_common", "skc_dport"),
+    ];
+    let off = "connections closed unanswered at the limit are not counted";
+    let Some([private_data, sk, protocol, copied, write, rcv_nxt, dport]) =
+        optional_members(btf, members, off)
+    else {
+        layout.tcp_copied_seq = NO_FIELD;
+        return;
+    };
+    layout.file_private_data = private_data;
+    layout.socket_sk = sk;
+    layout.sk_protocol = protocol;
+    layout.tcp_copied_seq = copied;
+    layout.tcp_write_seq = write;
+    layout.tcp_rcv_nxt = rcv_nxt;
+    layout.sk_dport = dport;
+}
+
+/// The listening socket's members an accept failing at the limit reads.
+fn listen_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
+    let members = [
+        ("file", "private_data"),
+        ("socket", "sk"),
+        ("sock", "sk_ack_backlog"),
+        ("sock", "sk_max_ack_backlog"),
+        ("sock_common", "skc_family"),
+        ("sock_common", "skc_rcv_saddr"),
+        ("sock_common", "skc_num"),
+    ];
+    let off = "accept failures do not show the listen queue";
+    let Some([private_data, sk, queued, backlog, family, saddr, num]) =
+        optional_members(btf, members, off)
+    else {
+        layout.sk_ack_backlog = NO_FIELD;
+        return;
+    };
+    layout.file_private_data = private_data;
+    layout.socket_sk = sk;
+    layout.sk_ack_backlog = queued;
+    layout.sk_max_ack_backlog = backlog;
+    layout.sk_family = family;
+    layout.sk_rcv_saddr = saddr;
+    layout.sk_num = num;
 }
 
 /// Just enough of a BTF blob to find struct members by name: the type section walked once,

@@ -285,6 +285,23 @@ pub enum Event {
         fd: i32,
         request_waiting: bool,
     },
+    /// The listening socket of the accept that just failed (the `Failed` before this one).
+    Listen {
+        pid: Pid,
+        ts: u64,
+        listen: Listen,
+    },
+}
+
+/// A listening socket's queue at the instant an accept on it failed at the limit: `queued`
+/// connections the kernel completed and the program could not take, of `backlog`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listen {
+    pub fd: i32,
+    /// `127.0.0.1:8000`, `[::1]:8000`; empty when unknown.
+    pub address: String,
+    pub queued: u32,
+    pub backlog: u32,
 }
 
 impl Event {
@@ -303,6 +320,7 @@ impl Event {
             | Event::Failed { ts, .. }
             | Event::Reconciled { ts, .. }
             | Event::Unanswered { ts, .. }
+            | Event::Listen { ts, .. }
             | Event::Tick { ts } => Some(*ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -326,6 +344,7 @@ impl Event {
             | Event::Failed { ts, .. }
             | Event::Reconciled { ts, .. }
             | Event::Unanswered { ts, .. }
+            | Event::Listen { ts, .. }
             | Event::Tick { ts } => Some(ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -401,6 +420,8 @@ pub struct Incident {
     pub stack: StackId,
     /// (site, descriptors it held), most first. These sites are kept for as long as the model.
     pub blame: Vec<(SiteId, u64)>,
+    /// For an accept: its listening socket's queue at that instant.
+    pub listen: Option<Listen>,
 }
 
 /// A traced process.
@@ -721,6 +742,15 @@ impl Model {
                 fd,
                 request_waiting,
             } => self.unanswered(*pid, *ts, *fd, *request_waiting),
+            Event::Listen { pid, ts, listen } => {
+                if let Some(inc) = self
+                    .incidents
+                    .last_mut()
+                    .filter(|i| i.pid == *pid && i.ts == *ts)
+                {
+                    inc.listen = Some(listen.clone());
+                }
+            }
         }
     }
 
@@ -1334,6 +1364,7 @@ impl Model {
             limit: self.processes[&pid].info.limit.soft,
             stack,
             blame,
+            listen: None,
         };
         self.incidents.push(incident);
     }

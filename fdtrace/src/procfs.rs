@@ -221,9 +221,52 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// `[address]:port` of the IPv6 socket `pid`'s network namespace has listening on `port`,
+/// from /proc/PID/net/tcp6 (the probe reads only the port of an IPv6 listener).
+pub fn listening_v6(pid: u32, port: u16) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/net/tcp6")).ok()?;
+    parse_listening_v6(&text, port)
+}
+
+/// The `/proc/net/tcp6` half of [`listening_v6`]: `sl local_address rem_address st ...`, the
+/// address as four native-endian 32-bit words in hex, `st` 0A for LISTEN.
+fn parse_listening_v6(text: &str, port: u16) -> Option<String> {
+    text.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        let (addr, p) = local.split_once(':')?;
+        if state != "0A" || u16::from_str_radix(p, 16).ok()? != port || addr.len() != 32 {
+            return None;
+        }
+        let mut bytes = [0u8; 16];
+        for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+            let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        Some(format!("[{}]:{port}", std::net::Ipv6Addr::from(bytes)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_listener_is_found_by_port() {
+        let text = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:1F40 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000000000000000 100 0 0 10 0
+   2: 00000000000000000000000001000000:1F41 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 12347 1 0000000000000000 100 0 0 10 0
+";
+        assert_eq!(parse_listening_v6(text, 8000).as_deref(), Some("[::]:8000"));
+        assert_eq!(
+            parse_listening_v6(text, 8080).as_deref(),
+            Some("[::1]:8080")
+        );
+        // Port 8001 is an established connection, not a listener.
+        assert_eq!(parse_listening_v6(text, 8001), None);
+    }
 
     #[test]
     fn kinds_from_links() {

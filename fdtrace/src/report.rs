@@ -12,7 +12,7 @@ use crate::{
     clock::WallClock,
     container,
     losses::Losses,
-    model::{FdKind, FdView, Folded, Limit, Model, Origin, Pid, SiteId},
+    model::{FdKind, FdView, Folded, Limit, Listen, Model, Origin, Pid, SiteId},
     stack::{Frame, Lang},
     tracer::Stacks,
 };
@@ -209,6 +209,9 @@ pub struct IncidentReport {
     pub limit: u64,
     pub frames: Vec<FrameReport>,
     pub blame: Vec<BlameReport>,
+    /// For accept and accept4: the listening socket's queue at that instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Listen>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,6 +323,7 @@ impl Report {
                 open_fds: inc.open_fds,
                 limit: inc.limit,
                 frames: frames(stacks, inc.stack),
+                listen: inc.listen.clone(),
                 blame: inc
                     .blame
                     .iter()
@@ -615,6 +619,9 @@ impl Report {
                 continue;
             }
             write_frames(w, &tag, &inc.frames);
+            if let Some(line) = inc.listen_line() {
+                let _ = writeln!(w, "{tag}  {line}");
+            }
             let _ = writeln!(w, "{tag}  the table at that instant:");
             for b in &inc.blame {
                 let place = if b.inherited {
@@ -769,6 +776,9 @@ impl Report {
                 fmt_limit(inc.limit)
             );
             md_stack(w, "where it failed", &inc.frames);
+            if let Some(line) = inc.listen_line() {
+                let _ = writeln!(w, "{}.\n", capitalized(&line));
+            }
             let _ = writeln!(w, "| held | kind | call site |");
             let _ = writeln!(w, "|---:|---|---|");
             for b in &inc.blame {
@@ -864,6 +874,25 @@ pub fn place(frames: &[FrameReport]) -> String {
         .map_or_else(|| "(no stack)".to_string(), fmt_frame)
 }
 
+impl IncidentReport {
+    /// "the listen queue of fd 6 (127.0.0.1:8000) held 12 of 128 ...", for accept failures.
+    pub fn listen_line(&self) -> Option<String> {
+        let l = self.listen.as_ref()?;
+        let at = if l.address.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", l.address)
+        };
+        Some(format!(
+            "the listen queue of fd {}{at} held {} of {} connection{}: accepted by the kernel, waiting for the program (a proxy's connect succeeds, then it times out: 504)",
+            l.fd,
+            l.queued,
+            l.backlog,
+            if l.backlog == 1 { "" } else { "s" }
+        ))
+    }
+}
+
 impl ProcessReport {
     /// The connections it accepted at the limit and closed unanswered, in a proxy's words, or
     /// None when there were none.
@@ -905,6 +934,13 @@ fn is_runtime(f: &FrameReport) -> bool {
         || ["/library/std/", "/library/core/", "/library/alloc/"].iter().any(|d| path.contains(d))
         // Python's standard library (socket.py wrapping the program's socket() call).
         || (f.lang == Lang::Python && (path.contains("/lib/python3.") || path.starts_with("<frozen ")))
+}
+
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
 }
 
 fn fmt_limit(limit: u64) -> String {

@@ -264,14 +264,21 @@ impl Tracer {
                     } else {
                         Errno::Emfile
                     };
-                    return vec![Event::Failed {
+                    let failed = Event::Failed {
                         pid,
                         tid,
                         ts,
                         syscall: h.nr,
                         errno,
                         stack,
-                    }];
+                    };
+                    if h.nr != sc::ACCEPT && h.nr != sc::ACCEPT4 {
+                        return vec![failed];
+                    }
+                    return match listen(pid, &a) {
+                        Some(listen) => vec![failed, Event::Listen { pid, ts, listen }],
+                        None => vec![failed],
+                    };
                 }
                 vec![create(pid, tid, ts, h.nr, h.ret, &a, &rec.aux, stack)]
             }
@@ -428,6 +435,31 @@ fn process_info(pid: u32) -> std::io::Result<ProcessInfo> {
         exe: id.exe,
         limit,
         container: placement.and_then(|p| p.container).map(Arc::new),
+    })
+}
+
+/// The listening socket's state the probe put in a failed accept's record, if it could read it.
+fn listen(pid: u32, a: &[u64; 6]) -> Option<crate::model::Listen> {
+    let queue = a[sc::ACCEPT_QUEUE];
+    let at = a[sc::ACCEPT_LISTEN];
+    if queue == 0 && at == 0 {
+        return None;
+    }
+    let port = (at & 0xffff) as u16;
+    let address = if at & sc::LISTEN_IPV4 != 0 {
+        // The address as the kernel stores it (network order), read as a native u32.
+        let ip = Ipv4Addr::from(((at >> 16) as u32).to_ne_bytes());
+        format!("{ip}:{port}")
+    } else if at & sc::LISTEN_IPV6 != 0 {
+        procfs::listening_v6(pid, port).unwrap_or_else(|| format!("[?]:{port}"))
+    } else {
+        String::new()
+    };
+    Some(crate::model::Listen {
+        fd: a[0] as i32,
+        address,
+        queued: queue as u32,
+        backlog: (queue >> 32) as u32,
     })
 }
 

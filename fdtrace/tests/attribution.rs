@@ -13,6 +13,20 @@ use fdtrace::{
 
 use common::marker_line;
 
+/// The "name value" lines a fixture wrote about itself, read once and removed.
+fn read_truth(path: &std::path::Path) -> HashMap<String, i64> {
+    let truth = fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let _ = fs::remove_file(path);
+    truth
+}
+
 fn report_of(argv: &[&str]) -> (Report, u32) {
     let run = common::run_traced(argv, ProbeOptions::default());
     assert_eq!(run.exit_code, 0, "{argv:?} failed");
@@ -135,15 +149,7 @@ fn emfile_moments_match_the_programs_clock_and_blame_the_filler() {
         ProbeOptions::default(),
     );
     assert_eq!(run.exit_code, 0);
-    let truth: HashMap<String, i64> = fs::read_to_string(&truth_file)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (k, v) = l.split_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect();
-    let _ = fs::remove_file(&truth_file);
+    let truth = read_truth(&truth_file);
     assert_eq!(
         (
             truth["open_errno"],
@@ -200,12 +206,24 @@ fn emfile_moments_match_the_programs_clock_and_blame_the_filler() {
         let total: u64 = inc.blame.iter().map(|b| b.open).sum();
         assert_eq!(total, 32, "blame adds up to the whole table");
     }
+    let accept = by_syscall("accept4");
     assert!(
-        by_syscall("accept4")
+        accept
             .frames
             .iter()
             .any(|f| f.function.as_deref() == Some("main"))
     );
+    // The client's connection was waiting in the listen queue, which holds 8.
+    assert_eq!(
+        accept.listen,
+        Some(fdtrace::model::Listen {
+            fd: truth["listen_fd"] as i32,
+            address: format!("127.0.0.1:{}", truth["listen_port"]),
+            queued: 1,
+            backlog: 8,
+        })
+    );
+    assert!(by_syscall("openat").listen.is_none());
 }
 
 fn fdtrace() -> Command {
@@ -360,15 +378,10 @@ fn connections_accepted_at_the_limit_and_closed_unanswered_are_counted() {
     let bin = common::build_c("emfile_trick.c", &["-O2", "-g", "-fomit-frame-pointer"]);
     let truth_file = std::env::temp_dir().join(format!("fdtrace-trick-{}", std::process::id()));
     let (report, pid) = report_of(&[bin.to_str().unwrap(), truth_file.to_str().unwrap()]);
-    let truth: HashMap<String, u64> = fs::read_to_string(&truth_file)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (k, v) = l.split_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
+    let truth: HashMap<String, u64> = read_truth(&truth_file)
+        .into_iter()
+        .map(|(k, v)| (k, v as u64))
         .collect();
-    let _ = fs::remove_file(&truth_file);
     println!("the fixture says {truth:?}");
     assert_eq!(
         (truth["dropped"], truth["answered"], truth["child"]),

@@ -394,6 +394,17 @@ fn check_leak(o: &Outcome) -> anyhow::Result<()> {
         first_5xx.1,
         first_5xx.0
     );
+    // The accept failed with a connection waiting in uvicorn's listen queue (--backlog).
+    let listen = accept
+        .listen
+        .as_ref()
+        .context("the accept4 incident has no listen queue")?;
+    ensure!(
+        listen.queued >= 1 && listen.backlog == u64::from(BACKLOG),
+        "listen queue {}/{} at accept4's EMFILE (expected at least 1 of {BACKLOG})",
+        listen.queued,
+        listen.backlog
+    );
     // asyncio leaves connections in the backlog: nginx times out (504), and none was accepted
     // and dropped.
     let by_status = statuses(&o.access);
@@ -430,7 +441,8 @@ fn check_leak(o: &Outcome) -> anyhow::Result<()> {
     println!(
         "e2e leak: ok in {:.1}s. uvicorn pid {} (limit {limit}, {baseline} open before the load). \
          fdtrace: first EMFILE at {:.3}, accept4 EMFILE at {} (unix {emfile_unix:.3}) with \
-         {}/{limit} open; blame: {}. nginx: {ok_before} answered 200, first {} at {:.3}, \
+         {}/{limit} open, listen queue {}/{} on {}; blame: {}. nginx: {ok_before} answered \
+         200, first {} at {:.3}, \
          {:+.3}s after the accept4 mark. {} EMFILE marks in all. Python frame read_settings \
          in the blame: {}. load: {}",
         o.elapsed.as_secs_f64(),
@@ -438,6 +450,9 @@ fn check_leak(o: &Outcome) -> anyhow::Result<()> {
         first_any,
         accept.time,
         accept.open_fds,
+        listen.queued,
+        listen.backlog,
+        listen.address,
         describe_blame(&accept.blame),
         first_5xx.1,
         first_5xx.0,
@@ -727,6 +742,15 @@ struct Incident {
     open_fds: u64,
     limit: u64,
     blame: Vec<Blame>,
+    #[serde(default)]
+    listen: Option<Listen>,
+}
+
+#[derive(Deserialize)]
+struct Listen {
+    address: String,
+    queued: u64,
+    backlog: u64,
 }
 
 #[derive(Deserialize)]

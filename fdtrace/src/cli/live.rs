@@ -172,8 +172,14 @@ impl LivePrinter {
                         place(session, s.stack, s.origin)
                     )
                 });
+                let queue = inc.listen.as_ref().map_or_else(String::new, |l| {
+                    format!(
+                        "; listen queue {}/{} on fd {} {}",
+                        l.queued, l.backlog, l.fd, l.address
+                    )
+                });
                 eprintln!(
-                    "fdtrace: {} in pid {pid}: {} failed at {} with {}/{} open{top}",
+                    "fdtrace: {} in pid {pid}: {} failed at {} with {}/{} open{top}{queue}",
                     errno.name(),
                     fdtrace_common::syscalls::name(*syscall).unwrap_or("?"),
                     session.clock.rfc3339(*ts),

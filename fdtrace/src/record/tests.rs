@@ -441,21 +441,27 @@ fn containerized() -> Vec<Event> {
     ]
 }
 
-#[test]
-fn recordings_keep_where_processes_run() {
-    let path = temp("containers");
+/// Records `events` (after `stacks`) into a file named `name`; returns the file's bytes and
+/// the report of the model that consumed them live.
+fn record(name: &str, stacks: &Stacks, events: &[Event]) -> (Vec<u8>, Report) {
+    let path = temp(name);
     let mut recorder = Recorder::create(&path, header(), false).unwrap();
+    recorder.stacks(stacks);
     let mut model = Model::new();
-    for event in containerized() {
-        model.apply(&event);
-        recorder.event(&event);
+    for event in events {
+        model.apply(event);
+        recorder.event(event);
     }
     recorder.finish().unwrap();
-    let stacks = Stacks::default();
-    let live = Report::build(&model, &stacks, &header().clock);
-    let recording = reader::open(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
-    let report = replayed(recording);
+    (bytes, Report::build(&model, stacks, &header().clock))
+}
+
+#[test]
+fn recordings_keep_where_processes_run() {
+    let (bytes, live) = record("containers", &Stacks::default(), &containerized());
+    let report = replayed(reader::parse(&bytes).unwrap());
     assert_eq!(report, live);
 
     let placed: Vec<(u32, u32, Option<&str>)> = report
@@ -591,20 +597,10 @@ fn format_2_recordings_still_read_with_processes_on_the_host() {
 #[test]
 fn a_format_3_recording_still_reads() {
     // Format 4 only added variants after format 3's: a file of those reads the same.
-    let path = temp("format3");
-    let mut recorder = Recorder::create(&path, header(), false).unwrap();
-    let mut model = Model::new();
-    for event in containerized() {
-        model.apply(&event);
-        recorder.event(&event);
-    }
-    recorder.finish().unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let (mut bytes, live) = record("format3", &Stacks::default(), &containerized());
     bytes[format::MAGIC.len()..format::MAGIC.len() + 2].copy_from_slice(&3u16.to_le_bytes());
     let recording = reader::parse(&bytes).unwrap();
     assert_eq!(recording.damage, None);
-    let live = Report::build(&model, &Stacks::default(), &header().clock);
     assert_eq!(replayed(recording), live);
 }
 
@@ -680,20 +676,10 @@ fn accepted_at_the_limit() -> (Vec<Frame>, Vec<Event>) {
 #[test]
 fn connections_closed_unanswered_at_the_limit_are_counted_and_named() {
     let (stack, events) = accepted_at_the_limit();
-    let path = temp("unanswered");
     let mut stacks = Stacks::default();
     stacks.push(stack);
-    let mut recorder = Recorder::create(&path, header(), false).unwrap();
-    recorder.stacks(&stacks);
-    let mut model = Model::new();
-    for event in &events {
-        model.apply(event);
-        recorder.event(event);
-    }
-    recorder.finish().unwrap();
-    let live = Report::build(&model, &stacks, &header().clock);
-    let report = replayed(reader::open(&path).unwrap());
-    std::fs::remove_file(&path).unwrap();
+    let (bytes, live) = record("unanswered", &stacks, &events);
+    let report = replayed(reader::parse(&bytes).unwrap());
     assert_eq!(report, live);
 
     let p = &report.processes[0];

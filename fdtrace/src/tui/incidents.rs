@@ -89,23 +89,30 @@ impl Widget for IncidentsTable<'_> {
 /// `stacks` adds each holder's whole stack (the popup); otherwise one line each.
 pub fn incident_lines(app: &App, i: &IncidentRow, stacks: bool) -> Vec<Line<'static>> {
     let t = &app.theme;
-    let mut lines = vec![
-        Line::from(vec![
-            Span::styled(format!("{} {}", i.syscall, i.errno), t.bad),
-            Span::styled(
-                format!(
-                    " in pid {} thread {} at {} with {}/{} open",
-                    i.pid,
-                    i.tid,
-                    i.wall,
-                    i.open,
-                    format::limit(i.limit)
-                ),
-                t.label,
+    let mut lines = vec![Line::from(vec![
+        Span::styled(format!("{} {}", i.syscall, i.errno), t.bad),
+        Span::styled(
+            format!(
+                " in pid {} thread {} at {} with {}/{} open",
+                i.pid,
+                i.tid,
+                i.wall,
+                i.open,
+                format::limit(i.limit)
             ),
-        ]),
-        Line::styled("the table at that instant:", t.title),
-    ];
+            t.label,
+        ),
+    ])];
+    if let Some(l) = &i.listen {
+        lines.push(Line::styled(
+            format!(
+                "listen queue of fd {} {}: {} of {} waiting (accepted by the kernel, not by the program)",
+                l.fd, l.address, l.queued, l.backlog
+            ),
+            t.warn,
+        ));
+    }
+    lines.push(Line::styled("the table at that instant:", t.title));
     for b in &i.blame {
         lines.push(Line::from(vec![
             Span::styled(format!("{:>6} {:<8} ", b.open, b.kind.name()), t.label),

@@ -243,6 +243,16 @@ fn scenario_in(requests: u64, failures: u64, live: bool, placed: ProcessInfo) ->
             errno: Errno::Emfile,
             stack: accept,
         });
+        events.push(Event::Listen {
+            pid: PID,
+            ts: ts + 123 * MS + k,
+            listen: crate::model::Listen {
+                fd: 3,
+                address: "0.0.0.0:8080".into(),
+                queued: 1 + k as u32,
+                backlog: 128,
+            },
+        });
     }
     let end = ts + 600 * MS;
     let mut tick = T0 + 1000 * MS;
@@ -258,7 +268,10 @@ fn scenario_in(requests: u64, failures: u64, live: bool, placed: ProcessInfo) ->
         } else if let Some(e) = events.next() {
             feed.model.apply(&e);
         }
-        if feed.model.last_ns >= observed + 250 * MS {
+        // As a session does, between batches: never between a failure and its listen queue,
+        // which come from one record.
+        let same_record = matches!(events.peek(), Some(Event::Listen { .. }));
+        if feed.model.last_ns >= observed + 250 * MS && !same_record {
             app.observe(&feed);
             observed = feed.model.last_ns;
         }

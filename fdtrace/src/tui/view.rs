@@ -12,7 +12,8 @@ use crate::{
     container::Container,
     losses::Losses,
     model::{
-        Corrections, FdKind, FdView, Limit, Model, NO_STACK, Origin, Pid, Process, SiteId, StackId,
+        Corrections, FdKind, FdView, Limit, Listen, Model, NO_STACK, Origin, Pid, Process, SiteId,
+        StackId,
     },
     probe::ProbeCost,
     report::{self, FrameReport},
@@ -93,6 +94,8 @@ pub struct IncidentRow {
     pub limit: u64,
     pub stack: StackId,
     pub blame: Vec<BlameRow>,
+    /// For an accept: its listening socket's queue at that instant.
+    pub listen: Option<Listen>,
 }
 
 /// fdtrace's own cost: the probes' average run time and their share of one CPU recently.
@@ -272,6 +275,7 @@ impl Collector {
                 limit: inc.limit,
                 stack: inc.stack,
                 blame,
+                listen: inc.listen.clone(),
             };
             self.incidents.push(row);
         }
