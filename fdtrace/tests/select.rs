@@ -248,6 +248,22 @@ fn release(child: &mut Child) {
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
 }
 
+/// The leaking fixture started inside cgroup directory `dir` from its first instruction
+/// (held in a shell until moved there), writing its table to `listing` and staying `stay_ms`.
+fn fixture_in(dir: &Path, listing: &Path, stay_ms: &str) -> (PathBuf, Child) {
+    let bin = fixture();
+    let leaked = LEAKED.to_string();
+    let mut shell = held_exec(&[
+        bin.to_str().unwrap(),
+        listing.to_str().unwrap(),
+        &leaked,
+        stay_ms,
+    ]);
+    TestCgroup::enter(dir, shell.id());
+    release(&mut shell);
+    (bin, shell)
+}
+
 #[test]
 #[ignore = "root"]
 fn cgroup_picks_up_processes_that_start_below_it_later() {
@@ -265,17 +281,8 @@ fn cgroup_picks_up_processes_that_start_below_it_later() {
         )),
         "{first}"
     );
-    let bin = fixture();
-    let leaked = LEAKED.to_string();
-    let mut shell = held_exec(&[
-        bin.to_str().unwrap(),
-        listing.to_str().unwrap(),
-        &leaked,
-        stay_ms(),
-    ]);
+    let (bin, mut shell) = fixture_in(&leaf, &listing, stay_ms());
     let pid = shell.id();
-    TestCgroup::enter(&leaf, pid);
-    release(&mut shell);
     assert!(shell.wait().unwrap().success(), "the fixture failed");
     let report = stop_fdtrace(tracer, &out);
 
@@ -307,17 +314,8 @@ fn container_selects_processes_running_in_it_already() {
     let out = temp("container-report.json");
 
     // Running, its leaks made, before fdtrace starts.
-    let bin = fixture();
-    let leaked = LEAKED.to_string();
-    let mut shell = held_exec(&[
-        bin.to_str().unwrap(),
-        listing.to_str().unwrap(),
-        &leaked,
-        "60000",
-    ]);
+    let (_, shell) = fixture_in(&cgroup.0, &listing, "60000");
     let pid = shell.id();
-    TestCgroup::enter(&cgroup.0, pid);
-    release(&mut shell);
     let shell = KillOnDrop(shell);
     for _ in 0..200 {
         if listing.exists() {
