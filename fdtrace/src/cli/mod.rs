@@ -1,5 +1,6 @@
 //! The command line (DESIGN.md's contract); each mode lives in a submodule.
 
+mod assets;
 mod export;
 mod live;
 mod record;
@@ -166,6 +167,9 @@ enum Command {
     Report(report::ReportArgs),
     /// Export a recording: Perfetto trace, folded stacks or a flamegraph SVG.
     Export(export::ExportArgs),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +212,7 @@ pub fn main() -> anyhow::Result<ExitCode> {
         Some(Command::Replay(args)) => replay::replay(&args),
         Some(Command::Report(args)) => report::report(&args),
         Some(Command::Export(args)) => export::export(&args),
+        Some(Command::Assets { dir }) => assets::write(&dir),
         None if cli.attach.pids.is_empty() && cli.attach.select.is_empty() => {
             bail!(
                 "nothing to trace: give --pid PID, --comm NAME, --cgroup PATH or --container ID, or `fdtrace run -- CMD` (see --help)"
