@@ -13,6 +13,7 @@ pub mod headroom;
 pub mod launch;
 pub mod layout;
 pub mod losses;
+pub mod metrics;
 pub mod mmap_events;
 pub mod model;
 pub mod probe;

@@ -114,7 +114,7 @@ pub struct NewFd {
     pub cloexec: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Errno {
     #[serde(rename = "EMFILE")]
     Emfile,

@@ -7,6 +7,7 @@ mod record;
 mod replay;
 mod report;
 mod run;
+mod serve;
 
 use std::{fs, io::Write as _, path::PathBuf, process::ExitCode};
 
@@ -24,7 +25,7 @@ use crate::{
     name = "fdtrace",
     disable_version_flag = true,
     about = "Which call sites hold a process's file descriptors, which keep growing, and what filled the table when accept() failed with EMFILE",
-    override_usage = "sudo fdtrace (--pid PID | --comm NAME | --cgroup PATH | --container ID)... [--follow] [--no-tui] [--warn-at PERCENT]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] [--warn-at PERCENT] -- CMD [ARGS...]\n       sudo fdtrace record ((--pid PID | --comm NAME | --cgroup PATH | --container ID)... | -- CMD [ARGS...]) -o FILE [--duration SECS] [--redact]\n       fdtrace replay FILE\n       fdtrace report FILE [--format text|markdown|json] [-o FILE]\n       fdtrace export FILE --format perfetto|folded|svg [-o FILE]",
+    override_usage = "sudo fdtrace (--pid PID | --comm NAME | --cgroup PATH | --container ID)... [--follow] [--no-tui] [--warn-at PERCENT]\n       sudo fdtrace run [--format text|json] [-o FILE] [--error-exitcode N] [--warn-at PERCENT] -- CMD [ARGS...]\n       sudo fdtrace record ((--pid PID | --comm NAME | --cgroup PATH | --container ID)... | -- CMD [ARGS...]) -o FILE [--duration SECS] [--redact]\n       sudo fdtrace serve (--pid PID | --comm NAME | --cgroup PATH | --container ID)... [--listen ADDR] [--flight-recorder DIR [--flight-seconds N]] [--warn-at PERCENT]\n       fdtrace replay FILE\n       fdtrace report FILE [--format text|markdown|json] [-o FILE]\n       fdtrace export FILE --format perfetto|folded|svg [-o FILE]",
     after_help = "--comm, --cgroup and --container also trace the processes that start matching later (a restarted server, a new container's processes) from their first instruction, and the children of all they select; without a match yet, fdtrace waits for one.\n\nThe live view (--pid, replay) is a terminal UI when standard output is a terminal; press ? in it for its keys. While it runs, logs go to $XDG_STATE_HOME/fdtrace.log, or /tmp/fdtrace-UID.log when XDG_STATE_HOME is unset (level from FDTRACE_LOG, default info).",
     args_conflicts_with_subcommands = true
 )]
@@ -161,6 +162,9 @@ enum Command {
     /// Record what the probes see (of CMD, or of running processes) to a file for replay,
     /// reports and exports on any machine.
     Record(record::RecordArgs),
+    /// Always on: trace the selected processes (and those that start matching later), serve
+    /// Prometheus metrics, and write a flight recording when one hits EMFILE/ENFILE.
+    Serve(serve::ServeArgs),
     /// Replay a recording in the live view (play/pause, seek, speed).
     Replay(replay::ReplayArgs),
     /// The report of a recording: the same as `run` prints, as text, markdown or JSON.
@@ -202,6 +206,7 @@ pub fn main() -> anyhow::Result<ExitCode> {
     let debug_probes = match &cli.command {
         Some(Command::Run(args)) => args.probe.debug_probes,
         Some(Command::Record(args)) => args.probe.debug_probes,
+        Some(Command::Serve(args)) => args.probe.debug_probes,
         None => cli.attach.probe.debug_probes,
         Some(_) => false,
     };
@@ -209,6 +214,7 @@ pub fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Record(args)) => record::record(&args),
+        Some(Command::Serve(args)) => serve::serve(&args),
         Some(Command::Replay(args)) => replay::replay(&args),
         Some(Command::Report(args)) => report::report(&args),
         Some(Command::Export(args)) => export::export(&args),

@@ -6,6 +6,7 @@
 //! back (whole, cut or damaged; [`v2`] spells out the previous format), [`replay`] plays it
 //! through the model, [`redact`] hides paths, addresses and arguments.
 
+pub mod flight;
 pub mod format;
 pub mod reader;
 pub mod redact;

@@ -16,6 +16,9 @@ use std::{
 /// screen, when standard error is the log itself.
 pub static ECHO: AtomicBool = AtomicBool::new(false);
 
+/// The installed logger and its path, for [`reopen`].
+static INSTALLED: std::sync::OnceLock<(&'static FileLogger, PathBuf)> = std::sync::OnceLock::new();
+
 /// `$XDG_STATE_HOME/fdtrace.log` when that is set, else `/tmp/fdtrace-<uid>.log`.
 pub fn log_path() -> PathBuf {
     match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
@@ -108,5 +111,19 @@ pub fn install(path: &Path, debug: bool) {
     }));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level.max(own_level));
+        let _ = INSTALLED.set((logger, path.to_path_buf()));
     }
+}
+
+/// Opens the log's path again, for logrotate (`serve` on SIGHUP): records go to the new file
+/// from now on. Keeps the old one when the path cannot be opened.
+pub fn reopen() -> std::io::Result<()> {
+    let Some((logger, path)) = INSTALLED.get() else {
+        return Ok(());
+    };
+    let file = open(path)?;
+    if let Ok(mut current) = logger.file.lock() {
+        *current = file;
+    }
+    Ok(())
 }
