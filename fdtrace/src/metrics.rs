@@ -175,7 +175,7 @@ fn render(model: &Model, stacks: &Stacks, counters: &ServeCounters) -> String {
             let place = if s.origin == Origin::Traced {
                 let frames: Vec<FrameReport> =
                     stacks.get(s.stack).iter().map(FrameReport::from).collect();
-                crate::report::place(&frames)
+                site_label(&frames)
             } else {
                 "open before tracing".to_string()
             };
@@ -227,6 +227,21 @@ fn render(model: &Model, stacks: &Stacks, counters: &ServeCounters) -> String {
     // Writing to a String cannot fail.
     let _ = encode(&mut text, &registry);
     text
+}
+
+/// "function (file:line)" (DESIGN.md), or "function [module]" without line tables: a label
+/// stays short, and the module is what tells an unnamed frame apart.
+fn site_label(frames: &[FrameReport]) -> String {
+    let Some(f) = crate::report::place_frame(frames) else {
+        return "(no stack)".into();
+    };
+    let function = f.function.as_deref().unwrap_or(&f.addr);
+    match (&f.file, f.line, &f.module) {
+        (Some(file), Some(line), _) => format!("{function} ({file}:{line})"),
+        (Some(file), None, _) => format!("{function} ({file})"),
+        (None, _, Some(module)) => format!("{function} [{module}]"),
+        (None, _, None) => function.to_string(),
+    }
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` from a thread of its own until `shutdown`

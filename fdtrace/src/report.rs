@@ -860,6 +860,11 @@ pub fn fmt_frame(f: &FrameReport) -> String {
 /// library, the loader, Rust's and Python's runtimes), preferring a Python frame, then one
 /// with a source line.
 pub fn place(frames: &[FrameReport]) -> String {
+    place_frame(frames).map_or_else(|| "(no stack)".to_string(), fmt_frame)
+}
+
+/// The frame [`place`] names.
+pub fn place_frame(frames: &[FrameReport]) -> Option<&FrameReport> {
     let own = || {
         frames
             .iter()
@@ -871,7 +876,6 @@ pub fn place(frames: &[FrameReport]) -> String {
         .or_else(|| own().find(|f| f.file.is_some()))
         .or_else(|| own().next())
         .or(frames.first())
-        .map_or_else(|| "(no stack)".to_string(), fmt_frame)
 }
 
 impl IncidentReport {
