@@ -79,18 +79,17 @@ pub(crate) fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let options = select_options(args.probe, args.follow, false, &selection);
     let mut session = Session::start(options)?;
     let mut flight = match &args.flight_recorder {
-        Some(dir) => Some(
-            FlightRecorder::install(
-                &mut session,
-                FlightOptions {
-                    dir: dir.clone(),
-                    window: Duration::from_secs(args.flight_seconds),
-                    max_files: args.flight_max_files as usize,
-                    stack_bytes: args.probe.stack_bytes,
-                },
-            )
-            .with_context(|| format!("creating {}", dir.display()))?,
-        ),
+        Some(dir) => {
+            let flight = FlightRecorder::new(FlightOptions {
+                dir: dir.clone(),
+                window: Duration::from_secs(args.flight_seconds),
+                max_files: args.flight_max_files as usize,
+                stack_bytes: args.probe.stack_bytes,
+            })
+            .with_context(|| format!("creating {}", dir.display()))?;
+            session.set_observer(Box::new(flight.observer()));
+            Some(flight)
+        }
         None => None,
     };
     for &pid in &args.pids {
@@ -167,7 +166,7 @@ pub(crate) fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if let Some(flight) = &mut flight {
-            for written in flight.sync(&session) {
+            for written in flight.sync(&session.model, &session.tracer.stacks) {
                 counters.recordings += 1;
                 log_written(&written);
             }
@@ -180,7 +179,7 @@ pub(crate) fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                     .processes
                     .get(&pid)
                     .map_or_else(String::new, |p| p.info.comm.clone());
-                match flight.trigger(&session, pid, &comm, ts) {
+                match flight.trigger(&session.tracer.stacks, session.clock, pid, &comm, ts) {
                     Ok(path) => log_line(&format!(
                         "{why} in pid {pid} ({comm}): writing the flight recording {} (the {} s after it follow)",
                         path.display(),
@@ -206,7 +205,7 @@ pub(crate) fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(flight) = &mut flight {
-        for written in flight.finish_all(&session) {
+        for written in flight.finish_all(&session.model, &session.tracer.stacks) {
             log_written(&written);
         }
     }

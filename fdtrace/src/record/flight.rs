@@ -23,9 +23,9 @@ use fdtrace_common::syscalls;
 
 use super::{Command, Header, Recorder, writer::RecordStats};
 use crate::{
-    clock::monotonic_ns,
-    model::{Event, NewFd, Origin, Pid},
-    session::Session,
+    clock::{WallClock, monotonic_ns},
+    model::{Event, Model, NewFd, Origin, Pid},
+    tracer::Stacks,
 };
 
 /// A segment ends after this many events even before its time is up, so that a burst (100k
@@ -83,18 +83,13 @@ pub struct FlightRecorder {
 }
 
 impl FlightRecorder {
-    /// Hooks into `session`'s observer; install it before the first `add`. Fails when `dir`
-    /// cannot be created.
-    pub fn install(session: &mut Session, options: FlightOptions) -> io::Result<Self> {
+    /// A recorder writing to `options.dir`, which is created. It keeps what [`Self::observer`]
+    /// is given.
+    pub fn new(options: FlightOptions) -> io::Result<Self> {
         fs::create_dir_all(&options.dir)?;
-        let queued: Rc<RefCell<Vec<Event>>> = Rc::default();
-        let sink = queued.clone();
-        session.set_observer(Box::new(move |event: &Event| {
-            sink.borrow_mut().push(event.clone());
-        }));
         Ok(Self {
             options,
-            queued,
+            queued: Rc::default(),
             previous: None,
             current: Segment {
                 start_ns: monotonic_ns(),
@@ -104,12 +99,19 @@ impl FlightRecorder {
         })
     }
 
-    /// Takes what the session consumed since the last call: into the segments, and into the
+    /// The session's observer (install it before the first `add`): every event the model
+    /// consumes, queued for [`Self::sync`].
+    pub fn observer(&self) -> impl FnMut(&Event) + 'static {
+        let sink = self.queued.clone();
+        move |event: &Event| sink.borrow_mut().push(event.clone())
+    }
+
+    /// Takes what the model consumed since the last call: into the segments, and into the
     /// recordings being written. Returns the recordings completed now. Call after each pump.
-    pub fn sync(&mut self, session: &Session) -> Vec<Written> {
+    pub fn sync(&mut self, model: &Model, stacks: &Stacks) -> Vec<Written> {
         let events = std::mem::take(&mut *self.queued.borrow_mut());
         for capture in &mut self.captures {
-            capture.recorder.stacks(&session.tracer.stacks);
+            capture.recorder.stacks(stacks);
             for event in &events {
                 capture.recorder.event(event);
             }
@@ -127,13 +129,7 @@ impl FlightRecorder {
                     self.options.window.as_secs()
                 );
             }
-            let keyframe = keyframe(session, now);
-            let next = Segment {
-                start_ns: now,
-                keyframe,
-                events: Vec::new(),
-            };
-            self.previous = Some(std::mem::replace(&mut self.current, next));
+            self.next_segment(model, now);
         }
         let mut done = Vec::new();
         let mut i = 0;
@@ -154,6 +150,16 @@ impl FlightRecorder {
         done
     }
 
+    /// Starts a segment at `now` with the model's tables as its keyframe.
+    fn next_segment(&mut self, model: &Model, now: u64) {
+        let next = Segment {
+            start_ns: now,
+            keyframe: keyframe(model, now),
+            events: Vec::new(),
+        };
+        self.previous = Some(std::mem::replace(&mut self.current, next));
+    }
+
     /// Whether a recording of `pid` is being written.
     pub fn capturing(&self, pid: Pid) -> bool {
         self.captures.iter().any(|c| c.pid == pid)
@@ -164,13 +170,14 @@ impl FlightRecorder {
     /// `max_files` recordings stay in the directory.
     pub fn trigger(
         &mut self,
-        session: &Session,
+        stacks: &Stacks,
+        clock: WallClock,
         pid: Pid,
         comm: &str,
         ts: u64,
     ) -> io::Result<PathBuf> {
         self.make_room()?;
-        let unix = session.clock.wall_ns(ts) / 1_000_000_000;
+        let unix = clock.wall_ns(ts) / 1_000_000_000;
         let path = self
             .options
             .dir
@@ -180,13 +187,13 @@ impl FlightRecorder {
             None => (vec![&self.current], self.current.start_ns),
         };
         let mut header = Header::here(
-            session.clock,
+            clock,
             vec![Command::of_process(pid)],
             self.options.stack_bytes,
         );
         header.start_mono_ns = start_ns;
         let mut recorder = Recorder::create(&path, header, false)?;
-        recorder.stacks(&session.tracer.stacks);
+        recorder.stacks(stacks);
         // The first segment's keyframe, then every event since: a later segment's keyframe
         // only restates what the events before it built.
         for event in &segments[0].keyframe {
@@ -210,8 +217,8 @@ impl FlightRecorder {
     }
 
     /// Completes the recordings being written (fdtrace is stopping).
-    pub fn finish_all(&mut self, session: &Session) -> Vec<Written> {
-        self.sync(session);
+    pub fn finish_all(&mut self, model: &Model, stacks: &Stacks) -> Vec<Written> {
+        self.sync(model, stacks);
         self.captures
             .drain(..)
             .filter_map(|c| finish(c, true))
@@ -282,8 +289,7 @@ fn file_safe(comm: &str) -> String {
 }
 
 /// The events that rebuild the live processes' tables as the model holds them now.
-fn keyframe(session: &Session, ts: u64) -> Vec<Event> {
-    let model = &session.model;
+fn keyframe(model: &Model, ts: u64) -> Vec<Event> {
     let mut events = Vec::new();
     for p in model.processes.values().filter(|p| p.alive()) {
         let Some(fds) = model.open_fds(p.pid) else {
@@ -291,7 +297,8 @@ fn keyframe(session: &Session, ts: u64) -> Vec<Event> {
         };
         let mut before = Vec::new();
         // By site: one event per stack, as the probes' records come.
-        let mut by_site: std::collections::BTreeMap<usize, Vec<NewFd>> = Default::default();
+        let mut by_site: std::collections::BTreeMap<usize, Vec<NewFd>> =
+            std::collections::BTreeMap::new();
         for (fd, open) in fds.iter() {
             let new = NewFd {
                 fd,
@@ -324,4 +331,12 @@ fn keyframe(session: &Session, ts: u64) -> Vec<Event> {
         }
     }
     events
+}
+
+#[cfg(test)]
+impl FlightRecorder {
+    /// Starts the next segment now, as time would.
+    pub(super) fn rotate_now(&mut self, model: &Model) {
+        self.next_segment(model, monotonic_ns());
+    }
 }

@@ -702,3 +702,93 @@ fn connections_closed_unanswered_at_the_limit_are_counted_and_named() {
             .contains("**uvicorn (pid 42)**: 2 connections")
     );
 }
+
+/// The flight recorder's file holds the window only, from a keyframe of the tables at its
+/// start: replayed, the EMFILE has the blame the live model gave it.
+#[test]
+fn a_flight_recording_rebuilds_the_tables_from_its_keyframe() {
+    use super::flight::{FlightOptions, FlightRecorder};
+
+    let dir = temp("flight");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (leak, balanced, mut events) = scenario(3_000);
+    // Alive when the recording is written, as a process that just failed is.
+    assert!(matches!(events.pop(), Some(Event::Exited { .. })));
+    let mut stacks = Stacks::default();
+    stacks.push(leak);
+    stacks.push(balanced);
+    let mut model = Model::new();
+    let mut flight = FlightRecorder::new(FlightOptions {
+        dir: dir.clone(),
+        window: std::time::Duration::from_mins(1),
+        max_files: 2,
+        stack_bytes: 4096,
+    })
+    .unwrap();
+    let mut observe = flight.observer();
+    let cut = events.len() / 2;
+    for event in &events[..cut] {
+        model.apply(event);
+        observe(event);
+    }
+    flight.sync(&model, &stacks);
+    // Twice: the segment written then starts with a keyframe, not with the attach.
+    flight.rotate_now(&model);
+    flight.rotate_now(&model);
+    for event in &events[cut..] {
+        model.apply(event);
+        observe(event);
+    }
+    flight.sync(&model, &stacks);
+    let clock = header().clock;
+    let path = flight
+        .trigger(&stacks, clock, 42, "app/x", model.last_ns)
+        .unwrap();
+    assert!(path.ends_with(format!("fdtrace-app_x-42-{}.fdtrace", 1_700_000_001)));
+    let written = flight.finish_all(&model, &stacks);
+    assert_eq!(written.len(), 1);
+    assert!(written[0].cut_short);
+
+    let recording = reader::open(&path).unwrap();
+    assert!(recording.damage.is_none());
+    let has_attach_of_42 = recording
+        .entries
+        .iter()
+        .any(|e| matches!(e, Entry::Event(Event::Attached { pid: 42, fds, .. }) if fds.len() == 2));
+    assert!(
+        has_attach_of_42,
+        "the keyframe opens with what was open before tracing"
+    );
+    let json = |r: &Report| serde_json::from_str::<serde_json::Value>(&r.to_json()).unwrap();
+    let (live, replayed) = (
+        json(&Report::build(&model, &stacks, &clock)),
+        json(&replayed(recording)),
+    );
+    assert_eq!(replayed["emfile"][0]["blame"], live["emfile"][0]["blame"]);
+    assert_eq!(
+        replayed["emfile"][0]["open_fds"],
+        live["emfile"][0]["open_fds"]
+    );
+    assert_eq!(
+        replayed["processes"][0]["open_at_end"],
+        live["processes"][0]["open_at_end"]
+    );
+    assert_eq!(replayed["emfile"][0]["blame"][0]["open"], 3);
+
+    // At most `max_files` stay: the oldest goes.
+    for pid in [43, 44] {
+        flight
+            .trigger(&stacks, clock, pid, "app", model.last_ns)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    flight.finish_all(&model, &stacks);
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|f| !f.contains("-42-")), "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
