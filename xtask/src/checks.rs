@@ -7,11 +7,12 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{e2e, ebpf, host_cargo, is_root, run_command, toolchain, vm};
+use crate::{e2e, ebpf, host_cargo, is_root, package, run_command, toolchain, vm};
 
 /// Runs setup, rustfmt, clippy on the host crates and on the eBPF crate, the tests, and (as
-/// root) the tests that load probes, the end-to-end incident (`cargo xtask e2e`) and the same
-/// root tests on other kernels (`cargo xtask vm-test`). `quick` skips rustfmt and clippy,
+/// root) the tests that load probes, the .deb (`cargo xtask package`, installed on this machine,
+/// checked and purged), the end-to-end incident (`cargo xtask e2e`) and the same root tests on
+/// other kernels (`cargo xtask vm-test`). `quick` skips rustfmt and clippy,
 /// `no_kernels` the kernel matrix.
 /// `no_root` accepts that, without root, the root steps do not run; otherwise that is a failure,
 /// so that a green `cargo xtask test` always means every check ran.
@@ -51,6 +52,10 @@ pub fn run(workspace: &Path, quick: bool, no_kernels: bool, no_root: bool) -> an
         ]))
     })?;
     if is_root() {
+        steps.run("Debian packages for the root tests", || {
+            // promtool checks serve's metrics exposition; prometheus scrapes it.
+            e2e::ensure_debian_packages(&["prometheus"])
+        })?;
         steps.run("root tests", || {
             // Serialized: each test loads and attaches the probes.
             run_command(host_cargo(workspace).args([
@@ -62,6 +67,9 @@ pub fn run(workspace: &Path, quick: bool, no_kernels: bool, no_root: bool) -> an
                 "--ignored",
                 "--test-threads=1",
             ]))
+        })?;
+        steps.run("package (.deb installs; systemd-analyze verify)", || {
+            package::check(workspace)
         })?;
         steps.run("e2e (FastAPI behind nginx)", || e2e::run(workspace))?;
         if no_kernels {

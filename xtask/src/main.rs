@@ -10,6 +10,7 @@ mod demo;
 mod e2e;
 mod ebpf;
 mod fuzz;
+mod package;
 mod toolchain;
 mod vm;
 
@@ -55,14 +56,18 @@ enum Task {
         #[arg(long, default_value = "/usr/local")]
         prefix: PathBuf,
     },
+    /// Build the Debian package target/debian/fdtrace_<version>_<arch>.deb: the release binary,
+    /// man pages, shell completions and the systemd unit (packaging/); prints its path.
+    Package,
     /// Trace a leaking demo server under load (as root: `sudo -E cargo xtask demo`).
     Demo {
         /// Extra arguments for fdtrace, after `--` (e.g. `-- --no-tui`).
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Run the CI gates in order: setup, fmt, clippy (host, eBPF), tests, root tests, and as
-    /// root the end-to-end incident and the kernel matrix (vm-test).
+    /// Run the CI gates in order: setup, fmt, clippy (host, eBPF), tests, and as root the root
+    /// tests, the package (installed, verified, purged), the end-to-end incident and the kernel
+    /// matrix (vm-test).
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
@@ -155,6 +160,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             let binary = build_release(&workspace)?;
             let installed = install(&binary, &prefix.join("bin"))?;
             println!("installed {}", installed.display());
+        }
+        Task::Package => {
+            let deb = package::run(&workspace)?;
+            println!("{}", deb.display());
         }
         Task::Demo { args } => demo::run(&workspace, &args)?,
         Task::Test {
