@@ -10,6 +10,11 @@
 //! between one and two windows old, and a recording written now holds at least the window.
 //! What a keyframe cannot say: when each descriptor was created (they are stamped with the
 //! keyframe's time), and which processes shared one table (each gets its own copy).
+//!
+//! Events are kept encoded (postcard, as in the recording's chunks) in one buffer per segment,
+//! written by the session's observer straight from the event it is shown: about 20 bytes an
+//! event and no allocation per event. Kept as `Event`s, a million a second from a tight loop
+//! spent the tracer's time in malloc and lost half of them.
 
 use std::{
     cell::RefCell,
@@ -28,10 +33,10 @@ use crate::{
     tracer::Stacks,
 };
 
-/// A segment ends after this many events even before its time is up, so that a burst (100k
-/// events a second from a busy server) costs tens of MB, not gigabytes: the recording then
-/// reaches back less far, and says so in the log.
-const SEGMENT_EVENTS_MAX: usize = 200_000;
+/// A segment ends at this many bytes of encoded events even before its time is up, so that a
+/// burst (a million events a second from a tight loop) costs tens of MB, not gigabytes: the
+/// recording then reaches back less far, and the log says so.
+const SEGMENT_BYTES_MAX: usize = 16 << 20;
 /// The recording goes on this long after what triggered it (DESIGN.md: "plus 10 s after").
 pub const AFTER: Duration = Duration::from_secs(10);
 
@@ -60,8 +65,9 @@ pub struct Written {
 #[derive(Default)]
 struct Segment {
     start_ns: u64,
-    keyframe: Vec<Event>,
-    events: Vec<Event>,
+    /// Encoded events (see [`encode`]).
+    keyframe: Vec<u8>,
+    events: Vec<u8>,
 }
 
 /// A recording being written: what came before is in it, the rest follows as it comes.
@@ -76,7 +82,8 @@ struct Capture {
 
 pub struct FlightRecorder {
     options: FlightOptions,
-    queued: Rc<RefCell<Vec<Event>>>,
+    /// Encoded events the observer was shown since the last sync.
+    queued: Rc<RefCell<Vec<u8>>>,
     previous: Option<Segment>,
     current: Segment,
     captures: Vec<Capture>,
@@ -103,7 +110,7 @@ impl FlightRecorder {
     /// consumes, queued for [`Self::sync`].
     pub fn observer(&self) -> impl FnMut(&Event) + 'static {
         let sink = self.queued.clone();
-        move |event: &Event| sink.borrow_mut().push(event.clone())
+        move |event: &Event| encode(event, &mut sink.borrow_mut())
     }
 
     /// Takes what the model consumed since the last call: into the segments, and into the
@@ -112,19 +119,20 @@ impl FlightRecorder {
         let events = std::mem::take(&mut *self.queued.borrow_mut());
         for capture in &mut self.captures {
             capture.recorder.stacks(stacks);
-            for event in &events {
-                capture.recorder.event(event);
+            for event in decode(&events) {
+                capture.recorder.event(&event);
             }
         }
-        self.current.events.extend(events);
+        self.current.events.extend_from_slice(&events);
         let now = monotonic_ns();
-        let full = self.current.events.len() >= SEGMENT_EVENTS_MAX;
+        let full = self.current.events.len() >= SEGMENT_BYTES_MAX;
         if full
             || now.saturating_sub(self.current.start_ns) >= self.options.window.as_nanos() as u64
         {
             if full {
                 log::info!(
-                    "flight recorder: {SEGMENT_EVENTS_MAX} events in {:.1} s; a recording now reaches back less than {} s",
+                    "flight recorder: {} MiB of events in {:.1} s; a recording now reaches back less than {} s",
+                    SEGMENT_BYTES_MAX >> 20,
                     now.saturating_sub(self.current.start_ns) as f64 / 1e9,
                     self.options.window.as_secs()
                 );
@@ -155,7 +163,9 @@ impl FlightRecorder {
         let next = Segment {
             start_ns: now,
             keyframe: keyframe(model, now),
-            events: Vec::new(),
+            // Reserved whole: growing by doubling would copy it and, for a moment, hold twice
+            // its size. Pages that are never written cost nothing.
+            events: Vec::with_capacity(SEGMENT_BYTES_MAX + (64 << 10)),
         };
         self.previous = Some(std::mem::replace(&mut self.current, next));
     }
@@ -196,12 +206,12 @@ impl FlightRecorder {
         recorder.stacks(stacks);
         // The first segment's keyframe, then every event since: a later segment's keyframe
         // only restates what the events before it built.
-        for event in &segments[0].keyframe {
-            recorder.event(event);
+        for event in decode(&segments[0].keyframe) {
+            recorder.event(&event);
         }
         for segment in &segments {
-            for event in &segment.events {
-                recorder.event(event);
+            for event in decode(&segment.events) {
+                recorder.event(&event);
             }
         }
         recorder.flush()?;
@@ -288,8 +298,38 @@ fn file_safe(comm: &str) -> String {
         .collect()
 }
 
-/// The events that rebuild the live processes' tables as the model holds them now.
-fn keyframe(model: &Model, ts: u64) -> Vec<Event> {
+/// Appends `event` to `buf`, self-delimited.
+fn encode(event: &Event, buf: &mut Vec<u8>) {
+    let taken = std::mem::take(buf);
+    match postcard::to_extend(event, taken) {
+        Ok(extended) => *buf = extended,
+        // Postcard fails only on types it cannot express, which `Event` has none of; a
+        // failure would lose this event from recordings, not the buffer.
+        Err(err) => log::warn!("flight recorder: encoding an event: {err}"),
+    }
+}
+
+/// The events `encode` appended to `buf`, in order.
+fn decode(mut buf: &[u8]) -> impl Iterator<Item = Event> + '_ {
+    std::iter::from_fn(move || {
+        if buf.is_empty() {
+            return None;
+        }
+        match postcard::take_from_bytes::<Event>(buf) {
+            Ok((event, rest)) => {
+                buf = rest;
+                Some(event)
+            }
+            Err(err) => {
+                log::warn!("flight recorder: decoding an event: {err}");
+                None
+            }
+        }
+    })
+}
+
+/// The events that rebuild the live processes' tables as the model holds them now, encoded.
+fn keyframe(model: &Model, ts: u64) -> Vec<u8> {
     let mut events = Vec::new();
     for p in model.processes.values().filter(|p| p.alive()) {
         let Some(fds) = model.open_fds(p.pid) else {
@@ -312,14 +352,15 @@ fn keyframe(model: &Model, ts: u64) -> Vec<Event> {
                 before.push(new);
             }
         }
-        events.push(Event::Attached {
+        let attached = Event::Attached {
             pid: p.pid,
             ts,
             info: p.info.clone(),
             fds: before,
-        });
+        };
+        encode(&attached, &mut events);
         for (site, fds) in by_site {
-            events.push(Event::Opened {
+            let opened = Event::Opened {
                 pid: p.pid,
                 tid: p.pid,
                 ts,
@@ -327,7 +368,8 @@ fn keyframe(model: &Model, ts: u64) -> Vec<Event> {
                 syscall: syscalls::OPENAT,
                 fds,
                 stack: model.sites[site].stack,
-            });
+            };
+            encode(&opened, &mut events);
         }
     }
     events
