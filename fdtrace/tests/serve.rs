@@ -351,3 +351,31 @@ fn serve_refuses_bad_input_in_one_line() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// The README's alert rules (its `fdtrace-rules.yml` block) load in Prometheus.
+#[test]
+#[ignore = "needs promtool, which the root test run installs"]
+fn readme_alert_rules_pass_promtool() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme
+        .find("# fdtrace-rules.yml\n")
+        .expect("the README's rules block");
+    let block = &readme[start..];
+    let rules = &block[..block.find("```").unwrap()];
+    let dir = temp("rules");
+    let path = dir.join("fdtrace-rules.yml");
+    std::fs::write(&path, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("running promtool (Debian's prometheus package)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
