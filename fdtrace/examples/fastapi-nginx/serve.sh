@@ -4,9 +4,16 @@
 # LOOP=uvloop HTTP=httptools runs it as `uvicorn[standard]` does (the default, asyncio and h11,
 # is what plain `pip install uvicorn` runs).
 # exec keeps the pid: attach fdtrace to it (with --follow when WORKERS > 1).
+# ENTRY=script runs the `uvicorn` command installed beside PYTHON, as deployments do, so that the
+# process is named uvicorn (what `fdtrace serve --comm uvicorn` selects) rather than python3.
 set -eu
 cd "$(dirname "$0")"
 ulimit -n "${NOFILE:-64}"
-exec "${PYTHON:-python3}" -m uvicorn app:app --host 127.0.0.1 --port "${PORT:-8000}" \
+if [ "${ENTRY:-module}" = script ]; then
+  set -- "$(dirname "${PYTHON:-python3}")/uvicorn"
+else
+  set -- "${PYTHON:-python3}" -m uvicorn
+fi
+exec "$@" app:app --host 127.0.0.1 --port "${PORT:-8000}" \
   --workers "${WORKERS:-1}" --backlog "${BACKLOG:-2048}" --no-access-log \
   --loop "${LOOP:-asyncio}" --http "${HTTP:-h11}"
