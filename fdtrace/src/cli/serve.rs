@@ -26,13 +26,14 @@ use crate::{
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
-    /// Process to trace (repeat for several); its children are traced too. Once it exits, it
-    /// is gone from the metrics, and serve goes on.
+    /// Process to trace (repeat for several). Once it exits, it is gone from the metrics, and
+    /// serve goes on.
     #[arg(long = "pid", value_name = "PID")]
     pids: Vec<u32>,
     #[command(flatten)]
     select: MatchArgs,
-    /// Also trace the processes the --pid ones have forked before serve started.
+    /// Also trace the processes the --pid ones have forked and will fork (--comm, --cgroup and
+    /// --container always do).
     #[arg(long)]
     follow: bool,
     /// Where to serve /metrics and /healthz.
