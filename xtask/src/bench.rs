@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
+mod serve;
+
 use crate::{
     build_release,
     e2e::{Service, Tracer, ensure_debian_packages, free_port, wait_for_port},
@@ -58,13 +60,14 @@ const SOAK_SECONDS: u64 = 60;
 const SOAK_RECYCLE_MS: u64 = 100;
 
 /// The sections, in the order they run.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "loop",
     "nginx",
     "ingest",
     "unwinding",
     "memory",
     "churn",
+    "serve",
     "attach",
     "recording",
 ];
@@ -123,6 +126,9 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
     }
     if wanted("churn") {
         bench.churn(&mut rows)?;
+    }
+    if wanted("serve") {
+        bench.serve(&mut rows)?;
     }
     if wanted("attach") {
         bench.attach_latency(&mut rows)?;

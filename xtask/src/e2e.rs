@@ -38,7 +38,7 @@ use serde::Deserialize;
 
 use crate::{command_line, host_cargo, is_root, run_command, target_dir, toolchain};
 
-mod serve;
+pub(crate) mod serve;
 
 /// The app's RLIMIT_NOFILE (soft and hard), as in the incident: small, so it fills in seconds.
 const NOFILE: u64 = 64;

@@ -86,7 +86,7 @@ enum Task {
     /// Benchmark fdtrace against strace and bpftrace; prints a table, writes target/bench.json
     /// (as root; installs bpftrace, strace, wrk and nginx if missing).
     Bench {
-        /// Run only these sections (loop, nginx, ingest, unwinding, memory, attach,
+        /// Run only these sections (loop, nginx, ingest, unwinding, memory, churn, serve, attach,
         /// recording); all of them when none is named.
         only: Vec<String>,
     },

@@ -223,7 +223,7 @@ fn wait_for(
 }
 
 /// The body of `GET path`, when it answers 200.
-fn get(port: u16, path: &str) -> Option<String> {
+pub(crate) fn get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
@@ -237,7 +237,7 @@ fn get(port: u16, path: &str) -> Option<String> {
 }
 
 /// The value of the first sample of `metric` whose labels include all of `labels`.
-fn sample(metrics: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn sample(metrics: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     metrics.lines().find_map(|line| {
         let rest = line.strip_prefix(metric)?;
         let (set, value) = match rest.strip_prefix('{') {
