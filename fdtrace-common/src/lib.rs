@@ -76,7 +76,26 @@ pub mod kind {
     /// `args[5]` the bytes copied of each (low and high halves), then the copies. The process
     /// may be gone when userspace reads its records: this is what names its frames then.
     pub const CODE: u32 = 6;
+    /// A traced process's outbound connection failed: a connect that returned an error, or a
+    /// getsockopt(SO_ERROR) that told a non-blocking connect failed (nginx's way). An
+    /// [`super::UpstreamRecord`]; the error number is in `args[5]`.
+    pub const UPSTREAM: u32 = 7;
 }
+
+/// A [`kind::UPSTREAM`] record: the header, then the address tried as a `sockaddr`, `addr_len`
+/// bytes of `addr` (0 when unknown). For connect, the caller's sockaddr; for getsockopt, the
+/// socket's peer as the kernel holds it, laid out as `sockaddr_in` or `sockaddr_in6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamRecord {
+    pub header: RecordHeader,
+    pub addr_len: u32,
+    pub pad: u32,
+    /// A unix socket's path needs up to 110 bytes; 128 lets the probe bound reads with a mask.
+    pub addr: [u8; UPSTREAM_ADDR_MAX],
+}
+pub const UPSTREAM_ADDR_MAX: usize = 128;
+const _: () = assert!(size_of::<UpstreamRecord>() == 216);
 
 /// Bytes of each copy in a [`kind::CODE`] record, in order: the code object's start (up to
 /// its line table pointer in every version), its qualified name and its file name (`str`
@@ -193,9 +212,13 @@ pub struct KernelLayout {
     pub sk_family: u32,
     pub sk_rcv_saddr: u32,
     pub sk_num: u32,
-    pub pad: u32,
+    /// `sock_common.skc_daddr` and `skc_v6_daddr` (with `sk_family` and `sk_dport`): the peer
+    /// a failed non-blocking connect tried, read at getsockopt(SO_ERROR). [`NO_FIELD`] in
+    /// `sk_daddr` when the kernel lacks one of them: those failures come without an address.
+    pub sk_daddr: u32,
+    pub sk_v6_daddr: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 104);
+const _: () = assert!(size_of::<KernelLayout>() == 108);
 
 /// How long after a process's EMFILE/ENFILE an accepted connection counts as accepted at the
 /// limit: libuv's reserve-descriptor trick accepts within microseconds of the failure.

@@ -25,6 +25,11 @@ pub const PIPE: u32 = 22;
 pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;
 pub const SOCKET: u32 = 41;
+pub const CONNECT: u32 = 42;
+pub const GETSOCKOPT: u32 = 55;
+/// getsockopt's level and option for the pending error of a socket.
+pub const SOL_SOCKET: u64 = 1;
+pub const SO_ERROR: u64 = 4;
 pub const ACCEPT: u32 = 43;
 pub const SOCKETPAIR: u32 = 53;
 pub const CLONE: u32 = 56;
@@ -566,6 +571,9 @@ pub enum Action {
     Depends,
     /// Drops descriptors (close, close_range): a header-only record. Exec has its own probe.
     Change,
+    /// May tell that an outbound connection failed (connect, getsockopt): see
+    /// [`upstream_errno`] and `kind::UPSTREAM`.
+    Upstream,
 }
 
 /// How the probe treats syscall `nr`. For openat2 the probe also puts `open_how.flags` in
@@ -585,6 +593,7 @@ pub fn action(nr: u32) -> Action {
         | OPEN_BY_HANDLE_AT => Action::Create(Aux::None),
         FCNTL | IOCTL | BPF | SETRLIMIT | PRLIMIT64 => Action::Depends,
         CLOSE | CLOSE_RANGE => Action::Change,
+        CONNECT | GETSOCKOPT => Action::Upstream,
         _ => Action::Ignore,
     }
 }
@@ -618,6 +627,28 @@ pub fn depends(nr: u32, args: &[u64; 6]) -> Option<bool> {
     }
 }
 
+/// Whether a connect that failed with `errno` (positive) is an upstream failure worth a
+/// record: refused (nothing listens, TCP or unix), permission (a unix socket's mode or owner,
+/// or a firewall's EPERM), no socket at a unix path, a unix socket's backlog full (EAGAIN),
+/// and timeouts. Not EINPROGRESS (a non-blocking connect under way, whose outcome
+/// getsockopt(SO_ERROR) tells), nor a caller's mistakes (EBADF, EINVAL, EISCONN).
+#[inline(always)]
+pub fn upstream_errno(errno: i64) -> bool {
+    matches!(
+        errno,
+        ECONNREFUSED | EACCES | EPERM | ENOENT | EAGAIN | ETIMEDOUT | ENETUNREACH | EHOSTUNREACH
+    )
+}
+
+pub const EPERM: i64 = 1;
+pub const ENOENT: i64 = 2;
+pub const EAGAIN: i64 = 11;
+pub const EACCES: i64 = 13;
+pub const ENETUNREACH: i64 = 101;
+pub const ECONNRESET: i64 = 104;
+pub const ETIMEDOUT: i64 = 110;
+pub const ECONNREFUSED: i64 = 111;
+pub const EHOSTUNREACH: i64 = 113;
 pub const EMFILE: i64 = 24;
 pub const ENFILE: i64 = 23;
 pub const EBADF: i64 = 9;

@@ -40,7 +40,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
     AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, Fresh, KernelLayout, NO_FIELD, PY_BYTES, RecordHeader,
-    STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced, kind, select,
+    STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced, UpstreamRecord,
+    kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
@@ -89,7 +90,8 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     sk_family: 0,
     sk_rcv_saddr: 0,
     sk_num: 0,
-    pad: 0,
+    sk_daddr: NO_FIELD,
+    sk_v6_daddr: 0,
 };
 
 /// One field of [`FDT_LAYOUT`], read volatile (the loader sets it after compilation); a
@@ -287,6 +289,7 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             emit_header(&header)
         }
         Action::Change if nr != syscalls::CLOSE && ret == 0 => emit_header(&header),
+        Action::Upstream => upstream(&header),
         // Failed creations and changes, and syscalls that do neither.
         Action::Create(_) | Action::Depends | Action::Change | Action::Ignore => Ok(()),
     }
@@ -381,6 +384,130 @@ fn sock_of(fd: u64) -> Result<u64, ()> {
     follow(&mut p, layout!(file_private_data))?;
     follow(&mut p, layout!(socket_sk))?;
     Ok(p)
+}
+
+/// A [`kind::UPSTREAM`] record when the connect or getsockopt `header` describes says an
+/// outbound connection failed: a connect's error (a unix socket's EACCES, ENOENT, EAGAIN, a
+/// blocking connect refused), or the error getsockopt(SO_ERROR) hands a proxy whose
+/// non-blocking connect failed (nginx reads ECONNREFUSED there). Everything else (the
+/// EINPROGRESS of every non-blocking connect, a getsockopt of anything else) costs a compare.
+/// Its own BPF-to-BPF call, as [`watch`]: it writes straight into the ring reservation, so its
+/// frame stays within what `sys_exit` leaves.
+#[inline(never)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the kernel aligns ring records to 8 bytes, as the header needs"
+)]
+fn upstream(header: &RecordHeader) -> Result<(), ()> {
+    const ADDR_AT: usize = size_of::<RecordHeader>() + 8;
+    let errno = if header.nr == syscalls::CONNECT {
+        if !syscalls::upstream_errno(-header.ret) {
+            return Ok(());
+        }
+        -header.ret
+    } else {
+        if header.ret != 0
+            || header.args[1] != syscalls::SOL_SOCKET
+            || header.args[2] != syscalls::SO_ERROR
+        {
+            return Ok(());
+        }
+        // SAFETY: the user int the kernel has just written the pending error through.
+        let err = unsafe { bpf_probe_read_user(header.args[3] as *const i32) }.map_err(|_| ())?;
+        if err <= 0 {
+            return Ok(());
+        }
+        i64::from(err)
+    };
+    let Some(mut entry) = maps::reserve::<{ size_of::<UpstreamRecord>() }>() else {
+        return Err(());
+    };
+    let dst = entry.as_mut_ptr();
+    // SAFETY: the reservation holds an UpstreamRecord; the ring's records are 8-aligned.
+    unsafe {
+        // Word by word from the caller's header: a struct copy would take a frame of its own.
+        let words = core::ptr::from_ref(header).cast::<u64>();
+        for i in 0..size_of::<RecordHeader>() / 8 {
+            dst.cast::<u64>().add(i).write(words.add(i).read());
+        }
+        let out = dst.cast::<RecordHeader>();
+        (*out).kind = kind::UPSTREAM;
+        (*out).args[5] = errno as u64;
+        let addr = dst.add(ADDR_AT);
+        let len = if header.nr == syscalls::CONNECT {
+            connect_address(addr, header.args[1], header.args[2])
+        } else {
+            peer_address(addr, header.args[0])
+        };
+        dst.add(size_of::<RecordHeader>())
+            .cast::<[u32; 2]>()
+            .write([len, 0]);
+    }
+    maps::submit(entry);
+    Ok(())
+}
+
+/// Copies the sockaddr a connect was given (`len` bytes at user `addr`) to `dst`.
+///
+/// # Safety
+/// `dst` has room for UPSTREAM_ADDR_MAX bytes.
+#[inline(always)]
+unsafe fn connect_address(dst: *mut u8, addr: u64, len: u64) -> u32 {
+    // sockaddr_un is 110 bytes; the mask is a bound every verifier sees (127 < 128).
+    let len = if len > 112 { 112 } else { len };
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&raw const len) } as u32 & 127;
+    if addr == 0 || len == 0 {
+        return 0;
+    }
+    // SAFETY: bounded by the record's address area; the helper checks the user pointer.
+    if unsafe { read_user_raw(dst.cast(), len, addr as *const _) } == 0 {
+        len
+    } else {
+        0
+    }
+}
+
+/// Writes the peer of socket `fd` to `dst` as a `sockaddr_in` or `sockaddr_in6` (from the
+/// kernel's sock: a non-blocking connect's address is gone from user memory by the time its
+/// outcome is read); returns its length, 0 when unknown.
+///
+/// # Safety
+/// `dst` has room for UPSTREAM_ADDR_MAX bytes, and is 8-aligned (a ring record's address area).
+#[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the address area starts 88 bytes into an 8-aligned ring record"
+)]
+unsafe fn peer_address(dst: *mut u8, fd: u64) -> u32 {
+    if layout!(sk_daddr) == NO_FIELD {
+        return 0;
+    }
+    let Ok(sock) = sock_of(fd) else {
+        return 0;
+    };
+    let sock = sock as *const u8;
+    let mut family: u16 = 0;
+    if kernel_field_into(&mut family, sock, layout!(sk_family)).is_err() {
+        return 0;
+    }
+    let (addr, field, len) = match family {
+        AF_INET => (4, layout!(sk_daddr), 16),
+        AF_INET6 => (8, layout!(sk_v6_daddr), 28),
+        _ => return 0,
+    };
+    // SAFETY: offsets inside the address area; the helper checks the kernel reads.
+    let read = unsafe {
+        dst.cast::<u16>().write(family);
+        // skc_dport is in network order, as sin_port and sin6_port are.
+        kernel_field_to(dst.add(2).cast::<u16>(), sock, layout!(sk_dport)).is_ok()
+            && if family == AF_INET {
+                kernel_field_to(dst.add(addr).cast::<u32>(), sock, field).is_ok()
+            } else {
+                kernel_field_to(dst.add(addr).cast::<[u8; 16]>(), sock, field).is_ok()
+            }
+    };
+    if read { len } else { 0 }
 }
 
 /// The [`syscalls::ACCEPT_QUEUE`] slot for an accept on `fd` that failed at the limit: the

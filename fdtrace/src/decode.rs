@@ -3,7 +3,7 @@
 use bytes::{Buf as _, Bytes, BytesMut};
 use fdtrace_common::{
     AUX_MAX, CODE_COPIES, CODE_RECORD, PY_BYTES, PY_FRAMES_MAX, PyFrame, RecordHeader,
-    STACKED_FIXED, StackHeader, kind,
+    STACKED_FIXED, StackHeader, UPSTREAM_ADDR_MAX, UpstreamRecord, kind,
 };
 use thiserror::Error;
 
@@ -157,6 +157,22 @@ pub fn decode_into(
             // The copies, in the arena like a path: `aux` holds them whole, and the header's
             // args say how much of each is meaningful.
             arena.extend_from_slice(&ring[HEADER..CODE_RECORD]);
+            Ok(Record {
+                header,
+                stack: None,
+                aux: arena.split().freeze(),
+                py: Vec::new(),
+            })
+        }
+        kind::UPSTREAM => {
+            let claimed = size_of::<UpstreamRecord>();
+            if len < claimed {
+                return Err(DecodeError::BadLength { claimed, len });
+            }
+            // The address tried, in `aux` like an accept's peer.
+            let addr_len = (buf.get_u32_ne() as usize).min(UPSTREAM_ADDR_MAX);
+            let at = HEADER + 8;
+            arena.extend_from_slice(&ring[at..at + addr_len]);
             Ok(Record {
                 header,
                 stack: None,

@@ -139,6 +139,7 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
         | Event::Losses(_)
         | Event::Unanswered { .. }
         | Event::Listen { .. }
+        | Event::UpstreamFailed { .. }
         | Event::Tick { .. } => Vec::new(),
     }
 }

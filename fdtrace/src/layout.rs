@@ -164,6 +164,7 @@ pub fn detect(
     layout.mm_start_brk = member("mm_struct", "start_brk")?;
     tcp_layout(&btf, &mut layout);
     listen_layout(&btf, &mut layout);
+    upstream_layout(&btf, &mut layout);
     let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
     if group_dead && !force_btf_exit {
         layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
@@ -246,6 +247,32 @@ fn listen_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
     layout.sk_family = family;
     layout.sk_rcv_saddr = saddr;
     layout.sk_num = num;
+}
+
+/// The socket members getsockopt(SO_ERROR) reads to name the peer of a failed non-blocking
+/// connect (nginx's upstream failures).
+fn upstream_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
+    let members = [
+        ("file", "private_data"),
+        ("socket", "sk"),
+        ("sock_common", "skc_family"),
+        ("sock_common", "skc_dport"),
+        ("sock_common", "skc_daddr"),
+        ("sock_common", "skc_v6_daddr"),
+    ];
+    let off = "failed non-blocking connects come without the address they tried";
+    let Some([private_data, sk, family, dport, daddr, v6_daddr]) =
+        optional_members(btf, members, off)
+    else {
+        layout.sk_daddr = NO_FIELD;
+        return;
+    };
+    layout.file_private_data = private_data;
+    layout.socket_sk = sk;
+    layout.sk_family = family;
+    layout.sk_dport = dport;
+    layout.sk_daddr = daddr;
+    layout.sk_v6_daddr = v6_daddr;
 }
 
 /// Just enough of a BTF blob to find struct members by name: the type section walked once,

@@ -24,6 +24,8 @@ use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use sites::GROWTH_WINDOW;
 
+use fdtrace_common::syscalls as sc;
+
 use crate::{container::Container, losses::Losses};
 
 pub type Pid = u32;
@@ -291,7 +293,80 @@ pub enum Event {
         ts: u64,
         listen: Listen,
     },
+    /// An outbound connection of a traced process failed (format 5): a connect that returned
+    /// `errno`, or one whose failure getsockopt(SO_ERROR) told (`syscall` says which).
+    /// `peer`: `127.0.0.1:8001`, `[::1]:8001`, `unix:/run/app.sock`, or empty when unknown.
+    UpstreamFailed {
+        pid: Pid,
+        ts: u64,
+        fd: i32,
+        syscall: u32,
+        errno: u16,
+        peer: Arc<str>,
+    },
 }
+
+/// Why an outbound connection failed, in DESIGN.md's words (`upstream_failures[].cause`).
+pub fn upstream_cause(errno: u16) -> &'static str {
+    match i64::from(errno) {
+        sc::ECONNREFUSED => "refused",
+        sc::EACCES | sc::EPERM => "permission",
+        sc::ENOENT => "no_socket",
+        sc::EAGAIN => "backlog_full",
+        sc::ETIMEDOUT => "timeout",
+        sc::ECONNRESET => "reset",
+        sc::ENETUNREACH | sc::EHOSTUNREACH => "unreachable",
+        _ => "other",
+    }
+}
+
+/// The errno's name, as nginx's error log and `upstream_failures[].errno` spell it.
+pub fn errno_name(errno: u16) -> String {
+    let name = match i64::from(errno) {
+        sc::EPERM => "EPERM",
+        sc::ENOENT => "ENOENT",
+        sc::EAGAIN => "EAGAIN",
+        sc::EACCES => "EACCES",
+        sc::ENETUNREACH => "ENETUNREACH",
+        sc::ECONNRESET => "ECONNRESET",
+        sc::ETIMEDOUT => "ETIMEDOUT",
+        sc::ECONNREFUSED => "ECONNREFUSED",
+        sc::EHOSTUNREACH => "EHOSTUNREACH",
+        _ => return format!("errno {errno}"),
+    };
+    name.to_string()
+}
+
+/// What a failed connect's cause means, for the text report and live lines.
+pub fn upstream_meaning(cause: &str, peer: &str) -> &'static str {
+    let unix = peer.starts_with("unix:");
+    match cause {
+        "refused" if unix => "a socket file is there but nothing accepts on it (the app is down)",
+        "refused" => "nothing listens there: the app is down, or this is the wrong port",
+        "permission" if unix => {
+            "the socket file's owner or mode keeps this process's user out (it needs write permission)"
+        }
+        "permission" => "refused locally (a firewall rule or a security module)",
+        "no_socket" => "no socket at that path: the app is down, or listens elsewhere",
+        "backlog_full" => "the socket's listen queue is full: the app does not accept fast enough",
+        "timeout" => "no answer to the handshake in time",
+        "unreachable" => "no route to that address",
+        _ => "",
+    }
+}
+
+/// Failed outbound connections of one process to one peer, for one cause.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamFailures {
+    pub errno: u16,
+    pub count: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Groups kept in [`Model::upstream`]; failures past them are only counted in
+/// [`Model::upstream_not_grouped`] (a proxy trying thousands of distinct peers).
+pub const MAX_UPSTREAM_GROUPS: usize = 10_000;
 
 /// A listening socket's queue at the instant an accept on it failed at the limit: `queued`
 /// connections the kernel completed and the program could not take, of `backlog`.
@@ -321,6 +396,7 @@ impl Event {
             | Event::Reconciled { ts, .. }
             | Event::Unanswered { ts, .. }
             | Event::Listen { ts, .. }
+            | Event::UpstreamFailed { ts, .. }
             | Event::Tick { ts } => Some(*ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -345,6 +421,7 @@ impl Event {
             | Event::Reconciled { ts, .. }
             | Event::Unanswered { ts, .. }
             | Event::Listen { ts, .. }
+            | Event::UpstreamFailed { ts, .. }
             | Event::Tick { ts } => Some(ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -616,6 +693,10 @@ pub struct Model {
     /// Connections accepted at the limit and closed unanswered, by process (pid and start,
     /// so that a reused pid counts afresh). Rare, so kept apart from [`Process`].
     pub unanswered: BTreeMap<(Pid, u64), Unanswered>,
+    /// Failed outbound connections by (process, its start, peer, cause): what a proxy in front
+    /// of a dead or misconfigured app sees. Kept after the process exits.
+    pub upstream: BTreeMap<(Pid, u64, Arc<str>, &'static str), UpstreamFailures>,
+    pub upstream_not_grouped: u64,
     /// The latest totals of what was missed, by reason (`dropped` counts events alone, and
     /// is all that recordings before format 4 say).
     pub losses: Losses,
@@ -751,7 +832,32 @@ impl Model {
                     inc.listen = Some(listen.clone());
                 }
             }
+            Event::UpstreamFailed {
+                pid,
+                ts,
+                errno,
+                peer,
+                ..
+            } => self.upstream_failed(*pid, *ts, *errno, peer),
         }
+    }
+
+    fn upstream_failed(&mut self, pid: Pid, ts: u64, errno: u16, peer: &Arc<str>) {
+        let started = self.processes.get(&pid).map_or(0, |p| p.started_ns);
+        let key = (pid, started, peer.clone(), upstream_cause(errno));
+        if !self.upstream.contains_key(&key) && self.upstream.len() >= MAX_UPSTREAM_GROUPS {
+            self.upstream_not_grouped += 1;
+            return;
+        }
+        let group = self.upstream.entry(key).or_insert(UpstreamFailures {
+            errno,
+            count: 0,
+            first_ns: ts,
+            last_ns: ts,
+        });
+        group.count += 1;
+        group.first_ns = group.first_ns.min(ts);
+        group.last_ns = group.last_ns.max(ts);
     }
 
     fn attach(&mut self, pid: Pid, ts: u64, info: &ProcessInfo, fds: &[NewFd]) {

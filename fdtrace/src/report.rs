@@ -51,6 +51,10 @@ pub struct Report {
     /// EMFILE/ENFILE failures beyond those listed (the model keeps the first ones whole).
     pub emfile_not_listed: u64,
     pub corrections: crate::model::Corrections,
+    /// Failed outbound connections of the traced processes (a proxy's upstream failures),
+    /// grouped by process, peer and cause; most first.
+    #[serde(default)]
+    pub upstream_failures: Vec<UpstreamReport>,
     /// Exited processes not in `processes` or `sites`: the oldest past the model's bound, and
     /// those whose pid came back. Counted here so that the totals still add up.
     #[serde(default)]
@@ -214,6 +218,52 @@ pub struct IncidentReport {
     pub listen: Option<Listen>,
 }
 
+/// DESIGN.md's `upstream_failures[]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamReport {
+    pub pid: Pid,
+    pub comm: String,
+    /// `127.0.0.1:8001`, `[::1]:8001`, `unix:/run/app.sock`; empty when unknown.
+    pub peer: String,
+    /// "connect": the connection was never made.
+    pub phase: String,
+    pub cause: String,
+    pub errno: String,
+    pub count: u64,
+    pub first: String,
+    pub last: String,
+}
+
+impl UpstreamReport {
+    /// nginx's terms: "nginx pid 81: 7 connects to 127.0.0.1:8001 refused (ECONNREFUSED:
+    /// nothing listens there: ...)".
+    pub fn line(&self) -> String {
+        let peer = if self.peer.is_empty() {
+            "an unknown address"
+        } else {
+            &self.peer
+        };
+        let what = match self.cause.as_str() {
+            "refused" => "refused",
+            "permission" => "denied",
+            "timeout" => "timed out",
+            _ => "failed",
+        };
+        let meaning = crate::model::upstream_meaning(&self.cause, &self.peer);
+        format!(
+            "{} pid {}: {} connect{} to {peer} {what} ({}{}{meaning}), {} to {}",
+            self.comm,
+            self.pid,
+            self.count,
+            if self.count == 1 { "" } else { "s" },
+            self.errno,
+            if meaning.is_empty() { "" } else { ": " },
+            self.first,
+            self.last
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BlameReport {
     pub kind: FdKind,
@@ -359,6 +409,7 @@ impl Report {
                 .incidents_total
                 .saturating_sub(model.incidents.len() as u64),
             corrections: model.corrections,
+            upstream_failures: upstream_failures(model, clock),
             folded: FoldedReport::build(&model.folded, stacks),
         }
     }
@@ -640,6 +691,9 @@ impl Report {
                 self.emfile_not_listed
             );
         }
+        for u in &self.upstream_failures {
+            let _ = writeln!(w, "=={}== upstream: {}", u.pid, u.line());
+        }
         if let Some(clean) = self.clean_summary() {
             let _ = writeln!(w, "==fdtrace== {clean}");
         }
@@ -854,6 +908,30 @@ pub fn fmt_frame(f: &FrameReport) -> String {
         let _ = write!(s, " [{module}]");
     }
     s
+}
+
+/// The model's upstream failure groups, most first.
+fn upstream_failures(model: &Model, clock: &WallClock) -> Vec<UpstreamReport> {
+    let mut out: Vec<UpstreamReport> = model
+        .upstream
+        .iter()
+        .map(|((pid, _, peer, cause), g)| UpstreamReport {
+            pid: *pid,
+            comm: model
+                .processes
+                .get(pid)
+                .map_or_else(String::new, |p| p.info.comm.clone()),
+            peer: peer.to_string(),
+            phase: "connect".to_string(),
+            cause: (*cause).to_string(),
+            errno: crate::model::errno_name(g.errno),
+            count: g.count,
+            first: clock.rfc3339(g.first_ns),
+            last: clock.rfc3339(g.last_ns),
+        })
+        .collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
+    out
 }
 
 /// The frame that names a stack in one line: the first of the program's own (outside the C

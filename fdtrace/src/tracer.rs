@@ -251,6 +251,18 @@ impl Tracer {
                 vec![Event::Exec { pid, ts, info }]
             }
             kind::SYSCALL => Self::change(pid, ts, h.nr, &a),
+            kind::UPSTREAM => vec![Event::UpstreamFailed {
+                pid,
+                ts,
+                fd: a[0] as i32,
+                syscall: h.nr,
+                errno: a[5] as u16,
+                peer: if rec.aux.is_empty() {
+                    Arc::from("")
+                } else {
+                    Arc::from(peer(&rec.aux))
+                },
+            }],
             kind::CODE => {
                 let copies = crate::decode::code_copies(rec);
                 self.python.learn_code(pid, a[0], &copies);

@@ -1,5 +1,6 @@
-//! The recording file format, version 4. Version 3 lacked what was missed by reason
-//! (`Event::Losses`, the last variant, so version 3 reads as version 4); version 2 lacked where
+//! The recording file format, version 5. Version 4 lacked failed outbound connections
+//! (`Event::UpstreamFailed`, the last variant, so version 4 reads as version 5); version 3
+//! lacked what was missed by reason (`Event::Losses`, so it reads as version 4 does); version 2 lacked where
 //! processes run (`ns_pid`, `container`) and is still read (see [`super::v2`]); version 1
 //! lacked `reopened` on closes.
 //!
@@ -27,7 +28,7 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"\x89fdtrace";
 /// Bumped on any change an older reader would misread.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 /// The oldest format this reader still reads.
 pub const OLDEST_READABLE: u16 = 2;
 pub const PRELUDE_LEN: usize = MAGIC.len() + 4;

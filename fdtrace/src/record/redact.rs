@@ -169,6 +169,21 @@ impl Redactor {
                 ts: *ts,
                 fds: self.fds(fds),
             },
+            Event::UpstreamFailed {
+                pid,
+                ts,
+                fd,
+                syscall,
+                errno,
+                peer,
+            } => Event::UpstreamFailed {
+                pid: *pid,
+                ts: *ts,
+                fd: *fd,
+                syscall: *syscall,
+                errno: *errno,
+                peer: self.target(FdKind::Socket, peer).into(),
+            },
             other => other.clone(),
         }
     }
