@@ -29,6 +29,8 @@ use crate::{
 
 /// Call sites exported per process.
 pub const TOP_SITES: usize = 5;
+/// Upstream failure groups (peer and cause) exported per process, most failures first.
+pub const TOP_UPSTREAMS: usize = 10;
 /// OpenMetrics, which Prometheus asks for first and prometheus-client writes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The classic text format, for every other client (curl, promtool, older scrapers).
@@ -138,6 +140,7 @@ fn render(model: &Model, stacks: &Stacks, counters: &ServeCounters) -> String {
     let growth: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
     let emfile: Family<Labels, Counter> = Family::default();
     let site_open: Family<Labels, Gauge> = Family::default();
+    let upstream: Family<Labels, Counter> = Family::default();
     for p in model.processes.values().filter(|p| p.alive()) {
         let mut labels: Labels = vec![
             ("pid".into(), p.pid.to_string()),
@@ -185,6 +188,19 @@ fn render(model: &Model, stacks: &Stacks, counters: &ServeCounters) -> String {
             // Two stacks can name the same place: their descriptors add up under it.
             site_open.get_or_create(&l).inc_by(s.open as i64);
         }
+        let mut failed: Vec<_> = model
+            .upstream
+            .range((p.pid, p.started_ns, Arc::from(""), "")..)
+            .take_while(|((pid, started, _, _), _)| *pid == p.pid && *started == p.started_ns)
+            .collect();
+        failed.sort_by_key(|(_, g)| std::cmp::Reverse(g.count));
+        for ((_, _, peer, cause), g) in failed.into_iter().take(TOP_UPSTREAMS) {
+            let mut l = labels.clone();
+            l.push(("peer".into(), peer.to_string()));
+            l.push(("cause".into(), (*cause).to_string()));
+            l.push(("errno".into(), crate::model::errno_name(g.errno)));
+            upstream.get_or_create(&l).inc_by(g.count);
+        }
     }
     let lost: Counter = Counter::default();
     lost.inc_by(model.losses.events());
@@ -212,6 +228,11 @@ fn render(model: &Model, stacks: &Stacks, counters: &ServeCounters) -> String {
         "fdtrace_site_open_fds",
         "Descriptors open now by call site (the top 5 of each process)",
         site_open,
+    );
+    registry.register(
+        "fdtrace_upstream_failures",
+        "Outbound connections that failed, by peer and cause (the top 10 of each process)",
+        upstream,
     );
     registry.register(
         "fdtrace_events_lost",

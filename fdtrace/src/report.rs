@@ -851,6 +851,28 @@ impl Report {
                 self.emfile_not_listed
             );
         }
+        if !self.upstream_failures.is_empty() {
+            let _ = writeln!(w, "\n#### Upstream failures\n");
+            let _ = writeln!(
+                w,
+                "| pid | command | peer | cause | errno | count | first | last |"
+            );
+            let _ = writeln!(w, "|---:|---|---|---|---|---:|---|---|");
+            for u in &self.upstream_failures {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    u.pid,
+                    md_cell(&u.comm),
+                    md_cell(&u.peer),
+                    u.cause,
+                    u.errno,
+                    u.count,
+                    u.first,
+                    u.last
+                );
+            }
+        }
         let c = &self.corrections;
         if c.added + c.removed + c.reused > 0 {
             let _ = writeln!(

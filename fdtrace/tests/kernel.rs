@@ -438,3 +438,109 @@ fn short_lived_children_leave_no_stale_kernel_map_entry() {
     assert!(traced.is_empty(), "still traced: {traced:?}");
     assert!(python.is_empty(), "still in the Python map: {python:?}");
 }
+
+#[test]
+#[ignore = "root"]
+fn failed_outbound_connections_are_named_by_peer_and_cause() {
+    check_upstream_failures(ProbeOptions::default());
+}
+
+#[test]
+#[ignore = "root"]
+fn failed_outbound_connections_are_named_on_the_older_kernels_paths() {
+    check_upstream_failures(ProbeOptions {
+        fallbacks: true,
+        ..ProbeOptions::default()
+    });
+}
+
+/// connect_fail.c fails connections every way a proxy's upstream can (TCP refused, blocking
+/// and through getsockopt(SO_ERROR); a unix socket missing, forbidden to a child running as
+/// nobody, with a full backlog) and counts what it saw: fdtrace's `upstream_failures` must
+/// count the same, by peer and cause.
+fn check_upstream_failures(options: ProbeOptions) {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let fixture = common::build_c("connect_fail.c", &["-O1", "-g"]);
+    let out = out_file(&format!("connect-fail-{}", options.fallbacks));
+    let dir = out_file(&format!("connect-fail-dir-{}", options.fallbacks));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    // The child that runs as nobody must reach the sockets in it.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let run = common::run_traced(
+        &[
+            fixture.to_str().unwrap(),
+            out.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+        options,
+    );
+    assert_eq!(run.exit_code, 0, "connect_fail failed");
+    let text = fs::read_to_string(&out).unwrap();
+    let _ = fs::remove_file(&out);
+    let _ = fs::remove_dir_all(&dir);
+    let truth = |name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_string()
+    };
+    let number = |name: &str| truth(name).parse::<u64>().unwrap();
+    let report = run.session.report();
+    let counted = |cause: &str, peer: &str, errno: &str| -> u64 {
+        report
+            .upstream_failures
+            .iter()
+            .filter(|u| u.cause == cause && u.peer == peer)
+            .inspect(|u| {
+                assert_eq!(u.errno, errno, "{u:?}");
+                assert_eq!(u.phase, "connect", "{u:?}");
+            })
+            .map(|u| u.count)
+            .sum()
+    };
+    let port = truth("port");
+    let cases = [
+        (
+            "refused",
+            format!("127.0.0.1:{port}"),
+            "ECONNREFUSED",
+            number("refused") + number("so_error"),
+        ),
+        (
+            "no_socket",
+            format!("unix:{}", truth("no_socket_path")),
+            "ENOENT",
+            number("no_socket"),
+        ),
+        (
+            "permission",
+            format!("unix:{}", truth("permission_path")),
+            "EACCES",
+            number("permission"),
+        ),
+        (
+            "backlog_full",
+            format!("unix:{}", truth("backlog_full_path")),
+            "EAGAIN",
+            number("backlog_full"),
+        ),
+    ];
+    for (cause, peer, errno, expected) in cases {
+        assert!(expected > 0, "the fixture saw no {cause}: {text}");
+        assert_eq!(
+            counted(cause, &peer, errno),
+            expected,
+            "{cause} to {peer}: {:#?}",
+            report.upstream_failures
+        );
+    }
+    // The child that tried as nobody is named as itself.
+    let denied = report
+        .upstream_failures
+        .iter()
+        .find(|u| u.cause == "permission")
+        .unwrap();
+    assert_ne!(denied.pid, run.pid, "{denied:?}");
+}

@@ -138,12 +138,15 @@ struct LivePrinter {
     /// Failures past those the model keeps, by process and syscall, since the last summary:
     /// counted there in one line each, so the output neither stops nor floods.
     unlisted: std::collections::BTreeMap<(Pid, u32), u64>,
+    /// Upstream failure groups already announced, and their counts at the last summary.
+    upstream_seen: std::collections::BTreeMap<(Pid, String, String), u64>,
 }
 
 const SUMMARY_EVERY: Duration = Duration::from_secs(3);
 
 impl LivePrinter {
     fn events(&mut self, session: &Session, events: &[Event]) {
+        self.upstream(session, events);
         for event in events {
             if let Event::Failed {
                 pid,
@@ -190,6 +193,63 @@ impl LivePrinter {
         }
     }
 
+    /// The first failed connect of each (process, peer, cause) at once, in nginx's terms.
+    fn upstream(&mut self, session: &Session, events: &[Event]) {
+        for event in events {
+            let Event::UpstreamFailed {
+                pid, errno, peer, ..
+            } = event
+            else {
+                continue;
+            };
+            let cause = crate::model::upstream_cause(*errno);
+            let key = (*pid, peer.to_string(), cause.to_string());
+            if self.upstream_seen.contains_key(&key) {
+                continue;
+            }
+            self.upstream_seen.insert(key, 1);
+            let comm = session
+                .model
+                .processes
+                .get(pid)
+                .map_or("?", |p| p.info.comm.as_str());
+            let meaning = crate::model::upstream_meaning(cause, peer);
+            eprintln!(
+                "fdtrace: {comm} pid {pid}: connect to {} failed with {}{}{meaning}",
+                if peer.is_empty() {
+                    "an unknown address"
+                } else {
+                    peer
+                },
+                crate::model::errno_name(*errno),
+                if meaning.is_empty() { "" } else { ": " },
+            );
+        }
+    }
+
+    /// Upstream failure groups that grew since the last summary, one line each.
+    fn upstream_summary(&mut self, session: &Session) {
+        for ((pid, _, peer, cause), g) in &session.model.upstream {
+            let key = (*pid, peer.to_string(), (*cause).to_string());
+            let before = self.upstream_seen.get(&key).copied().unwrap_or(0);
+            if g.count <= before {
+                continue;
+            }
+            self.upstream_seen.insert(key, g.count);
+            let comm = session
+                .model
+                .processes
+                .get(pid)
+                .map_or("?", |p| p.info.comm.as_str());
+            eprintln!(
+                "fdtrace: {comm} pid {pid}: {} connects to {peer} {cause} ({}) so far, {} since the last summary",
+                g.count,
+                crate::model::errno_name(g.errno),
+                g.count - before
+            );
+        }
+    }
+
     fn summary(&mut self, session: &Session, pids: &[Pid]) {
         if self
             .last_summary
@@ -198,6 +258,7 @@ impl LivePrinter {
             return;
         }
         self.last_summary = Some(Instant::now());
+        self.upstream_summary(session);
         for ((pid, syscall), n) in std::mem::take(&mut self.unlisted) {
             eprintln!(
                 "fdtrace: {n} more EMFILE/ENFILE in pid {pid} ({}) since the last summary, past the first {} listed one by one",

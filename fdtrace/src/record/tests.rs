@@ -270,10 +270,10 @@ fn junk_and_other_versions_are_refused() {
     let mut newer = reader::prelude_of_version(format::FORMAT_VERSION + 1).to_vec();
     newer.extend_from_slice(b"whatever comes next");
     let err = reader::parse(&newer).unwrap_err();
-    assert!(matches!(err, ReadError::Newer(5)));
+    assert!(matches!(err, ReadError::Newer(6)));
     assert_eq!(
         err.to_string(),
-        "was written by a newer fdtrace (format 5; this one reads format 4)"
+        "was written by a newer fdtrace (format 6; this one reads format 5)"
     );
     let mut older = reader::prelude_of_version(1).to_vec();
     older.extend_from_slice(b"closes without reopened");
@@ -281,7 +281,7 @@ fn junk_and_other_versions_are_refused() {
     assert!(matches!(err, ReadError::Older(1)), "{err}");
     assert_eq!(
         err.to_string(),
-        "was written by an older fdtrace (format 1; this one reads formats 2 to 4): report it with that version"
+        "was written by an older fdtrace (format 1; this one reads formats 2 to 5): report it with that version"
     );
     let path = temp("junk");
     std::fs::write(&path, b"not a recording at all").unwrap();
@@ -595,13 +595,16 @@ fn format_2_recordings_still_read_with_processes_on_the_host() {
 }
 
 #[test]
-fn a_format_3_recording_still_reads() {
-    // Format 4 only added variants after format 3's: a file of those reads the same.
-    let (mut bytes, live) = record("format3", &Stacks::default(), &containerized());
-    bytes[format::MAGIC.len()..format::MAGIC.len() + 2].copy_from_slice(&3u16.to_le_bytes());
-    let recording = reader::parse(&bytes).unwrap();
-    assert_eq!(recording.damage, None);
-    assert_eq!(replayed(recording), live);
+fn format_3_and_4_recordings_still_read() {
+    // Formats 4 and 5 only added variants after the previous format's: a file of those reads
+    // the same.
+    for version in [3u16, 4] {
+        let (mut bytes, live) = record("format3", &Stacks::default(), &containerized());
+        bytes[format::MAGIC.len()..format::MAGIC.len() + 2].copy_from_slice(&version.to_le_bytes());
+        let recording = reader::parse(&bytes).unwrap();
+        assert_eq!(recording.damage, None);
+        assert_eq!(replayed(recording), live);
+    }
 }
 
 /// A server at its limit that accepts two connections and closes them unanswered (libuv's
@@ -791,4 +794,69 @@ fn a_flight_recording_rebuilds_the_tables_from_its_keyframe() {
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.iter().all(|f| !f.contains("-42-")), "{left:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Failed outbound connections (format 5) replay into the same groups, and `--redact` hides
+/// the peers they name.
+#[test]
+fn upstream_failures_replay_and_redact() {
+    let mut events = scenario(10).2;
+    events.pop();
+    let failed = |ts: u64, errno: u16, peer: &str| Event::UpstreamFailed {
+        pid: 42,
+        ts,
+        fd: 9,
+        syscall: fdtrace_common::syscalls::GETSOCKOPT,
+        errno,
+        peer: Arc::from(peer),
+    };
+    let last = events.iter().filter_map(Event::ts).max().unwrap();
+    events.push(failed(last + 1, 111, "127.0.0.1:8001"));
+    events.push(failed(last + 2, 111, "127.0.0.1:8001"));
+    events.push(failed(last + 3, 13, "unix:/run/app.sock"));
+    let stacks = {
+        let (leak, balanced, _) = scenario(0);
+        let mut s = Stacks::default();
+        s.push(leak);
+        s.push(balanced);
+        s
+    };
+    let (bytes, live) = record("upstream", &stacks, &events);
+    let groups: Vec<(u64, &str, &str, &str)> = live
+        .upstream_failures
+        .iter()
+        .map(|u| (u.count, u.peer.as_str(), u.cause.as_str(), u.errno.as_str()))
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            (2, "127.0.0.1:8001", "refused", "ECONNREFUSED"),
+            (1, "unix:/run/app.sock", "permission", "EACCES")
+        ]
+    );
+    assert!(live.to_text().contains(
+        "app pid 42: 2 connects to 127.0.0.1:8001 refused (ECONNREFUSED: nothing listens there"
+    ));
+    let path = temp("upstream-replay");
+    std::fs::write(&path, &bytes).unwrap();
+    let back = replayed(reader::open(&path).unwrap());
+    assert_eq!(back.upstream_failures, live.upstream_failures);
+
+    let mut redacted = Recorder::create(&path, header(), true).unwrap();
+    redacted.stacks(&stacks);
+    for event in &events {
+        redacted.event(event);
+    }
+    redacted.finish().unwrap();
+    let hidden = replayed(reader::open(&path).unwrap());
+    assert_eq!(hidden.upstream_failures.len(), 2);
+    assert!(
+        hidden
+            .upstream_failures
+            .iter()
+            .all(|u| u.peer.starts_with("peer-")),
+        "{:?}",
+        hidden.upstream_failures
+    );
+    let _ = std::fs::remove_file(&path);
 }
