@@ -221,6 +221,93 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The TCP listeners in `pid`'s network namespace (`/proc/PID/net/tcp` and `tcp6`), as
+/// (address, socket inode): `127.0.0.1:8000`, `0.0.0.0:80`, `[::]:8000`.
+pub fn tcp_listeners(pid: u32) -> Vec<(String, u64)> {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| parse_tcp_listeners(&text))
+        .collect()
+}
+
+/// The LISTEN rows of a `/proc/net/tcp` or `tcp6` table: `sl local rem st tx:rx tr:when
+/// retrnsmt uid timeout inode`, the address as native-endian 32-bit words in hex.
+fn parse_tcp_listeners(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&"0A") {
+                return None;
+            }
+            let (addr, port) = fields.get(1)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let inode = fields.get(9)?.parse().ok()?;
+            let words: Vec<u32> = (0..addr.len() / 8)
+                .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
+                .collect::<Option<_>>()?;
+            let address = match words.as_slice() {
+                [v4] => format!("{}:{port}", std::net::Ipv4Addr::from(v4.to_ne_bytes())),
+                [a, b, c, d] => {
+                    let mut bytes = [0u8; 16];
+                    for (chunk, w) in bytes.chunks_mut(4).zip([a, b, c, d]) {
+                        chunk.copy_from_slice(&w.to_ne_bytes());
+                    }
+                    format!("[{}]:{port}", std::net::Ipv6Addr::from(bytes))
+                }
+                _ => return None,
+            };
+            Some((address, inode))
+        })
+        .collect()
+}
+
+/// The socket inodes among `pid`'s descriptors.
+pub fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| {
+            let link = fs::read_link(fd.path()).ok()?;
+            link.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The processes holding each socket inode of `inodes`, as "comm pid N", from every
+/// /proc/PID/fd (a scan of the machine's processes: for reports, not for every event).
+pub fn socket_owners(inodes: &[u64]) -> std::collections::BTreeMap<u64, String> {
+    let mut owners = std::collections::BTreeMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return owners;
+    };
+    for entry in procs.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        for inode in socket_inodes(pid) {
+            if inodes.contains(&inode) && !owners.contains_key(&inode) {
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                owners.insert(inode, format!("{} pid {pid}", comm.trim()));
+            }
+        }
+        if owners.len() == inodes.len() {
+            break;
+        }
+    }
+    owners
+}
+
 /// `[address]:port` of the IPv6 socket `pid`'s network namespace has listening on `port`,
 /// from /proc/PID/net/tcp6 (the probe reads only the port of an IPv6 listener).
 pub fn listening_v6(pid: u32, port: u16) -> Option<String> {
@@ -251,6 +338,18 @@ fn parse_listening_v6(text: &str, port: u16) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_listeners_are_read_with_their_inodes() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F40 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0
+";
+        assert_eq!(
+            parse_tcp_listeners(v4),
+            [("127.0.0.1:8000".to_string(), 4242)]
+        );
+    }
 
     #[test]
     fn an_ipv6_listener_is_found_by_port() {

@@ -232,6 +232,10 @@ pub struct UpstreamReport {
     pub count: u64,
     pub first: String,
     pub last: String,
+    /// For refused TCP connects, what does listen on the peer's host, and who: the port
+    /// nginx should have used ("127.0.0.1:8000 (uvicorn pid 4242)"). Live sessions only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening: Vec<String>,
 }
 
 impl UpstreamReport {
@@ -250,8 +254,13 @@ impl UpstreamReport {
             _ => "failed",
         };
         let meaning = crate::model::upstream_meaning(&self.cause, &self.peer);
+        let listening = if self.listening.is_empty() {
+            String::new()
+        } else {
+            format!("; listening on that host: {}", self.listening.join(", "))
+        };
         format!(
-            "{} pid {}: {} connect{} to {peer} {what} ({}{}{meaning}), {} to {}",
+            "{} pid {}: {} connect{} to {peer} {what} ({}{}{meaning}{listening}), {} to {}",
             self.comm,
             self.pid,
             self.count,
@@ -411,6 +420,42 @@ impl Report {
             corrections: model.corrections,
             upstream_failures: upstream_failures(model, clock),
             folded: FoldedReport::build(&model.folded, stacks),
+        }
+    }
+
+    /// Names, for each refused TCP connect, the listeners on the peer's host in the failing
+    /// process's network namespace and who holds them (the wrong-port mistake), reading /proc.
+    pub fn name_listeners(&mut self) {
+        for u in self
+            .upstream_failures
+            .iter_mut()
+            .filter(|u| u.cause == "refused")
+        {
+            let Some((host, _)) = u.peer.rsplit_once(':') else {
+                continue;
+            };
+            if u.peer.starts_with("unix:") {
+                continue;
+            }
+            // Its own listeners (nginx's) are not where it meant to connect.
+            let own = crate::procfs::socket_inodes(u.pid);
+            let listeners: Vec<(String, u64)> = crate::procfs::tcp_listeners(u.pid)
+                .into_iter()
+                .filter(|(_, inode)| !own.contains(inode))
+                .filter(|(addr, _)| {
+                    addr.rsplit_once(':')
+                        .is_some_and(|(h, _)| h == host || h == "0.0.0.0" || h == "[::]")
+                })
+                .collect();
+            let inodes: Vec<u64> = listeners.iter().map(|&(_, i)| i).collect();
+            let owners = crate::procfs::socket_owners(&inodes);
+            u.listening = listeners
+                .into_iter()
+                .map(|(addr, inode)| match owners.get(&inode) {
+                    Some(owner) => format!("{addr} ({owner})"),
+                    None => addr,
+                })
+                .collect();
         }
     }
 
@@ -950,6 +995,7 @@ fn upstream_failures(model: &Model, clock: &WallClock) -> Vec<UpstreamReport> {
             count: g.count,
             first: clock.rfc3339(g.first_ns),
             last: clock.rfc3339(g.last_ns),
+            listening: Vec::new(),
         })
         .collect();
     out.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));

@@ -527,7 +527,9 @@ impl Session {
     }
 
     pub fn report(&self) -> Report {
-        Report::build(&self.model, &self.tracer.stacks, &self.clock)
+        let mut report = Report::build(&self.model, &self.tracer.stacks, &self.clock);
+        report.name_listeners();
+        report
     }
 }
 

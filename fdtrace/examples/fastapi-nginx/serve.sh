@@ -14,6 +14,12 @@ if [ "${ENTRY:-module}" = script ]; then
 else
   set -- "${PYTHON:-python3}" -m uvicorn
 fi
-exec "$@" app:app --host 127.0.0.1 --port "${PORT:-8000}" \
+# UDS=/path/app.sock listens on a unix socket instead (nginx: server unix:/path/app.sock).
+if [ -n "${UDS:-}" ]; then
+  set -- "$@" app:app --uds "$UDS"
+else
+  set -- "$@" app:app --host 127.0.0.1 --port "${PORT:-8000}"
+fi
+exec "$@" \
   --workers "${WORKERS:-1}" --backlog "${BACKLOG:-2048}" --no-access-log \
   --loop "${LOOP:-asyncio}" --http "${HTTP:-h11}"

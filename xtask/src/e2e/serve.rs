@@ -51,7 +51,12 @@ impl Example {
             Ok(get(metrics_port, "/healthz").is_some())
         })?;
 
-        let nginx = start_nginx(&self.sources, &dir, nginx_port, app_port)?;
+        let nginx = start_nginx(
+            &self.sources,
+            &dir,
+            nginx_port,
+            &format!("127.0.0.1:{app_port}"),
+        )?;
         let app = self.start_uvicorn(&dir, app_port, "app.log")?;
         wait_for_port(nginx_port, &nginx)?;
         let pid = app.pid();
