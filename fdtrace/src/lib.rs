@@ -12,6 +12,7 @@ pub mod export;
 pub mod headroom;
 pub mod launch;
 pub mod layout;
+pub mod listeners;
 pub mod losses;
 pub mod metrics;
 pub mod mmap_events;

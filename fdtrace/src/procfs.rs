@@ -221,9 +221,20 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// The TCP listeners in `pid`'s network namespace (`/proc/PID/net/tcp` and `tcp6`), as
-/// (address, socket inode): `127.0.0.1:8000`, `0.0.0.0:80`, `[::]:8000`.
-pub fn tcp_listeners(pid: u32) -> Vec<(String, u64)> {
+/// A TCP listening socket as /proc/net/tcp shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpListener {
+    /// `127.0.0.1:8000`, `0.0.0.0:80`, `[::]:8000`.
+    pub address: String,
+    pub inode: u64,
+    /// Connections the kernel completed and the program has not accepted yet, and the most
+    /// it queues (for a listener the table's rx_queue and tx_queue say these).
+    pub queued: u64,
+    pub backlog: u64,
+}
+
+/// The TCP listeners in `pid`'s network namespace (`/proc/PID/net/tcp` and `tcp6`).
+pub fn tcp_listeners(pid: u32) -> Vec<TcpListener> {
     ["tcp", "tcp6"]
         .iter()
         .filter_map(|table| fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
@@ -233,7 +244,7 @@ pub fn tcp_listeners(pid: u32) -> Vec<(String, u64)> {
 
 /// The LISTEN rows of a `/proc/net/tcp` or `tcp6` table: `sl local rem st tx:rx tr:when
 /// retrnsmt uid timeout inode`, the address as native-endian 32-bit words in hex.
-fn parse_tcp_listeners(text: &str) -> Vec<(String, u64)> {
+fn parse_tcp_listeners(text: &str) -> Vec<TcpListener> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -244,6 +255,9 @@ fn parse_tcp_listeners(text: &str) -> Vec<(String, u64)> {
             let (addr, port) = fields.get(1)?.split_once(':')?;
             let port = u16::from_str_radix(port, 16).ok()?;
             let inode = fields.get(9)?.parse().ok()?;
+            let (backlog, queued) = fields.get(4)?.split_once(':')?;
+            let backlog = u64::from_str_radix(backlog, 16).ok()?;
+            let queued = u64::from_str_radix(queued, 16).ok()?;
             let words: Vec<u32> = (0..addr.len() / 8)
                 .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
                 .collect::<Option<_>>()?;
@@ -258,7 +272,12 @@ fn parse_tcp_listeners(text: &str) -> Vec<(String, u64)> {
                 }
                 _ => return None,
             };
-            Some((address, inode))
+            Some(TcpListener {
+                address,
+                inode,
+                queued,
+                backlog,
+            })
         })
         .collect()
 }
@@ -342,12 +361,17 @@ mod tests {
     #[test]
     fn tcp_listeners_are_read_with_their_inodes() {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   0: 0100007F:1F40 00000000:0000 0A 00000080:0000000C 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
    1: 0100007F:1F40 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0
 ";
         assert_eq!(
             parse_tcp_listeners(v4),
-            [("127.0.0.1:8000".to_string(), 4242)]
+            [TcpListener {
+                address: "127.0.0.1:8000".into(),
+                inode: 4242,
+                queued: 12,
+                backlog: 128
+            }]
         );
     }
 

@@ -439,21 +439,22 @@ impl Report {
             }
             // Its own listeners (nginx's) are not where it meant to connect.
             let own = crate::procfs::socket_inodes(u.pid);
-            let listeners: Vec<(String, u64)> = crate::procfs::tcp_listeners(u.pid)
+            let listeners: Vec<crate::procfs::TcpListener> = crate::procfs::tcp_listeners(u.pid)
                 .into_iter()
-                .filter(|(_, inode)| !own.contains(inode))
-                .filter(|(addr, _)| {
-                    addr.rsplit_once(':')
+                .filter(|l| !own.contains(&l.inode))
+                .filter(|l| {
+                    l.address
+                        .rsplit_once(':')
                         .is_some_and(|(h, _)| h == host || h == "0.0.0.0" || h == "[::]")
                 })
                 .collect();
-            let inodes: Vec<u64> = listeners.iter().map(|&(_, i)| i).collect();
+            let inodes: Vec<u64> = listeners.iter().map(|l| l.inode).collect();
             let owners = crate::procfs::socket_owners(&inodes);
             u.listening = listeners
                 .into_iter()
-                .map(|(addr, inode)| match owners.get(&inode) {
-                    Some(owner) => format!("{addr} ({owner})"),
-                    None => addr,
+                .map(|l| match owners.get(&l.inode) {
+                    Some(owner) => format!("{} ({owner})", l.address),
+                    None => l.address,
                 })
                 .collect();
         }

@@ -19,6 +19,7 @@ use fdtrace_common::kind;
 use crate::{
     clock::{WallClock, monotonic_ns},
     decode::{self, Record},
+    listeners::ListenerWatch,
     losses::Losses,
     mmap_events::{MapEvent, MmapWatcher},
     model::{Event, Model, Pid},
@@ -85,6 +86,9 @@ pub struct Session {
     /// Processes named by records that could not be read from /proc (gone already): not
     /// tried again for each of their records. Forgotten at their exit record.
     unreadable: HashSet<Pid>,
+    /// The traced processes' listen queues, sampled on the tick (live views only: not in the
+    /// model, so not in recordings).
+    pub listeners: ListenerWatch,
 }
 
 type Observer = Box<dyn FnMut(&Event)>;
@@ -162,6 +166,7 @@ impl Session {
             selection: None,
             last_rescan: Instant::now(),
             unreadable: HashSet::new(),
+            listeners: ListenerWatch::default(),
         })
     }
 
@@ -432,6 +437,14 @@ impl Session {
         if self.last_tick.elapsed() >= Duration::from_secs(1) {
             self.last_tick = Instant::now();
             self.apply(&Event::Tick { ts: monotonic_ns() });
+            let alive: Vec<Pid> = self
+                .model
+                .processes
+                .values()
+                .filter(|p| p.alive())
+                .map(|p| p.pid)
+                .collect();
+            self.listeners.sample(&alive, monotonic_ns());
             if self.records_since_trim >= BATCH_RECORDS {
                 self.records_since_trim = 0;
                 release_freed_memory();

@@ -301,6 +301,25 @@ impl LivePrinter {
             } else {
                 String::new()
             };
+            let queues = session
+                .listeners
+                .queues
+                .get(&p.pid)
+                .map(|qs| {
+                    qs.iter()
+                        .filter(|q| q.queued > 0)
+                        .map(|q| {
+                            let since = q.full_since.map_or_else(String::new, |t| {
+                                format!(" full since {}", session.clock.rfc3339(t))
+                            });
+                            format!(
+                                " | listen {} backlog {}/{}{since}",
+                                q.address, q.queued, q.backlog
+                            )
+                        })
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
             let shortfalls = session.shortfalls();
             let shortfalls = if shortfalls.is_empty() {
                 String::new()
@@ -308,7 +327,7 @@ impl LivePrinter {
                 format!(" | {}", shortfalls.join(", "))
             };
             eprintln!(
-                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {}{dropped} | lost {}{shortfalls}",
+                "fdtrace: pid {} ({}) {open}/{} open, {:+.0}/min, {eta} | top: {top} | EMFILE {}{dropped}{queues} | lost {}{shortfalls}",
                 p.pid,
                 p.info.comm,
                 if limit == u64::MAX {

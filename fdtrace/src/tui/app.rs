@@ -16,6 +16,7 @@ use super::{
     sites::{SiteDetails, SitesTable},
     theme::Theme,
     timeline::TimelineChart,
+    upstream::UpstreamList,
     view::{Collector, IncidentRow, SiteRow, View},
 };
 
@@ -373,7 +374,19 @@ impl App {
                 Layout::vertical([Constraint::Percentage(55), Constraint::Fill(1)]).areas(area);
             (l, d)
         };
-        if tall {
+        if tall && !self.view.upstream.is_empty() {
+            // A proxy's failed connects: as much the story as its own table, when it has any.
+            let shown = self.view.upstream.len().min(6) as u16;
+            let [s, i, u] = Layout::vertical([
+                Constraint::Percentage(45),
+                Constraint::Fill(1),
+                Constraint::Length(shown + 2),
+            ])
+            .areas(lists);
+            self.render_sites(s, buf, self.focus == Pane::Sites, false);
+            self.render_incidents(i, buf, self.focus == Pane::Incidents, false);
+            UpstreamList { app: self }.render(u, buf);
+        } else if tall {
             let [s, i] =
                 Layout::vertical([Constraint::Percentage(60), Constraint::Fill(1)]).areas(lists);
             self.render_sites(s, buf, self.focus == Pane::Sites, false);

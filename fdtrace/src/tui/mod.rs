@@ -36,6 +36,7 @@ mod sites;
 mod terminal;
 mod theme;
 mod timeline;
+mod upstream;
 mod view;
 
 #[cfg(test)]

@@ -754,3 +754,55 @@ fn keys_map_to_actions() {
         Some(Action::ClosePopup)
     );
 }
+
+/// A proxy's failed connects get a pane of their own, by peer and cause, most first.
+#[test]
+fn upstream_failures_get_a_pane() {
+    let (mut feed, mut app) = leaked();
+    let ts = feed.model.last_ns;
+    for (i, (errno, peer)) in [
+        (111, "127.0.0.1:8001"),
+        (111, "127.0.0.1:8001"),
+        (111, "127.0.0.1:8001"),
+        (13, "unix:/run/app.sock"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        feed.model.apply(&Event::UpstreamFailed {
+            pid: PID,
+            ts: ts + i as u64 * MS,
+            fd: 12,
+            syscall: fdtrace_common::syscalls::GETSOCKOPT,
+            errno,
+            peer: Arc::from(peer),
+        });
+    }
+    app.observe(&feed);
+    app.refresh(&feed);
+    let rows: Vec<(u64, &str, &str)> = app
+        .view
+        .upstream
+        .iter()
+        .map(|r| (r.count, r.peer.as_str(), r.cause))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (3, "127.0.0.1:8001", "refused"),
+            (1, "unix:/run/app.sock", "permission")
+        ]
+    );
+    let tall = screen(&app, 160, 45);
+    assert!(tall.contains("upstream failures 4"), "{tall}");
+    assert!(
+        tall.contains("refused      127.0.0.1:8001 ECONNREFUSED"),
+        "{tall}"
+    );
+    assert!(
+        tall.contains("permission   unix:/run/app.sock EACCES"),
+        "{tall}"
+    );
+    // Too short a screen keeps its two panes.
+    assert!(!screen(&app, 80, 20).contains("upstream failures"));
+}

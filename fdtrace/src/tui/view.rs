@@ -79,6 +79,19 @@ pub struct BlameRow {
     pub stack: StackId,
 }
 
+/// One group of failed outbound connections, for the upstream pane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamRow {
+    pub pid: Pid,
+    pub comm: String,
+    pub peer: String,
+    pub cause: &'static str,
+    pub errno: String,
+    pub count: u64,
+    /// Time of day of the latest, to the millisecond.
+    pub last: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct IncidentRow {
     pub ts: u64,
@@ -137,6 +150,8 @@ pub struct View {
     pub incidents_total: u64,
     /// Connections accepted at the limit and closed unanswered, all processes together.
     pub unanswered: u64,
+    /// Failed outbound connections by process, peer and cause, most first.
+    pub upstream: Vec<UpstreamRow>,
     pub dropped: u64,
     /// What else was missed, by reason (the header lists the non-zero ones).
     pub losses: Losses,
@@ -368,6 +383,7 @@ impl Collector {
             closes_per_sec,
             incidents_total: model.incidents_total,
             unanswered: model.unanswered.values().map(|u| u.count).sum(),
+            upstream: upstream_rows(model, feed.clock()),
             dropped: model.dropped,
             losses: model.losses,
             corrections: model.corrections,
@@ -503,4 +519,26 @@ impl Collector {
             first_label,
         }
     }
+}
+
+/// The model's upstream failure groups as rows, most failures first.
+fn upstream_rows(model: &Model, clock: &crate::clock::WallClock) -> Vec<UpstreamRow> {
+    let mut rows: Vec<UpstreamRow> = model
+        .upstream
+        .iter()
+        .map(|((pid, _, peer, cause), g)| UpstreamRow {
+            pid: *pid,
+            comm: model
+                .processes
+                .get(pid)
+                .map_or_else(String::new, |p| p.info.comm.clone()),
+            peer: peer.to_string(),
+            cause,
+            errno: crate::model::errno_name(g.errno),
+            count: g.count,
+            last: format::time_ms(clock, g.last_ns),
+        })
+        .collect();
+    rows.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
+    rows
 }

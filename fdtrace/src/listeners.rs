@@ -1,0 +1,98 @@
+//! The listen queues of the traced processes, sampled once a second from /proc: how many
+//! connections the kernel completed that the program has not accepted, against the backlog.
+//! A full queue is the "backlog full" cause of a proxy's 504s (the SYNs past it are dropped,
+//! the proxy's connect times out), and an app at its descriptor limit fills it.
+//!
+//! Which sockets a process listens on comes from its /proc/PID/fd (the socket inodes), read
+//! again every [`INODES_EVERY`]: listing a large table costs about 1 us per descriptor. The
+//! queues come from its network namespace's /proc/PID/net/tcp and tcp6, read once per
+//! namespace per sample.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use crate::{model::Pid, procfs};
+
+/// How often a process's listening sockets are looked for again.
+const INODES_EVERY: Duration = Duration::from_secs(10);
+/// Processes sampled at most: a session tracing a whole shell's commands has thousands, and
+/// servers are few.
+const PROCESSES_MAX: usize = 64;
+
+/// One listening socket of a traced process, as last sampled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenQueue {
+    pub address: String,
+    pub queued: u64,
+    pub backlog: u64,
+    /// When it was first seen full in the current run of full samples (CLOCK_MONOTONIC ns).
+    pub full_since: Option<u64>,
+}
+
+impl ListenQueue {
+    pub fn full(&self) -> bool {
+        self.backlog > 0 && self.queued >= self.backlog
+    }
+}
+
+#[derive(Default)]
+pub struct ListenerWatch {
+    inodes: BTreeMap<Pid, (Instant, Vec<u64>)>,
+    /// The latest sample, by process.
+    pub queues: BTreeMap<Pid, Vec<ListenQueue>>,
+}
+
+impl ListenerWatch {
+    /// Samples the listen queues of `pids` at `now_ns`; forgets processes not among them.
+    pub fn sample(&mut self, pids: &[Pid], now_ns: u64) {
+        self.inodes.retain(|pid, _| pids.contains(pid));
+        self.queues.retain(|pid, _| pids.contains(pid));
+        // Tables already read this sample, by network namespace.
+        let mut tables: BTreeMap<(u64, u64), Vec<procfs::TcpListener>> = BTreeMap::new();
+        for &pid in pids.iter().take(PROCESSES_MAX) {
+            let stale = self
+                .inodes
+                .get(&pid)
+                .is_none_or(|(at, _)| at.elapsed() >= INODES_EVERY);
+            if stale {
+                self.inodes
+                    .insert(pid, (Instant::now(), procfs::socket_inodes(pid)));
+            }
+            let Some((_, inodes)) = self.inodes.get(&pid).filter(|(_, i)| !i.is_empty()) else {
+                continue;
+            };
+            let Some(netns) = procfs::namespace(&pid.to_string(), "net") else {
+                continue;
+            };
+            let table = tables
+                .entry(netns)
+                .or_insert_with(|| procfs::tcp_listeners(pid));
+            let previous = self.queues.remove(&pid).unwrap_or_default();
+            let now: Vec<ListenQueue> = table
+                .iter()
+                .filter(|l| inodes.contains(&l.inode))
+                .map(|l| {
+                    let mut q = ListenQueue {
+                        address: l.address.clone(),
+                        queued: l.queued,
+                        backlog: l.backlog,
+                        full_since: None,
+                    };
+                    if q.full() {
+                        q.full_since = previous
+                            .iter()
+                            .find(|p| p.address == q.address)
+                            .and_then(|p| p.full_since)
+                            .or(Some(now_ns));
+                    }
+                    q
+                })
+                .collect();
+            if !now.is_empty() {
+                self.queues.insert(pid, now);
+            }
+        }
+    }
+}
