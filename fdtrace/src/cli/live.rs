@@ -2,6 +2,7 @@
 //! to those that start matching later.
 
 use std::{
+    fmt::Write as _,
     io::IsTerminal as _,
     process::ExitCode,
     time::{Duration, Instant},
@@ -301,25 +302,24 @@ impl LivePrinter {
             } else {
                 String::new()
             };
-            let queues = session
+            let mut queues = String::new();
+            for q in session
                 .listeners
                 .queues
                 .get(&p.pid)
-                .map(|qs| {
-                    qs.iter()
-                        .filter(|q| q.queued > 0)
-                        .map(|q| {
-                            let since = q.full_since.map_or_else(String::new, |t| {
-                                format!(" full since {}", session.clock.rfc3339(t))
-                            });
-                            format!(
-                                " | listen {} backlog {}/{}{since}",
-                                q.address, q.queued, q.backlog
-                            )
-                        })
-                        .collect::<String>()
-                })
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .filter(|q| q.queued > 0)
+            {
+                let _ = write!(
+                    queues,
+                    " | listen {} backlog {}/{}",
+                    q.address, q.queued, q.backlog
+                );
+                if let Some(t) = q.full_since {
+                    let _ = write!(queues, " full since {}", session.clock.rfc3339(t));
+                }
+            }
             let shortfalls = session.shortfalls();
             let shortfalls = if shortfalls.is_empty() {
                 String::new()
