@@ -25,6 +25,7 @@ pub mod report;
 pub mod select;
 pub mod session;
 pub mod signals;
+pub mod sockdiag;
 pub mod stack;
 pub mod tracer;
 pub mod tui;

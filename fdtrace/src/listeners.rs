@@ -5,15 +5,17 @@
 //!
 //! Which sockets a process listens on comes from its /proc/PID/fd (the socket inodes), read
 //! again every [`INODES_EVERY`]: listing a large table costs about 1 us per descriptor. The
-//! queues come from its network namespace's /proc/PID/net/tcp and tcp6, read once per
-//! namespace per sample.
+//! queues and backlogs come from sock_diag (as `ss -lnt` reads them) for processes in
+//! fdtrace's network namespace, and from /proc/PID/net/tcp and tcp6 for the others (a
+//! container's), which show the queue but not the backlog (0 then). Once per namespace per
+//! sample.
 
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use crate::{model::Pid, procfs};
+use crate::{model::Pid, procfs, sockdiag};
 
 /// How often a process's listening sockets are looked for again.
 const INODES_EVERY: Duration = Duration::from_secs(10);
@@ -66,9 +68,12 @@ impl ListenerWatch {
             let Some(netns) = procfs::namespace(&pid.to_string(), "net") else {
                 continue;
             };
-            let table = tables
-                .entry(netns)
-                .or_insert_with(|| procfs::tcp_listeners(pid));
+            let table = tables.entry(netns).or_insert_with(|| {
+                let ours = procfs::namespace("self", "net") == Some(netns);
+                ours.then(|| sockdiag::tcp_listeners().ok())
+                    .flatten()
+                    .unwrap_or_else(|| procfs::tcp_listeners(pid))
+            });
             let previous = self.queues.remove(&pid).unwrap_or_default();
             let now: Vec<ListenQueue> = table
                 .iter()

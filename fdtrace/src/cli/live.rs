@@ -311,11 +311,15 @@ impl LivePrinter {
                 .flatten()
                 .filter(|q| q.queued > 0)
             {
-                let _ = write!(
-                    queues,
-                    " | listen {} backlog {}/{}",
-                    q.address, q.queued, q.backlog
-                );
+                if q.backlog > 0 {
+                    let _ = write!(
+                        queues,
+                        " | listen {} backlog {}/{}",
+                        q.address, q.queued, q.backlog
+                    );
+                } else {
+                    let _ = write!(queues, " | listen {} {} queued", q.address, q.queued);
+                }
                 if let Some(t) = q.full_since {
                     let _ = write!(queues, " full since {}", session.clock.rfc3339(t));
                 }
