@@ -30,6 +30,18 @@ pub struct Crossing {
 }
 
 impl Crossing {
+    /// "pid 81 (nginx) holds 820 descriptors, 80% of its limit 1024 (--warn-at 80%)".
+    pub fn describe(&self, percent: f64) -> String {
+        format!(
+            "pid {} ({}) holds {} descriptors, {:.0}% of its limit {} (--warn-at {percent}%)",
+            self.pid,
+            self.comm,
+            self.open_now,
+            self.open_now as f64 * 100.0 / self.limit as f64,
+            self.limit
+        )
+    }
+
     /// The peak as a share of the limit, in percent.
     pub fn peak_percent(&self) -> f64 {
         self.peak_open as f64 * 100.0 / self.limit as f64

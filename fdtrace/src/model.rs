@@ -842,6 +842,20 @@ impl Model {
         }
     }
 
+    /// The upstream failure groups, most failures first: (pid, its command, peer, cause, counts).
+    pub fn upstream_groups(&self) -> Vec<(Pid, &str, &str, &'static str, &UpstreamFailures)> {
+        let mut groups: Vec<_> = self
+            .upstream
+            .iter()
+            .map(|((pid, _, peer, cause), g)| {
+                let comm = self.processes.get(pid).map_or("", |p| p.info.comm.as_str());
+                (*pid, comm, &**peer, *cause, g)
+            })
+            .collect();
+        groups.sort_by(|a, b| b.4.count.cmp(&a.4.count).then(a.0.cmp(&b.0)));
+        groups
+    }
+
     fn upstream_failed(&mut self, pid: Pid, ts: u64, errno: u16, peer: &Arc<str>) {
         let started = self.processes.get(&pid).map_or(0, |p| p.started_ns);
         let key = (pid, started, peer.clone(), upstream_cause(errno));

@@ -980,27 +980,22 @@ pub fn fmt_frame(f: &FrameReport) -> String {
 
 /// The model's upstream failure groups, most first.
 fn upstream_failures(model: &Model, clock: &WallClock) -> Vec<UpstreamReport> {
-    let mut out: Vec<UpstreamReport> = model
-        .upstream
-        .iter()
-        .map(|((pid, _, peer, cause), g)| UpstreamReport {
-            pid: *pid,
-            comm: model
-                .processes
-                .get(pid)
-                .map_or_else(String::new, |p| p.info.comm.clone()),
+    model
+        .upstream_groups()
+        .into_iter()
+        .map(|(pid, comm, peer, cause, g)| UpstreamReport {
+            pid,
+            comm: comm.to_string(),
             peer: peer.to_string(),
             phase: "connect".to_string(),
-            cause: (*cause).to_string(),
+            cause: cause.to_string(),
             errno: crate::model::errno_name(g.errno),
             count: g.count,
             first: clock.rfc3339(g.first_ns),
             last: clock.rfc3339(g.last_ns),
             listening: Vec::new(),
         })
-        .collect();
-    out.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
-    out
+        .collect()
 }
 
 /// The frame that names a stack in one line: the first of the program's own (outside the C

@@ -437,13 +437,7 @@ impl Session {
         if self.last_tick.elapsed() >= Duration::from_secs(1) {
             self.last_tick = Instant::now();
             self.apply(&Event::Tick { ts: monotonic_ns() });
-            let alive: Vec<Pid> = self
-                .model
-                .processes
-                .values()
-                .filter(|p| p.alive())
-                .map(|p| p.pid)
-                .collect();
+            let alive = self.alive_pids();
             self.listeners.sample(&alive, monotonic_ns());
             if self.records_since_trim >= BATCH_RECORDS {
                 self.records_since_trim = 0;
@@ -463,14 +457,17 @@ impl Session {
         }
     }
 
-    fn reconcile(&mut self) {
-        let alive: Vec<Pid> = self
-            .model
+    fn alive_pids(&self) -> Vec<Pid> {
+        self.model
             .processes
             .values()
             .filter(|p| p.alive())
             .map(|p| p.pid)
-            .collect();
+            .collect()
+    }
+
+    fn reconcile(&mut self) {
+        let alive = self.alive_pids();
         // The budget is for all processes together: fifty processes of 20k descriptors cost
         // as much to list as one of a million.
         let total: u64 = alive.iter().map(|&pid| self.model.open_count(pid)).sum();

@@ -85,15 +85,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         printer.events(&session, &events);
         if let Some(watch) = &mut headroom {
             for c in watch.observe(&session.model, &events) {
-                eprintln!(
-                    "fdtrace: WARNING: pid {} ({}) holds {} descriptors, {:.0}% of its limit {} (--warn-at {}%)",
-                    c.pid,
-                    c.comm,
-                    c.open_now,
-                    c.open_now as f64 * 100.0 / c.limit as f64,
-                    c.limit,
-                    watch.percent()
-                );
+                eprintln!("fdtrace: WARNING: {}", c.describe(watch.percent()));
             }
         }
         printer.summary(&session, &pids);

@@ -150,15 +150,7 @@ pub(crate) fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(watch) = &mut headroom {
             for c in watch.observe(&session.model, &events) {
-                log_line(&format!(
-                    "pid {} ({}) holds {} descriptors, {:.0}% of its limit {} (--warn-at {}%)",
-                    c.pid,
-                    c.comm,
-                    c.open_now,
-                    c.open_now as f64 * 100.0 / c.limit as f64,
-                    c.limit,
-                    watch.percent()
-                ));
+                log_line(&c.describe(watch.percent()));
                 triggers.push((
                     c.pid,
                     c.first_ns.unwrap_or(session.model.last_ns),

@@ -523,22 +523,17 @@ impl Collector {
 
 /// The model's upstream failure groups as rows, most failures first.
 fn upstream_rows(model: &Model, clock: &crate::clock::WallClock) -> Vec<UpstreamRow> {
-    let mut rows: Vec<UpstreamRow> = model
-        .upstream
-        .iter()
-        .map(|((pid, _, peer, cause), g)| UpstreamRow {
-            pid: *pid,
-            comm: model
-                .processes
-                .get(pid)
-                .map_or_else(String::new, |p| p.info.comm.clone()),
+    model
+        .upstream_groups()
+        .into_iter()
+        .map(|(pid, comm, peer, cause, g)| UpstreamRow {
+            pid,
+            comm: comm.to_string(),
             peer: peer.to_string(),
             cause,
             errno: crate::model::errno_name(g.errno),
             count: g.count,
             last: format::time_ms(clock, g.last_ns),
         })
-        .collect();
-    rows.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
-    rows
+        .collect()
 }
