@@ -44,13 +44,29 @@ pub struct ListenerWatch {
     inodes: BTreeMap<Pid, (Instant, Vec<u64>)>,
     /// The latest sample, by process.
     pub queues: BTreeMap<Pid, Vec<ListenQueue>>,
+    /// `ListenOverflows` of each network namespace with a traced listener: (first seen,
+    /// latest).
+    overflows: BTreeMap<(u64, u64), (u64, u64)>,
+    /// The namespace of each process in `queues`.
+    netns_of: BTreeMap<Pid, (u64, u64)>,
 }
 
 impl ListenerWatch {
+    /// Connections its network namespace's listeners dropped, their queue full, since the
+    /// process's first sample with a listener (a namespace-wide count: `ss -s`'s, not one
+    /// socket's).
+    pub fn overflows(&self, pid: Pid) -> u64 {
+        self.netns_of
+            .get(&pid)
+            .and_then(|ns| self.overflows.get(ns))
+            .map_or(0, |(first, last)| last.saturating_sub(*first))
+    }
+
     /// Samples the listen queues of `pids` at `now_ns`; forgets processes not among them.
     pub fn sample(&mut self, pids: &[Pid], now_ns: u64) {
         self.inodes.retain(|pid, _| pids.contains(pid));
         self.queues.retain(|pid, _| pids.contains(pid));
+        self.netns_of.retain(|pid, _| pids.contains(pid));
         // Tables already read this sample, by network namespace.
         let mut tables: BTreeMap<(u64, u64), Vec<procfs::TcpListener>> = BTreeMap::new();
         for &pid in pids.iter().take(PROCESSES_MAX) {
@@ -97,6 +113,13 @@ impl ListenerWatch {
                 .collect();
             if !now.is_empty() {
                 self.queues.insert(pid, now);
+                self.netns_of.insert(pid, netns);
+                if let Some(count) = procfs::listen_overflows(pid) {
+                    self.overflows
+                        .entry(netns)
+                        .and_modify(|(_, last)| *last = count)
+                        .or_insert((count, count));
+                }
             }
         }
     }

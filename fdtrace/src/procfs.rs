@@ -282,6 +282,23 @@ fn parse_tcp_listeners(text: &str) -> Vec<TcpListener> {
         .collect()
 }
 
+/// `TcpExt: ListenOverflows` of `pid`'s network namespace (/proc/PID/net/netstat): how many
+/// times a listener's accept queue was full when a handshake completed, each a connection
+/// dropped (its client retries the SYN, then a proxy's connect times out: 504).
+pub fn listen_overflows(pid: u32) -> Option<u64> {
+    parse_listen_overflows(&fs::read_to_string(format!("/proc/{pid}/net/netstat")).ok()?)
+}
+
+/// The netstat file's `TcpExt:` header line and the value line after it.
+fn parse_listen_overflows(text: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// The socket inodes among `pid`'s descriptors.
 pub fn socket_inodes(pid: u32) -> Vec<u64> {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -357,6 +374,17 @@ fn parse_listening_v6(text: &str, port: u16) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_overflows_are_read_by_name() {
+        let text = "TcpExt: SyncookiesSent SyncookiesRecv ListenOverflows ListenDrops
+TcpExt: 0 0 17 17
+IpExt: InNoRoutes
+IpExt: 0
+";
+        assert_eq!(parse_listen_overflows(text), Some(17));
+        assert_eq!(parse_listen_overflows("IpExt: A\nIpExt: 1\n"), None);
+    }
 
     #[test]
     fn tcp_listeners_are_read_with_their_inodes() {

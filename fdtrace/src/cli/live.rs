@@ -316,6 +316,13 @@ impl LivePrinter {
                     let _ = write!(queues, " full since {}", session.clock.rfc3339(t));
                 }
             }
+            let overflows = session.listeners.overflows(p.pid);
+            if overflows > 0 {
+                let _ = write!(
+                    queues,
+                    " | {overflows} connections dropped at a full listen queue (netns ListenOverflows)"
+                );
+            }
             let shortfalls = session.shortfalls();
             let shortfalls = if shortfalls.is_empty() {
                 String::new()

@@ -182,6 +182,26 @@ impl Header<'_> {
             spans.push(Span::styled("closed unanswered ", t.label));
             spans.push(Span::styled(view.unanswered.to_string(), t.bad));
         }
+        // A listener holding connections the app has not accepted: the backlog that turns
+        // into a proxy's 504s once full.
+        for q in view.listen.iter().filter(|q| q.queued > 0) {
+            spans.push(sep());
+            spans.push(Span::styled(format!("listen {} ", q.address), t.label));
+            let queue = if q.backlog > 0 {
+                format!("{}/{}", q.queued, q.backlog)
+            } else {
+                format!("{} queued", q.queued)
+            };
+            spans.push(Span::styled(queue, if q.full { t.bad } else { t.warn }));
+            if let Some(since) = &q.full_since {
+                spans.push(Span::styled(format!(" full since {since}"), t.bad));
+            }
+        }
+        if view.listen_overflows > 0 {
+            spans.push(sep());
+            spans.push(Span::styled("listen overflows ", t.label));
+            spans.push(Span::styled(view.listen_overflows.to_string(), t.bad));
+        }
         spans.push(sep());
         spans.push(Span::styled("dropped ", t.label));
         spans.push(Span::styled(

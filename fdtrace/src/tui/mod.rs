@@ -74,6 +74,11 @@ pub trait Feed {
     fn probe_cost(&self) -> Option<ProbeCost> {
         None
     }
+    /// The listen queues of `pid` at the last sample, and the connections its network
+    /// namespace's full queues dropped since (live only).
+    fn listen_queues(&self, _pid: crate::model::Pid) -> (Vec<crate::listeners::ListenQueue>, u64) {
+        (Vec::new(), 0)
+    }
     /// Replay controls (ignored live).
     fn control(&mut self, _control: Control) {}
     /// "live", or e.g. "replay 12.3s/60.0s x2", for the header.
@@ -139,6 +144,12 @@ impl Feed for Session {
     }
     fn probe_cost(&self) -> Option<ProbeCost> {
         Some(Session::probe_cost(self))
+    }
+    fn listen_queues(&self, pid: crate::model::Pid) -> (Vec<crate::listeners::ListenQueue>, u64) {
+        (
+            self.listeners.queues.get(&pid).cloned().unwrap_or_default(),
+            self.listeners.overflows(pid),
+        )
     }
     fn position(&self) -> String {
         "live".into()

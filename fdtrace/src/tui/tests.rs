@@ -18,7 +18,7 @@ use super::{
 use crate::{
     clock::WallClock,
     container::Container,
-    model::{Errno, Event, FdKind, Limit, Model, NewFd, ProcessInfo},
+    model::{Errno, Event, FdKind, Limit, Model, NewFd, Pid, ProcessInfo},
     probe::ProbeCost,
     report::Report,
     stack::{Frame, Lang},
@@ -38,11 +38,16 @@ struct TestFeed {
     clock: WallClock,
     live: bool,
     controls: Vec<Control>,
+    /// What a live session's listener sampling would say of every process.
+    listen: (Vec<crate::listeners::ListenQueue>, u64),
 }
 
 impl Feed for TestFeed {
     fn pump(&mut self, _timeout: Duration) -> Vec<Event> {
         Vec::new()
+    }
+    fn listen_queues(&self, _pid: Pid) -> (Vec<crate::listeners::ListenQueue>, u64) {
+        self.listen.clone()
     }
     fn model(&self) -> &Model {
         &self.model
@@ -181,6 +186,7 @@ fn scenario_in(requests: u64, failures: u64, live: bool, placed: ProcessInfo) ->
         },
         live,
         controls: Vec::new(),
+        listen: (Vec::new(), 0),
     };
     let mut events = vec![Event::Attached {
         pid: PID,
@@ -805,4 +811,27 @@ fn upstream_failures_get_a_pane() {
     );
     // Too short a screen keeps its two panes.
     assert!(!screen(&app, 80, 20).contains("upstream failures"));
+}
+
+/// A full listen queue shows in the header, with when it filled, and the namespace's drops.
+#[test]
+fn a_full_listen_queue_shows_in_the_header() {
+    let (mut feed, mut app) = leaked();
+    feed.listen = (
+        vec![crate::listeners::ListenQueue {
+            address: "127.0.0.1:8000".into(),
+            queued: 17,
+            backlog: 16,
+            full_since: Some(T0 + 1500 * MS),
+        }],
+        42,
+    );
+    app.observe(&feed);
+    app.refresh(&feed);
+    let wide = screen(&app, 200, 45);
+    assert!(
+        wide.contains("listen 127.0.0.1:8000 17/16 full since 01:48:52.500"),
+        "{wide}"
+    );
+    assert!(wide.contains("listen overflows 42"), "{wide}");
 }

@@ -79,6 +79,18 @@ pub struct BlameRow {
     pub stack: StackId,
 }
 
+/// A listening socket of the focus process, for the header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenRow {
+    pub address: String,
+    pub queued: u64,
+    /// 0 when unknown (a process in another network namespace).
+    pub backlog: u64,
+    pub full: bool,
+    /// Time of day it became full, to the millisecond.
+    pub full_since: Option<String>,
+}
+
 /// One group of failed outbound connections, for the upstream pane.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamRow {
@@ -152,6 +164,9 @@ pub struct View {
     pub unanswered: u64,
     /// Failed outbound connections by process, peer and cause, most first.
     pub upstream: Vec<UpstreamRow>,
+    /// The focus process's listen queues (live), and connections dropped at full ones.
+    pub listen: Vec<ListenRow>,
+    pub listen_overflows: u64,
     pub dropped: u64,
     /// What else was missed, by reason (the header lists the non-zero ones).
     pub losses: Losses,
@@ -370,6 +385,18 @@ impl Collector {
             })
             .map(|p| p.pid);
         self.focus = focus;
+        let (queues, listen_overflows) =
+            focus.map_or_else(Default::default, |pid| feed.listen_queues(pid));
+        let listen = queues
+            .into_iter()
+            .map(|q| ListenRow {
+                full: q.full(),
+                full_since: q.full_since.map(|t| format::time_ms(feed.clock(), t)),
+                address: q.address,
+                queued: q.queued,
+                backlog: q.backlog,
+            })
+            .collect();
         let shown_exited = processes.iter().filter(|p| !p.alive).count() as u64;
         let (opens_per_sec, closes_per_sec) = self.rates();
         View {
@@ -384,6 +411,8 @@ impl Collector {
             incidents_total: model.incidents_total,
             unanswered: model.unanswered.values().map(|u| u.count).sum(),
             upstream: upstream_rows(model, feed.clock()),
+            listen,
+            listen_overflows,
             dropped: model.dropped,
             losses: model.losses,
             corrections: model.corrections,
