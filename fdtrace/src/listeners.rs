@@ -52,9 +52,9 @@ pub struct ListenerWatch {
 }
 
 impl ListenerWatch {
-    /// Connections its network namespace's listeners dropped, their queue full, since the
-    /// process's first sample with a listener (a namespace-wide count: `ss -s`'s, not one
-    /// socket's).
+    /// Connections its network namespace's listeners dropped, their queue full, since fdtrace
+    /// first sampled a traced listener there (a namespace-wide count, as `nstat` shows it, not
+    /// one socket's).
     pub fn overflows(&self, pid: Pid) -> u64 {
         self.netns_of
             .get(&pid)
