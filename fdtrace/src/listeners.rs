@@ -69,6 +69,8 @@ impl ListenerWatch {
         self.netns_of.retain(|pid, _| pids.contains(pid));
         // Tables already read this sample, by network namespace.
         let mut tables: BTreeMap<(u64, u64), Vec<procfs::TcpListener>> = BTreeMap::new();
+        // Namespaces whose ListenOverflows this sample read: a server's processes share one.
+        let mut counted = std::collections::BTreeSet::new();
         for &pid in pids.iter().take(PROCESSES_MAX) {
             let stale = self
                 .inodes
@@ -114,6 +116,9 @@ impl ListenerWatch {
             if !now.is_empty() {
                 self.queues.insert(pid, now);
                 self.netns_of.insert(pid, netns);
+                if !counted.insert(netns) {
+                    continue;
+                }
                 if let Some(count) = procfs::listen_overflows(pid) {
                     self.overflows
                         .entry(netns)
