@@ -52,6 +52,13 @@ pub mod names {
     pub const PROG_EXIT: &str = "fdt_exit";
     /// tracepoint `sched/sched_process_exec`: a process runs a new program.
     pub const PROG_EXEC: &str = "fdt_exec";
+    /// tracepoint `sock/inet_sock_set_state`: how a traced process's outbound TCP
+    /// connections end (a connect abandoned, a request never answered, a peer's early close
+    /// or reset).
+    pub const PROG_TCP_STATE: &str = "fdt_tcp_state";
+    /// `LruHashMap<u64 struct sock, Outbound>`: outbound TCP connections of traced processes,
+    /// from their connect to the end of their first exchange.
+    pub const MAP_OUTBOUND: &str = "FDT_OUTBOUND";
 }
 
 /// Record kinds, the first field of every record.
@@ -217,8 +224,36 @@ pub struct KernelLayout {
     /// `sk_daddr` when the kernel lacks one of them: those failures come without an address.
     pub sk_daddr: u32,
     pub sk_v6_daddr: u32,
+    /// `sock.sk_err` and `tcp_sock`'s `bytes_sent` and `bytes_received`, from BTF, and the
+    /// `skaddr`, `oldstate`, `newstate` and `protocol` fields of `sock/inet_sock_set_state`:
+    /// how an outbound connection ended (see [`Outbound`]). [`NO_FIELD`] in
+    /// `tcp_bytes_received` when the kernel lacks any of them (the state probe then does
+    /// nothing, and only failed connects are reported).
+    pub sk_err: u32,
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_received: u32,
+    pub state_skaddr: u32,
+    pub state_oldstate: u32,
+    pub state_newstate: u32,
+    pub state_protocol: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 108);
+const _: () = assert!(size_of::<KernelLayout>() == 136);
+
+/// An outbound TCP connection a traced process started with connect, kept by its `struct
+/// sock` until its first exchange is over: the state probe tells, from the state it leaves
+/// and the bytes it carried, a connect abandoned (SYNs unanswered), a request never answered,
+/// or a peer that closed or reset before answering. Keyed by the sock rather than the
+/// descriptor, so a `dup2` or a missed close cannot pair it with another connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outbound {
+    /// When connect was called, and when the handshake completed (0 until then).
+    pub connect_ns: u64,
+    pub established_ns: u64,
+    pub tgid: u32,
+    pub fd: u32,
+}
+const _: () = assert!(size_of::<Outbound>() == 24);
 
 /// How long after a process's EMFILE/ENFILE an accepted connection counts as accepted at the
 /// limit: libuv's reserve-descriptor trick accepts within microseconds of the failure.
@@ -405,4 +440,6 @@ mod pod {
     unsafe impl aya::Pod for super::PyProc {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Outbound {}
 }

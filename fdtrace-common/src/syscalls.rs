@@ -21,6 +21,23 @@ pub const ACCEPT_QUEUE: usize = 4;
 pub const ACCEPT_LISTEN: usize = 5;
 pub const LISTEN_IPV4: u64 = 1 << 62;
 pub const LISTEN_IPV6: u64 = 1 << 63;
+/// The slots of a [`crate::kind::UPSTREAM`] record the probes fill: how the connection ended
+/// (one of the `ENDED_*` values; [`ENDED_FAILED`] for a connect or getsockopt that returned
+/// the error in `args[5]`), and for the state probe's records the nanoseconds it lasted (from
+/// the connect for the connect phase, from the completed handshake for the response phase).
+pub const UPSTREAM_DURATION: usize = 3;
+pub const UPSTREAM_ENDED: usize = 4;
+pub const ENDED_FAILED: u64 = 0;
+/// The process closed a connect still waiting for its handshake (nothing answered the SYNs:
+/// a full accept queue drops them).
+pub const ENDED_CONNECT_ABANDONED: u64 = 1;
+/// The process sent a request and closed the connection with nothing received: it gave up
+/// waiting (nginx's `proxy_read_timeout`).
+pub const ENDED_UNANSWERED: u64 = 2;
+/// The peer closed the connection (FIN) before sending a byte.
+pub const ENDED_CLOSED_EARLY: u64 = 3;
+/// The peer reset the connection.
+pub const ENDED_RESET: u64 = 4;
 pub const PIPE: u32 = 22;
 pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;
@@ -652,3 +669,4 @@ pub const EHOSTUNREACH: i64 = 113;
 pub const EMFILE: i64 = 24;
 pub const ENFILE: i64 = 23;
 pub const EBADF: i64 = 9;
+pub const EINPROGRESS: i64 = 115;

@@ -39,13 +39,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, Fresh, KernelLayout, NO_FIELD, PY_BYTES, RecordHeader,
-    STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced, UpstreamRecord,
-    kind, select,
+    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, Fresh, KernelLayout, NO_FIELD, Outbound, PY_BYTES,
+    RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced,
+    UpstreamRecord, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
-    FRESH, PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count, emit_header, emit_scratch,
+    FRESH, OUTBOUND, PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count, emit_header,
+    emit_scratch,
 };
 
 /// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
@@ -92,6 +93,13 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     sk_num: 0,
     sk_daddr: NO_FIELD,
     sk_v6_daddr: 0,
+    sk_err: 0,
+    tcp_bytes_sent: 0,
+    tcp_bytes_received: NO_FIELD,
+    state_skaddr: 0,
+    state_oldstate: 0,
+    state_newstate: 0,
+    state_protocol: 0,
 };
 
 /// One field of [`FDT_LAYOUT`], read volatile (the loader sets it after compilation); a
@@ -237,7 +245,6 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
 
     if failed {
         // Only an entry still there: the process may be exiting on another CPU.
-        const BPF_EXIST: u64 = 2;
         let mut hit = traced;
         hit.limit_hit_ns = header.ts_ns;
         let _ = TRACED.insert(tgid, hit, BPF_EXIST);
@@ -289,6 +296,13 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             emit_header(&header)
         }
         Action::Change if nr != syscalls::CLOSE && ret == 0 => emit_header(&header),
+        // A connect under way or made: how it ends is the state probe's to tell.
+        Action::Upstream
+            if nr == syscalls::CONNECT && (ret == 0 || ret == -syscalls::EINPROGRESS) =>
+        {
+            outbound(fresh_key(tgid, args[0]), header.ts_ns, ret == 0);
+            Ok(())
+        }
         Action::Upstream => upstream(&header),
         // Failed creations and changes, and syscalls that do neither.
         Action::Create(_) | Action::Depends | Action::Change | Action::Ignore => Ok(()),
@@ -432,6 +446,8 @@ fn upstream(header: &RecordHeader) -> Result<(), ()> {
         }
         let out = dst.cast::<RecordHeader>();
         (*out).kind = kind::UPSTREAM;
+        (*out).args[syscalls::UPSTREAM_DURATION] = 0;
+        (*out).args[syscalls::UPSTREAM_ENDED] = syscalls::ENDED_FAILED;
         (*out).args[5] = errno as u64;
         let addr = dst.add(ADDR_AT);
         let len = if header.nr == syscalls::CONNECT {
@@ -468,9 +484,25 @@ unsafe fn connect_address(dst: *mut u8, addr: u64, len: u64) -> u32 {
     }
 }
 
-/// Writes the peer of socket `fd` to `dst` as a `sockaddr_in` or `sockaddr_in6` (from the
-/// kernel's sock: a non-blocking connect's address is gone from user memory by the time its
-/// outcome is read); returns its length, 0 when unknown.
+/// Writes the peer of socket `fd` to `dst` (see [`sock_peer`]): a non-blocking connect's
+/// address is gone from user memory by the time its outcome is read.
+///
+/// # Safety
+/// As [`sock_peer`].
+#[inline(always)]
+unsafe fn peer_address(dst: *mut u8, fd: u64) -> u32 {
+    if layout!(sk_daddr) == NO_FIELD {
+        return 0;
+    }
+    match sock_of(fd) {
+        // SAFETY: the caller's promise.
+        Ok(sock) => unsafe { sock_peer(dst, sock as *const u8) },
+        Err(()) => 0,
+    }
+}
+
+/// Writes the peer of `sock` to `dst` as a `sockaddr_in` or `sockaddr_in6`, from the
+/// kernel's sock; returns its length, 0 when unknown.
 ///
 /// # Safety
 /// `dst` has room for UPSTREAM_ADDR_MAX bytes, and is 8-aligned (a ring record's address area).
@@ -479,14 +511,10 @@ unsafe fn connect_address(dst: *mut u8, addr: u64, len: u64) -> u32 {
     clippy::cast_ptr_alignment,
     reason = "the address area starts 88 bytes into an 8-aligned ring record"
 )]
-unsafe fn peer_address(dst: *mut u8, fd: u64) -> u32 {
+unsafe fn sock_peer(dst: *mut u8, sock: *const u8) -> u32 {
     if layout!(sk_daddr) == NO_FIELD {
         return 0;
     }
-    let Ok(sock) = sock_of(fd) else {
-        return 0;
-    };
-    let sock = sock as *const u8;
     let mut family: u16 = 0;
     if kernel_field_into(&mut family, sock, layout!(sk_family)).is_err() {
         return 0;
@@ -508,6 +536,32 @@ unsafe fn peer_address(dst: *mut u8, fd: u64) -> u32 {
             }
     };
     if read { len } else { 0 }
+}
+
+/// Remembers a TCP connection that descriptor `key & 0xffff_ffff` of process `key >> 32`
+/// started (`connected`: the connect completed at once), for the state probe. Its own
+/// BPF-to-BPF call, as [`watch`].
+#[inline(never)]
+fn outbound(key: u64, ts: u64, connected: bool) {
+    if layout!(tcp_bytes_received) == NO_FIELD {
+        return;
+    }
+    let Ok(sock) = sock_of(key & 0xffff_ffff) else {
+        return;
+    };
+    let mut protocol: u16 = 0;
+    if kernel_field_into(&mut protocol, sock as *const u8, layout!(sk_protocol)).is_err()
+        || protocol != IPPROTO_TCP
+    {
+        return;
+    }
+    let conn = Outbound {
+        connect_ns: ts,
+        established_ns: if connected { ts } else { 0 },
+        tgid: (key >> 32) as u32,
+        fd: key as u32,
+    };
+    let _ = OUTBOUND.insert(sock, conn, 0);
 }
 
 /// The [`syscalls::ACCEPT_QUEUE`] slot for an accept on `fd` that failed at the limit: the
@@ -1213,3 +1267,136 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// Map update flag: only replace an entry still there (another CPU may have removed it).
+const BPF_EXIST: u64 = 2;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn fdt_tcp_state(ctx: TracePointContext) -> u32 {
+    match try_tcp_state(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// How an outbound connection of a traced process ended, told by the state it leaves and
+/// the bytes it carried, read while the sock is certainly alive (inside the state change):
+/// after close returns it may be freed. Runs for every TCP state change on the machine, in
+/// softirq for the peer's FIN or reset; one map lookup dismisses the connections that are not
+/// a traced process's outbound ones. Only the end of an exchange that went wrong is sent.
+fn try_tcp_state(ctx: &TracePointContext) -> Result<(), ()> {
+    // SAFETY (the `read_at`s): reads inside the tracepoint record, at offsets its format
+    // file gave.
+    let protocol: u16 = unsafe { ctx.read_at(layout!(state_protocol) as usize) }.map_err(|_| ())?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let sk: u64 = unsafe { ctx.read_at(layout!(state_skaddr) as usize) }.map_err(|_| ())?;
+    // SAFETY: a lookup; the value is copied out at once.
+    let Some(mut conn) = (unsafe { OUTBOUND.get(sk) }).copied() else {
+        return Ok(());
+    };
+    // SAFETY: as above.
+    let old: i32 = unsafe { ctx.read_at(layout!(state_oldstate) as usize) }.map_err(|_| ())?;
+    // SAFETY: as above.
+    let new: i32 = unsafe { ctx.read_at(layout!(state_newstate) as usize) }.map_err(|_| ())?;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sock = sk as *const u8;
+    let ended = match (old, new) {
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+            conn.established_ns = now;
+            let _ = OUTBOUND.insert(sk, conn, BPF_EXIST);
+            return Ok(());
+        }
+        // A refused or unreachable connect sets sk_err before the state changes; the
+        // process learns it from connect or getsockopt, whose records say it. Closed by
+        // the process with no error: nothing answered the SYNs.
+        (TCP_SYN_SENT, TCP_CLOSE) => {
+            let err: i32 = kernel_field(sock, layout!(sk_err))?;
+            (err == 0).then_some(syscalls::ENDED_CONNECT_ABANDONED)
+        }
+        (TCP_ESTABLISHED, _) => {
+            let err: i32 = kernel_field(sock, layout!(sk_err))?;
+            let mut received: u64 = kernel_field(sock, layout!(tcp_bytes_received))?;
+            // The peer's FIN took a sequence number, which bytes_received counts.
+            if new == TCP_CLOSE_WAIT {
+                received = received.saturating_sub(1);
+            }
+            let sent: u64 = kernel_field(sock, layout!(tcp_bytes_sent))?;
+            match new {
+                _ if i64::from(err) == syscalls::ECONNRESET => Some(syscalls::ENDED_RESET),
+                _ if received != 0 => None,
+                TCP_CLOSE_WAIT => Some(syscalls::ENDED_CLOSED_EARLY),
+                // The process closed it after sending a request, with nothing back: it gave
+                // up waiting. Closed before sending anything, it was an idle connection (a
+                // pool's), not a failure.
+                TCP_FIN_WAIT1 | TCP_CLOSE if sent != 0 => Some(syscalls::ENDED_UNANSWERED),
+                _ => None,
+            }
+        }
+        _ => return Ok(()),
+    };
+    let _ = OUTBOUND.remove(sk);
+    let Some(ended) = ended else {
+        return Ok(());
+    };
+    let since = if ended == syscalls::ENDED_CONNECT_ABANDONED || conn.established_ns == 0 {
+        conn.connect_ns
+    } else {
+        conn.established_ns
+    };
+    let errno = match ended {
+        syscalls::ENDED_RESET => syscalls::ECONNRESET,
+        syscalls::ENDED_CLOSED_EARLY => 0,
+        // What nginx logs for both: "upstream timed out (110: Connection timed out)".
+        _ => syscalls::ETIMEDOUT,
+    };
+    emit_ended(
+        &RecordHeader {
+            kind: kind::UPSTREAM,
+            nr: syscalls::CONNECT,
+            tgid: conn.tgid,
+            tid: 0,
+            ts_ns: now,
+            ret: 0,
+            args: [
+                u64::from(conn.fd),
+                0,
+                0,
+                now.wrapping_sub(since),
+                ended,
+                errno as u64,
+            ],
+        },
+        sock,
+    )
+}
+
+/// Outputs an [`UpstreamRecord`] with `header` and the peer of `sock`.
+#[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the kernel aligns ring records to 8 bytes, as the header needs"
+)]
+fn emit_ended(header: &RecordHeader, sock: *const u8) -> Result<(), ()> {
+    let Some(mut entry) = maps::reserve::<{ size_of::<UpstreamRecord>() }>() else {
+        return Err(());
+    };
+    let dst = entry.as_mut_ptr();
+    // SAFETY: the reservation holds an UpstreamRecord; the ring's records are 8-aligned.
+    unsafe {
+        dst.cast::<RecordHeader>().write(*header);
+        let len = sock_peer(dst.add(size_of::<RecordHeader>() + 8), sock);
+        dst.add(size_of::<RecordHeader>())
+            .cast::<[u32; 2]>()
+            .write([len, 0]);
+    }
+    maps::submit(entry);
+    Ok(())
+}

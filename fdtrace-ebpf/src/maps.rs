@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
-    COUNTERS as COUNTER_SLOTS, Counter, Fresh, PyProc, RecordHeader, StackedRecord, Traced, select,
+    COUNTERS as COUNTER_SLOTS, Counter, Fresh, Outbound, PyProc, RecordHeader, StackedRecord,
+    Traced, select,
 };
 
 /// Processes being traced, by tgid. Userspace seeds it; the fork probe adds children.
@@ -43,6 +44,12 @@ pub static SELECT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(select::
 /// outlives its process is pushed out by newer ones rather than filling the map.
 #[map(name = "FDT_FRESH")]
 pub static FRESH: LruHashMap<u64, Fresh> = LruHashMap::with_max_entries(4096, 0);
+
+/// Outbound TCP connections of traced processes, by `struct sock`, from connect to the end of
+/// their first exchange (see [`Outbound`]). LRU: a connection whose end the probe never sees
+/// (its process's tracing stopped) is pushed out by newer ones.
+#[map(name = "FDT_OUTBOUND")]
+pub static OUTBOUND: LruHashMap<u64, Outbound> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "FDT_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StackedRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -140,6 +140,7 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
         | Event::Unanswered { .. }
         | Event::Listen { .. }
         | Event::UpstreamFailed { .. }
+        | Event::UpstreamEnded { .. }
         | Event::Tick { .. } => Vec::new(),
     }
 }

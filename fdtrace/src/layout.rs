@@ -165,6 +165,7 @@ pub fn detect(
     tcp_layout(&btf, &mut layout);
     listen_layout(&btf, &mut layout);
     upstream_layout(&btf, &mut layout);
+    exchange_layout(tracefs, &btf, &mut layout);
     let group_dead = exit.iter().any(|(name, _)| name == "group_dead");
     if group_dead && !force_btf_exit {
         layout.exit_group_dead = required(&exit, EXIT, "group_dead", 1, false)?;
@@ -273,6 +274,59 @@ fn upstream_layout(btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
     layout.sk_dport = dport;
     layout.sk_daddr = daddr;
     layout.sk_v6_daddr = v6_daddr;
+}
+
+/// What the state probe reads to tell how an outbound connection ended: the socket's error
+/// and byte counts from BTF, and the `sock/inet_sock_set_state` record's fields.
+fn exchange_layout(tracefs: &Path, btf: &BtfTypes<'_>, layout: &mut KernelLayout) {
+    const STATE: &str = "sock/inet_sock_set_state";
+    let off = "upstream timeouts, resets and early closes are not reported";
+    layout.tcp_bytes_received = NO_FIELD;
+    let members = [
+        ("file", "private_data"),
+        ("socket", "sk"),
+        ("sock", "sk_protocol"),
+        ("sock", "sk_err"),
+        ("tcp_sock", "bytes_sent"),
+        ("tcp_sock", "bytes_received"),
+    ];
+    let Some([private_data, sk, protocol, err, sent, received]) =
+        optional_members(btf, members, off)
+    else {
+        return;
+    };
+    let fields = match tracepoint_fields(tracefs, STATE) {
+        Ok(fields) => fields,
+        Err(e) => {
+            log::info!("probes: {e}: {off}");
+            return;
+        }
+    };
+    let record = (|| {
+        Ok::<_, LayoutError>([
+            required(&fields, STATE, "skaddr", 8, false)?,
+            required(&fields, STATE, "oldstate", 4, false)?,
+            required(&fields, STATE, "newstate", 4, false)?,
+            required(&fields, STATE, "protocol", 2, false)?,
+        ])
+    })();
+    let [skaddr, oldstate, newstate, state_protocol] = match record {
+        Ok(offsets) => offsets,
+        Err(e) => {
+            log::info!("probes: {e}: {off}");
+            return;
+        }
+    };
+    layout.file_private_data = private_data;
+    layout.socket_sk = sk;
+    layout.sk_protocol = protocol;
+    layout.sk_err = err;
+    layout.tcp_bytes_sent = sent;
+    layout.tcp_bytes_received = received;
+    layout.state_skaddr = skaddr;
+    layout.state_oldstate = oldstate;
+    layout.state_newstate = newstate;
+    layout.state_protocol = state_protocol;
 }
 
 /// Just enough of a BTF blob to find struct members by name: the type section walked once,

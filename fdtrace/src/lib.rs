@@ -17,6 +17,7 @@ pub mod losses;
 pub mod metrics;
 pub mod mmap_events;
 pub mod model;
+pub mod nginx;
 pub mod probe;
 pub mod procfs;
 pub mod python;

@@ -129,3 +129,70 @@ impl ListenerWatch {
         }
     }
 }
+/// How long a peer's queue reading stands for the connects that time out after it: during
+/// a burst of timeouts, one netlink dump per ten milliseconds rather than one per failure.
+const PEER_FRESH: Duration = Duration::from_millis(10);
+/// Peers remembered at most (a proxy may time out against many).
+const PEERS_MAX: usize = 1024;
+
+/// Whether the listener an outbound connect was aimed at has its accept queue full: the
+/// kernel drops SYNs past a full queue, so a connect that timed out against a full queue on
+/// this host was the backlog's doing, not the network's. Read in the connecting process's
+/// network namespace (a container's `127.0.0.1` is its own).
+#[derive(Default)]
+pub struct PeerQueues {
+    seen: BTreeMap<(Pid, String), (Instant, bool)>,
+}
+
+impl PeerQueues {
+    /// `peer` as the tracer formats it (`127.0.0.1:8000`, `[::1]:8000`); false for one
+    /// without a listener on this host (a remote peer) or a unix socket.
+    pub fn full(&mut self, pid: Pid, peer: &str) -> bool {
+        let key = (pid, peer.to_string());
+        if let Some((at, full)) = self.seen.get(&key)
+            && at.elapsed() < PEER_FRESH
+        {
+            return *full;
+        }
+        let full = peer_queue_full(pid, peer);
+        if self.seen.len() >= PEERS_MAX {
+            self.seen.clear();
+        }
+        self.seen.insert(key, (Instant::now(), full));
+        full
+    }
+}
+
+fn peer_queue_full(pid: Pid, peer: &str) -> bool {
+    let Some((host, port)) = peer.rsplit_once(':') else {
+        return false;
+    };
+    if peer.starts_with("unix:") {
+        return false;
+    }
+    let ours = procfs::namespace("self", "net") == procfs::namespace(&pid.to_string(), "net");
+    let listeners = ours
+        .then(|| sockdiag::tcp_listeners().ok())
+        .flatten()
+        .unwrap_or_else(|| procfs::tcp_listeners(pid));
+    let wildcard = if host.starts_with('[') {
+        "[::]"
+    } else {
+        "0.0.0.0"
+    };
+    listeners
+        .iter()
+        .filter(|l| {
+            l.address
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| p == port && (h == host || h == wildcard || h == "[::]"))
+        })
+        // Without the backlog (/proc's view), a queue not drained is the sign.
+        .any(|l| {
+            if l.backlog > 0 {
+                l.queued >= l.backlog
+            } else {
+                l.queued > 0
+            }
+        })
+}

@@ -190,14 +190,22 @@ fn render(model: &Model, stacks: &Stacks, counters: &ServeCounters) -> String {
         }
         let mut failed: Vec<_> = model
             .upstream
-            .range((p.pid, p.started_ns, Arc::from(""), "")..)
+            .range(
+                (
+                    p.pid,
+                    p.started_ns,
+                    Arc::from(""),
+                    crate::model::Failure::MIN,
+                )..,
+            )
             .take_while(|((pid, started, _, _), _)| *pid == p.pid && *started == p.started_ns)
             .collect();
         failed.sort_by_key(|(_, g)| std::cmp::Reverse(g.count));
-        for ((_, _, peer, cause), g) in failed.into_iter().take(TOP_UPSTREAMS) {
+        for ((_, _, peer, failure), g) in failed.into_iter().take(TOP_UPSTREAMS) {
             let mut l = labels.clone();
             l.push(("peer".into(), peer.to_string()));
-            l.push(("cause".into(), (*cause).to_string()));
+            l.push(("phase".into(), failure.phase.to_string()));
+            l.push(("cause".into(), failure.cause.to_string()));
             l.push(("errno".into(), crate::model::errno_name(g.errno)));
             upstream.get_or_create(&l).inc_by(g.count);
         }

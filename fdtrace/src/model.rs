@@ -304,6 +304,91 @@ pub enum Event {
         errno: u16,
         peer: Arc<str>,
     },
+    /// An outbound TCP connection of a traced process ended without an answer (format 6),
+    /// as the state probe saw it end; `duration_ns` from the connect (connect phase) or the
+    /// completed handshake (response phase) to that end.
+    UpstreamEnded {
+        pid: Pid,
+        ts: u64,
+        fd: i32,
+        ended: Ended,
+        duration_ns: u64,
+        peer: Arc<str>,
+    },
+}
+
+/// How an outbound TCP connection ended without an answer (see the probes' `ENDED_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Ended {
+    /// Closed by the process still connecting: nothing answered its SYNs.
+    ConnectAbandoned,
+    /// The same, while the peer's listener (on this host) had its accept queue full: the
+    /// kernel drops the SYNs past it.
+    BacklogFull,
+    /// A request sent, nothing received, closed by the process: it gave up waiting.
+    Unanswered,
+    /// The peer closed before sending a byte.
+    ClosedEarly,
+    /// The peer reset the connection.
+    Reset,
+}
+
+impl Ended {
+    /// The probe's `ENDED_*` value, None for [`sc::ENDED_FAILED`] or an unknown one.
+    pub fn from_probe(value: u64) -> Option<Self> {
+        match value {
+            sc::ENDED_CONNECT_ABANDONED => Some(Self::ConnectAbandoned),
+            sc::ENDED_UNANSWERED => Some(Self::Unanswered),
+            sc::ENDED_CLOSED_EARLY => Some(Self::ClosedEarly),
+            sc::ENDED_RESET => Some(Self::Reset),
+            _ => None,
+        }
+    }
+
+    pub fn failure(self) -> Failure {
+        let (phase, cause) = match self {
+            Self::ConnectAbandoned => ("connect", "timeout"),
+            Self::BacklogFull => ("connect", "backlog_full"),
+            Self::Unanswered => ("response", "timeout"),
+            Self::ClosedEarly => ("response", "closed_early"),
+            Self::Reset => ("response", "reset"),
+        };
+        Failure { phase, cause }
+    }
+
+    /// The errno nginx logs for it (ETIMEDOUT for the timeouts it makes up itself), 0 for
+    /// none.
+    pub fn errno(self) -> u16 {
+        match self {
+            Self::ConnectAbandoned | Self::BacklogFull | Self::Unanswered => sc::ETIMEDOUT as u16,
+            Self::Reset => sc::ECONNRESET as u16,
+            Self::ClosedEarly => 0,
+        }
+    }
+}
+
+/// What went wrong with an outbound connection, in DESIGN.md's words
+/// (`upstream_failures[].phase` and `.cause`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Failure {
+    pub phase: &'static str,
+    pub cause: &'static str,
+}
+
+impl Failure {
+    /// A connect or getsockopt that returned `errno`.
+    pub fn connect(errno: u16) -> Self {
+        Self {
+            phase: "connect",
+            cause: upstream_cause(errno),
+        }
+    }
+
+    /// The lowest key, for ranges over one process's groups.
+    pub const MIN: Self = Self {
+        phase: "",
+        cause: "",
+    };
 }
 
 /// Why an outbound connection failed, in DESIGN.md's words (`upstream_failures[].cause`).
@@ -332,14 +417,18 @@ pub fn errno_name(errno: u16) -> String {
         sc::ETIMEDOUT => "ETIMEDOUT",
         sc::ECONNREFUSED => "ECONNREFUSED",
         sc::EHOSTUNREACH => "EHOSTUNREACH",
+        0 => "",
         _ => return format!("errno {errno}"),
     };
     name.to_string()
 }
 
-/// What a failed connect's cause means, for the text report and live lines.
-pub fn upstream_meaning(cause: &str, peer: &str) -> &'static str {
+/// What an upstream failure means, for the text report and live lines.
+pub fn upstream_meaning(phase: &str, cause: &str, peer: &str) -> &'static str {
     let unix = peer.starts_with("unix:");
+    if phase == "response" && cause == "timeout" {
+        return "the request was sent and nothing came back before the proxy gave up: the app is slower than the proxy waits, or stuck";
+    }
     match cause {
         "refused" if unix => "a socket file is there but nothing accepts on it (the app is down)",
         "refused" => "nothing listens there: the app is down, or this is the wrong port",
@@ -348,8 +437,17 @@ pub fn upstream_meaning(cause: &str, peer: &str) -> &'static str {
         }
         "permission" => "refused locally (a firewall rule or a security module)",
         "no_socket" => "no socket at that path: the app is down, or listens elsewhere",
-        "backlog_full" => "the socket's listen queue is full: the app does not accept fast enough",
+        "backlog_full" if unix => {
+            "the socket's listen queue is full: the app does not accept fast enough"
+        }
+        "backlog_full" => {
+            "the app's listen queue was full, so the kernel dropped the SYNs: the app does not accept fast enough (busy workers, or a backlog too small)"
+        }
         "timeout" => "no answer to the handshake in time",
+        "closed_early" => {
+            "the app closed the connection without answering (it crashed, or its worker was killed or restarted)"
+        }
+        "reset" => "the app reset the connection (it crashed, or closed with the request unread)",
         "unreachable" => "no route to that address",
         _ => "",
     }
@@ -362,6 +460,36 @@ pub struct UpstreamFailures {
     pub count: u64,
     pub first_ns: u64,
     pub last_ns: u64,
+    /// How long the connections lasted, for those the state probe saw end.
+    pub durations: Option<Durations>,
+}
+
+/// The shortest, longest and total of a group's durations (ns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Durations {
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub total_ns: u64,
+    pub count: u64,
+}
+
+impl Durations {
+    fn add(this: Option<Self>, ns: u64) -> Self {
+        this.map_or(
+            Self {
+                min_ns: ns,
+                max_ns: ns,
+                total_ns: ns,
+                count: 1,
+            },
+            |d| Self {
+                min_ns: d.min_ns.min(ns),
+                max_ns: d.max_ns.max(ns),
+                total_ns: d.total_ns.saturating_add(ns),
+                count: d.count + 1,
+            },
+        )
+    }
 }
 
 /// Groups kept in [`Model::upstream`]; failures past them are only counted in
@@ -379,7 +507,46 @@ pub struct Listen {
     pub backlog: u32,
 }
 
+/// An upstream failure as one event says it: who, to which peer, what, its errno, and how
+/// long the connection lasted when known.
+pub struct UpstreamEvent<'a> {
+    pub pid: Pid,
+    pub peer: &'a Arc<str>,
+    pub failure: Failure,
+    pub errno: u16,
+    pub duration_ns: Option<u64>,
+}
+
 impl Event {
+    /// The upstream failure this event reports, if it is one.
+    pub fn upstream(&self) -> Option<UpstreamEvent<'_>> {
+        match self {
+            Event::UpstreamFailed {
+                pid, errno, peer, ..
+            } => Some(UpstreamEvent {
+                pid: *pid,
+                peer,
+                failure: Failure::connect(*errno),
+                errno: *errno,
+                duration_ns: None,
+            }),
+            Event::UpstreamEnded {
+                pid,
+                ended,
+                duration_ns,
+                peer,
+                ..
+            } => Some(UpstreamEvent {
+                pid: *pid,
+                peer,
+                failure: ended.failure(),
+                errno: ended.errno(),
+                duration_ns: Some(*duration_ns),
+            }),
+            _ => None,
+        }
+    }
+
     /// When it happened (CLOCK_MONOTONIC ns), for events that carry a time.
     pub fn ts(&self) -> Option<u64> {
         match self {
@@ -397,6 +564,7 @@ impl Event {
             | Event::Unanswered { ts, .. }
             | Event::Listen { ts, .. }
             | Event::UpstreamFailed { ts, .. }
+            | Event::UpstreamEnded { ts, .. }
             | Event::Tick { ts } => Some(*ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -422,6 +590,7 @@ impl Event {
             | Event::Unanswered { ts, .. }
             | Event::Listen { ts, .. }
             | Event::UpstreamFailed { ts, .. }
+            | Event::UpstreamEnded { ts, .. }
             | Event::Tick { ts } => Some(ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -695,7 +864,7 @@ pub struct Model {
     pub unanswered: BTreeMap<(Pid, u64), Unanswered>,
     /// Failed outbound connections by (process, its start, peer, cause): what a proxy in front
     /// of a dead or misconfigured app sees. Kept after the process exits.
-    pub upstream: BTreeMap<(Pid, u64, Arc<str>, &'static str), UpstreamFailures>,
+    pub upstream: BTreeMap<(Pid, u64, Arc<str>, Failure), UpstreamFailures>,
     pub upstream_not_grouped: u64,
     /// The latest totals of what was missed, by reason (`dropped` counts events alone, and
     /// is all that recordings before format 4 say).
@@ -838,27 +1007,50 @@ impl Model {
                 errno,
                 peer,
                 ..
-            } => self.upstream_failed(*pid, *ts, *errno, peer),
+            } => self.upstream_failed(*pid, *ts, Failure::connect(*errno), *errno, None, peer),
+            Event::UpstreamEnded {
+                pid,
+                ts,
+                ended,
+                duration_ns,
+                peer,
+                ..
+            } => self.upstream_failed(
+                *pid,
+                *ts,
+                ended.failure(),
+                ended.errno(),
+                Some(*duration_ns),
+                peer,
+            ),
         }
     }
 
     /// The upstream failure groups, most failures first: (pid, its command, peer, cause, counts).
-    pub fn upstream_groups(&self) -> Vec<(Pid, &str, &str, &'static str, &UpstreamFailures)> {
+    pub fn upstream_groups(&self) -> Vec<(Pid, &str, &str, Failure, &UpstreamFailures)> {
         let mut groups: Vec<_> = self
             .upstream
             .iter()
-            .map(|((pid, _, peer, cause), g)| {
+            .map(|((pid, _, peer, failure), g)| {
                 let comm = self.processes.get(pid).map_or("", |p| p.info.comm.as_str());
-                (*pid, comm, &**peer, *cause, g)
+                (*pid, comm, &**peer, *failure, g)
             })
             .collect();
         groups.sort_by(|a, b| b.4.count.cmp(&a.4.count).then(a.0.cmp(&b.0)));
         groups
     }
 
-    fn upstream_failed(&mut self, pid: Pid, ts: u64, errno: u16, peer: &Arc<str>) {
+    fn upstream_failed(
+        &mut self,
+        pid: Pid,
+        ts: u64,
+        failure: Failure,
+        errno: u16,
+        duration_ns: Option<u64>,
+        peer: &Arc<str>,
+    ) {
         let started = self.processes.get(&pid).map_or(0, |p| p.started_ns);
-        let key = (pid, started, peer.clone(), upstream_cause(errno));
+        let key = (pid, started, peer.clone(), failure);
         if !self.upstream.contains_key(&key) && self.upstream.len() >= MAX_UPSTREAM_GROUPS {
             self.upstream_not_grouped += 1;
             return;
@@ -868,7 +1060,11 @@ impl Model {
             count: 0,
             first_ns: ts,
             last_ns: ts,
+            durations: None,
         });
+        if let Some(ns) = duration_ns {
+            group.durations = Some(Durations::add(group.durations, ns));
+        }
         group.count += 1;
         group.first_ns = group.first_ns.min(ts);
         group.last_ns = group.last_ns.max(ts);

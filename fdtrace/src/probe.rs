@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
-use fdtrace_common::{COUNTERS, Counter, KernelLayout, PyProc, Traced, names, select};
+use fdtrace_common::{COUNTERS, Counter, KernelLayout, NO_FIELD, PyProc, Traced, names, select};
 use thiserror::Error;
 
 use crate::layout::{self, ExitSource, LayoutError};
@@ -132,7 +132,21 @@ impl std::fmt::Display for ProbeChoices {
             l.task_mm,
             l.mm_start_code,
             l.mm_start_brk
-        )
+        )?;
+        if l.tcp_bytes_received == NO_FIELD {
+            write!(f, "\nupstream exchanges: not followed (see the log)")
+        } else {
+            write!(
+                f,
+                "\nupstream exchanges: inet_sock_set_state skaddr at {}, states at {}/{}; sock.sk_err at {}, tcp_sock.bytes_sent at {}, bytes_received at {} (BTF)",
+                l.state_skaddr,
+                l.state_oldstate,
+                l.state_newstate,
+                l.sk_err,
+                l.tcp_bytes_sent,
+                l.tcp_bytes_received
+            )
+        }
     }
 }
 
@@ -293,6 +307,14 @@ impl Probes {
                 .map_err(|e| unsupported_or(kernel_error(name, &e)))?;
             prog.attach("sched", tp)
                 .map_err(|e| kernel_error(name, &e))?;
+        }
+        // Only where the layout was found: the probe reads nothing without it.
+        if kernel_layout.tcp_bytes_received != NO_FIELD {
+            let prog: &mut TracePoint = program(&mut ebpf, names::PROG_TCP_STATE)?;
+            prog.load()
+                .map_err(|e| unsupported_or(kernel_error(names::PROG_TCP_STATE, &e)))?;
+            prog.attach("sock", "inet_sock_set_state")
+                .map_err(|e| kernel_error(names::PROG_TCP_STATE, &e))?;
         }
         let choices = ProbeChoices {
             sys_exit,

@@ -225,9 +225,10 @@ pub struct UpstreamReport {
     pub comm: String,
     /// `127.0.0.1:8001`, `[::1]:8001`, `unix:/run/app.sock`; empty when unknown.
     pub peer: String,
-    /// "connect": the connection was never made.
+    /// "connect": the connection was never made; "response": it was, and no answer came.
     pub phase: String,
     pub cause: String,
+    /// Empty for an early close, which has none.
     pub errno: String,
     pub count: u64,
     pub first: String,
@@ -236,37 +237,96 @@ pub struct UpstreamReport {
     /// nginx should have used ("127.0.0.1:8000 (uvicorn pid 4242)"). Live sessions only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listening: Vec<String>,
+    /// How long the connections lasted, for the timeouts and early ends (from the connect
+    /// for the connect phase, from the completed handshake for the response phase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<DurationMs>,
+    /// With `--nginx-conf`, for timeouts: the directive whose timer ends that phase, with its
+    /// values ("proxy_read_timeout 1s"), and whether the durations end at one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nginx_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub at_nginx_timeout: bool,
+}
+
+/// Shortest, longest and mean duration, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurationMs {
+    pub min: u64,
+    pub max: u64,
+    pub mean: u64,
 }
 
 impl UpstreamReport {
     /// nginx's terms: "nginx pid 81: 7 connects to 127.0.0.1:8001 refused (ECONNREFUSED:
-    /// nothing listens there: ...)".
+    /// nothing listens there: ...)", "nginx pid 81: 5 requests to 127.0.0.1:8000 unanswered,
+    /// closed after 1.00 s (...)".
     pub fn line(&self) -> String {
         let peer = if self.peer.is_empty() {
             "an unknown address"
         } else {
             &self.peer
         };
-        let what = match self.cause.as_str() {
-            "refused" => "refused",
-            "permission" => "denied",
-            "timeout" => "timed out",
-            _ => "failed",
+        let n = self.count;
+        let s = if n == 1 { "" } else { "s" };
+        let after = self.duration_ms.map_or(String::new(), |d| {
+            let secs = |ms: u64| format!("{:.2}", ms as f64 / 1000.0);
+            if d.max - d.min < 10 {
+                format!(" after {} s", secs(d.mean))
+            } else {
+                format!(" after {}-{} s", secs(d.min), secs(d.max))
+            }
+        });
+        let what = match (self.phase.as_str(), self.cause.as_str()) {
+            ("response", "timeout") => {
+                format!(
+                    "{n} request{s} to {peer} unanswered, closed by {}{after}",
+                    self.comm
+                )
+            }
+            ("response", "closed_early") => {
+                format!("{n} request{s} to {peer} closed by the peer before any answer{after}")
+            }
+            ("response", _) => format!("{n} connection{s} to {peer} reset{after}"),
+            (_, cause) => {
+                let verb = match cause {
+                    "refused" => "refused",
+                    "permission" => "denied",
+                    "timeout" => "timed out",
+                    "backlog_full" if !self.peer.starts_with("unix:") => "timed out",
+                    _ => "failed",
+                };
+                format!("{n} connect{s} to {peer} {verb}{after}")
+            }
         };
-        let meaning = crate::model::upstream_meaning(&self.cause, &self.peer);
-        let listening = if self.listening.is_empty() {
-            String::new()
-        } else {
-            format!("; listening on that host: {}", self.listening.join(", "))
-        };
+        let mut why: Vec<String> = Vec::new();
+        let meaning = crate::model::upstream_meaning(&self.phase, &self.cause, &self.peer);
+        match (self.errno.is_empty(), meaning.is_empty()) {
+            (false, false) => why.push(format!("{}: {meaning}", self.errno)),
+            (false, true) => why.push(self.errno.clone()),
+            (true, false) => why.push(meaning.to_string()),
+            (true, true) => {}
+        }
+        if let Some(directive) = &self.nginx_timeout {
+            why.push(if self.at_nginx_timeout {
+                format!("nginx's {directive}: the app takes longer than nginx waits")
+            } else {
+                format!(
+                    "nginx's {directive}, which these did not reach: the client went away first, or another timer ended them"
+                )
+            });
+        }
+        if !self.listening.is_empty() {
+            why.push(format!(
+                "listening on that host: {}",
+                self.listening.join(", ")
+            ));
+        }
         format!(
-            "{} pid {}: {} connect{} to {peer} {what} ({}{}{meaning}{listening}), {} to {}",
+            "{} pid {}: {what} ({}), {} to {}",
             self.comm,
             self.pid,
-            self.count,
-            if self.count == 1 { "" } else { "s" },
-            self.errno,
-            if meaning.is_empty() { "" } else { ": " },
+            why.join("; "),
             self.first,
             self.last
         )
@@ -457,6 +517,22 @@ impl Report {
                     None => l.address,
                 })
                 .collect();
+        }
+    }
+
+    /// Names, for each timeout, the nginx directive whose timer ends that phase, and whether
+    /// the durations end at it.
+    pub fn compare_nginx(&mut self, timeouts: &crate::nginx::Timeouts) {
+        for u in &mut self.upstream_failures {
+            // The timeouts nginx makes up itself: a connect abandoned (a full backlog's
+            // included), an answer waited for.
+            let (Some(d), true) = (u.duration_ms, u.errno == "ETIMEDOUT") else {
+                continue;
+            };
+            let ms = std::time::Duration::from_millis;
+            let (directive, matches) = timeouts.explain(&u.phase, ms(d.min), ms(d.max));
+            u.nginx_timeout = Some(directive);
+            u.at_nginx_timeout = matches;
         }
     }
 
@@ -983,17 +1059,24 @@ fn upstream_failures(model: &Model, clock: &WallClock) -> Vec<UpstreamReport> {
     model
         .upstream_groups()
         .into_iter()
-        .map(|(pid, comm, peer, cause, g)| UpstreamReport {
+        .map(|(pid, comm, peer, failure, g)| UpstreamReport {
             pid,
             comm: comm.to_string(),
             peer: peer.to_string(),
-            phase: "connect".to_string(),
-            cause: cause.to_string(),
+            phase: failure.phase.to_string(),
+            cause: failure.cause.to_string(),
             errno: crate::model::errno_name(g.errno),
             count: g.count,
             first: clock.rfc3339(g.first_ns),
             last: clock.rfc3339(g.last_ns),
             listening: Vec::new(),
+            duration_ms: g.durations.map(|d| DurationMs {
+                min: d.min_ns / 1_000_000,
+                max: d.max_ns / 1_000_000,
+                mean: d.total_ns / d.count.max(1) / 1_000_000,
+            }),
+            nginx_timeout: None,
+            at_nginx_timeout: false,
         })
         .collect()
 }

@@ -15,7 +15,7 @@ use fdtrace_common::{PyProc, kind, syscalls as sc};
 use crate::{
     decode::Record,
     mmap_events::MapEvent,
-    model::{Errno, Event, FdKind, NO_STACK, NewFd, ProcessInfo, StackId},
+    model::{Ended, Errno, Event, FdKind, NO_STACK, NewFd, ProcessInfo, StackId},
     procfs, python,
     stack::{Frame, RawFrame, StackMemo, Symbolizer, Unwinder},
 };
@@ -80,6 +80,9 @@ pub struct Tracer {
     /// (an unrolled loop's several calls on one line) are one call site.
     by_location: HashMap<Vec<Location>, StackId>,
     pub stacks: Stacks,
+    /// Whether each peer's listener had its queue full, by (process, peer), for a moment
+    /// (see [`crate::listeners::PeerQueues`]).
+    peer_queues: crate::listeners::PeerQueues,
 }
 
 /// A frame as a reader tells it apart: where, not at which address.
@@ -134,6 +137,7 @@ impl Tracer {
             interned: HashMap::default(),
             by_location: HashMap::default(),
             stacks: Stacks::default(),
+            peer_queues: crate::listeners::PeerQueues::default(),
         }
     }
 
@@ -251,18 +255,36 @@ impl Tracer {
                 vec![Event::Exec { pid, ts, info }]
             }
             kind::SYSCALL => Self::change(pid, ts, h.nr, &a),
-            kind::UPSTREAM => vec![Event::UpstreamFailed {
-                pid,
-                ts,
-                fd: a[0] as i32,
-                syscall: h.nr,
-                errno: a[5] as u16,
-                peer: if rec.aux.is_empty() {
+            kind::UPSTREAM => {
+                let peer: Arc<str> = if rec.aux.is_empty() {
                     Arc::from("")
                 } else {
                     Arc::from(peer(&rec.aux))
-                },
-            }],
+                };
+                let Some(mut ended) = Ended::from_probe(a[sc::UPSTREAM_ENDED]) else {
+                    return vec![Event::UpstreamFailed {
+                        pid,
+                        ts,
+                        fd: a[0] as i32,
+                        syscall: h.nr,
+                        errno: a[5] as u16,
+                        peer,
+                    }];
+                };
+                // Decided here, while the queue is as the timeout left it, so that a
+                // recording replays the same cause.
+                if ended == Ended::ConnectAbandoned && self.peer_queues.full(pid, &peer) {
+                    ended = Ended::BacklogFull;
+                }
+                vec![Event::UpstreamEnded {
+                    pid,
+                    ts,
+                    fd: a[0] as i32,
+                    ended,
+                    duration_ns: a[sc::UPSTREAM_DURATION],
+                    peer,
+                }]
+            }
             kind::CODE => {
                 let copies = crate::decode::code_copies(rec);
                 self.python.learn_code(pid, a[0], &copies);

@@ -454,6 +454,90 @@ fn failed_outbound_connections_are_named_on_the_older_kernels_paths() {
     });
 }
 
+#[test]
+#[ignore = "root"]
+fn outbound_exchanges_that_end_unanswered_are_named() {
+    check_exchange_failures(ProbeOptions::default());
+}
+
+#[test]
+#[ignore = "root"]
+fn outbound_exchanges_that_end_unanswered_are_named_on_the_older_kernels_paths() {
+    check_exchange_failures(ProbeOptions {
+        fallbacks: true,
+        ..ProbeOptions::default()
+    });
+}
+
+/// exchange_fail.c ends TCP exchanges every way an upstream can after the connect (SYNs
+/// dropped by a full accept queue, a request never answered, closed early, reset) plus good
+/// ones, and reports what its own poll and recv saw and how long each took by its clock:
+/// fdtrace's `upstream_failures` must count the same by peer, phase and cause, with durations
+/// inside the fixture's, and nothing for the answered requests.
+fn check_exchange_failures(options: ProbeOptions) {
+    let fixture = common::build_c("exchange_fail.c", &["-O1", "-g", "-pthread"]);
+    let out = out_file(&format!("exchange-fail-{}", options.fallbacks));
+    let run = common::run_traced(&[fixture.to_str().unwrap(), out.to_str().unwrap()], options);
+    assert_eq!(run.exit_code, 0, "exchange_fail failed");
+    let text = fs::read_to_string(&out).unwrap();
+    let _ = fs::remove_file(&out);
+    let truth = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(truth("fillers"), 2, "a backlog of 1 holds two: {text}");
+    let report = run.session.report();
+    let cases = [
+        ("backlog", "connect", "backlog_full", "ETIMEDOUT"),
+        ("unanswered", "response", "timeout", "ETIMEDOUT"),
+        ("closed", "response", "closed_early", ""),
+        ("reset", "response", "reset", "ECONNRESET"),
+    ];
+    for (name, phase, cause, errno) in cases {
+        let expected = truth(name);
+        assert!(expected > 0, "the fixture saw no {name}: {text}");
+        let peer = format!("127.0.0.1:{}", truth(&format!("{name}_port")));
+        let groups: Vec<_> = report
+            .upstream_failures
+            .iter()
+            .filter(|u| u.peer == peer)
+            .collect();
+        assert_eq!(groups.len(), 1, "{name}: {groups:#?}");
+        let u = groups[0];
+        assert_eq!(
+            (
+                u.phase.as_str(),
+                u.cause.as_str(),
+                u.errno.as_str(),
+                u.count
+            ),
+            (phase, cause, errno, expected),
+            "{name}: {u:#?}"
+        );
+        // The probe's interval lies inside the fixture's, give or take the syscalls around
+        // it and fdtrace's whole milliseconds.
+        let d = u.duration_ms.expect("durations");
+        let (lo, hi) = (
+            truth(&format!("{name}_min_ms")),
+            truth(&format!("{name}_max_ms")),
+        );
+        assert!(
+            d.min + 5 >= lo && d.max <= hi + 5,
+            "{name}: fdtrace {d:?}, the fixture {lo}..{hi} ms"
+        );
+    }
+    let answered = format!("127.0.0.1:{}", truth("answered_port"));
+    assert_eq!(truth("answered"), 3, "{text}");
+    assert!(
+        report.upstream_failures.iter().all(|u| u.peer != answered),
+        "answered requests counted: {:#?}",
+        report.upstream_failures
+    );
+}
+
 /// connect_fail.c fails connections every way a proxy's upstream can (TCP refused, blocking
 /// and through getsockopt(SO_ERROR); a unix socket missing, forbidden to a child running as
 /// nobody, with a full backlog) and counts what it saw: fdtrace's `upstream_failures` must

@@ -861,11 +861,27 @@ pub fn start_nginx(
     port: u16,
     upstream: &str,
 ) -> anyhow::Result<Service> {
+    start_nginx_with(example, dir, port, upstream, &[])
+}
+
+/// [`start_nginx`] with lines of the template replaced (`("proxy_connect_timeout 1s;",
+/// "proxy_connect_timeout 500ms;")`); a line that is not there is an error.
+pub fn start_nginx_with(
+    example: &Path,
+    dir: &Path,
+    port: u16,
+    upstream: &str,
+    changes: &[(&str, &str)],
+) -> anyhow::Result<Service> {
     let template = fs::read_to_string(example.join("nginx.conf.template"))?;
-    let config = template
+    let mut config = template
         .replace("@PREFIX@", &dir.display().to_string())
         .replace("@PORT@", &port.to_string())
         .replace("@UPSTREAM@", upstream);
+    for (from, to) in changes {
+        anyhow::ensure!(config.contains(from), "nginx.conf.template has no {from:?}");
+        config = config.replace(from, to);
+    }
     let path = dir.join("nginx.conf");
     fs::write(&path, config)?;
     Service::start(

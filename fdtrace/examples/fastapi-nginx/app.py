@@ -6,10 +6,19 @@ falls back to defaults, so the app's own logs stay quiet while its descriptor ta
 it is full, asyncio's accept() fails with EMFILE, connections wait in the listen backlog and
 nginx gives up on the upstream. LEAK=0 selects the fixed version.
 
+Two more endpoints stand for the other 504s behind nginx:
+- /slow answers after SLOW_SECONDS (default 2): slower than a proxy_read_timeout of 1s, nginx
+  gives up first ("upstream timed out ... while reading response header from upstream");
+- /block sleeps BLOCK_SECONDS (default 1.5) inside the event loop (a blocking call in an async
+  handler): nothing is accepted meanwhile, the listen backlog fills, the kernel drops the SYNs
+  past it and nginx's connects time out ("... while connecting to upstream").
+
 Run it with a low RLIMIT_NOFILE (serve.sh sets 64) behind nginx.conf.template; load.py drives it.
 """
 
+import asyncio
 import os
+import time
 
 from fastapi import FastAPI
 
@@ -36,6 +45,19 @@ async def index() -> dict:
         # Optional settings: defaults are fine. (This is what hides the leak from the app's logs.)
         settings = b""
     return {"ok": True, "settings_bytes": len(settings)}
+
+
+@app.get("/slow")
+async def slow() -> dict:
+    await asyncio.sleep(float(os.environ.get("SLOW_SECONDS", "2")))
+    return {"ok": True}
+
+
+@app.get("/block")
+async def block() -> dict:
+    # The mistake on purpose: a blocking sleep in an async handler stalls the whole loop.
+    time.sleep(float(os.environ.get("BLOCK_SECONDS", "1.5")))
+    return {"ok": True}
 
 
 @app.get("/healthz")

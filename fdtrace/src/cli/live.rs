@@ -26,6 +26,13 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let selection = args.select.resolve(&args.pids)?;
+    let nginx = super::nginx_timeouts(args.nginx_conf.as_ref())?;
+    let with_nginx = |mut report: crate::report::Report| {
+        if let Some(timeouts) = &nginx {
+            report.compare_nginx(timeouts);
+        }
+        report
+    };
     check_privileges()?;
     let tui = !args.no_tui && std::io::stdout().is_terminal();
     let options = select_options(args.probe, args.follow, tui, &selection);
@@ -47,7 +54,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         };
         crate::tui::run(&mut session, options)?;
         session.pump(Duration::from_millis(20));
-        let report = session.report();
+        let report = with_nginx(session.report());
         if args.output.is_some() {
             emit_report(&report, args.format, args.output.as_ref(), false)?;
         } else {
@@ -99,7 +106,12 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
         }
     }
     session.pump(Duration::from_millis(20));
-    emit_report(&session.report(), args.format, args.output.as_ref(), false)?;
+    emit_report(
+        &with_nginx(session.report()),
+        args.format,
+        args.output.as_ref(),
+        false,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -132,7 +144,7 @@ struct LivePrinter {
     /// counted there in one line each, so the output neither stops nor floods.
     unlisted: std::collections::BTreeMap<(Pid, u32), u64>,
     /// Upstream failure groups already announced, and their counts at the last summary.
-    upstream_seen: std::collections::BTreeMap<(Pid, String, String), u64>,
+    upstream_seen: std::collections::BTreeMap<(Pid, String, crate::model::Failure), u64>,
 }
 
 const SUMMARY_EVERY: Duration = Duration::from_secs(3);
@@ -186,17 +198,12 @@ impl LivePrinter {
         }
     }
 
-    /// The first failed connect of each (process, peer, cause) at once, in nginx's terms.
+    /// The first upstream failure of each (process, peer, phase and cause) at once, in
+    /// nginx's terms.
     fn upstream(&mut self, session: &Session, events: &[Event]) {
-        for event in events {
-            let Event::UpstreamFailed {
-                pid, errno, peer, ..
-            } = event
-            else {
-                continue;
-            };
-            let cause = crate::model::upstream_cause(*errno);
-            let key = (*pid, peer.to_string(), cause.to_string());
+        for u in events.iter().filter_map(Event::upstream) {
+            let (pid, f) = (u.pid, u.failure);
+            let key = (pid, u.peer.to_string(), f);
             if self.upstream_seen.contains_key(&key) {
                 continue;
             }
@@ -204,17 +211,33 @@ impl LivePrinter {
             let comm = session
                 .model
                 .processes
-                .get(pid)
+                .get(&pid)
                 .map_or("?", |p| p.info.comm.as_str());
-            let meaning = crate::model::upstream_meaning(cause, peer);
+            let peer = if u.peer.is_empty() {
+                "an unknown address"
+            } else {
+                u.peer
+            };
+            let after = u.duration_ns.map_or(String::new(), |ns| {
+                format!(" after {:.2} s", ns as f64 / 1e9)
+            });
+            let what = match (f.phase, f.cause) {
+                ("connect", "timeout" | "backlog_full") if u.duration_ns.is_some() => {
+                    format!("connect to {peer} timed out{after}")
+                }
+                ("connect", _) => format!(
+                    "connect to {peer} failed with {}",
+                    crate::model::errno_name(u.errno)
+                ),
+                (_, "timeout") => format!("request to {peer} unanswered, closed{after}"),
+                (_, "closed_early") => {
+                    format!("request to {peer} closed by the peer before any answer{after}")
+                }
+                _ => format!("connection to {peer} reset{after}"),
+            };
+            let meaning = crate::model::upstream_meaning(f.phase, f.cause, u.peer);
             eprintln!(
-                "fdtrace: {comm} pid {pid}: connect to {} failed with {}{}{meaning}",
-                if peer.is_empty() {
-                    "an unknown address"
-                } else {
-                    peer
-                },
-                crate::model::errno_name(*errno),
+                "fdtrace: {comm} pid {pid}: {what}{}{meaning}",
                 if meaning.is_empty() { "" } else { ": " },
             );
         }
@@ -222,8 +245,8 @@ impl LivePrinter {
 
     /// Upstream failure groups that grew since the last summary, one line each.
     fn upstream_summary(&mut self, session: &Session) {
-        for ((pid, _, peer, cause), g) in &session.model.upstream {
-            let key = (*pid, peer.to_string(), (*cause).to_string());
+        for ((pid, _, peer, failure), g) in &session.model.upstream {
+            let key = (*pid, peer.to_string(), *failure);
             let before = self.upstream_seen.get(&key).copied().unwrap_or(0);
             if g.count <= before {
                 continue;
@@ -234,9 +257,15 @@ impl LivePrinter {
                 .processes
                 .get(pid)
                 .map_or("?", |p| p.info.comm.as_str());
+            let what = if failure.phase == "connect" {
+                "connects"
+            } else {
+                "requests"
+            };
             eprintln!(
-                "fdtrace: {comm} pid {pid}: {} connects to {peer} {cause} ({}) so far, {} since the last summary",
+                "fdtrace: {comm} pid {pid}: {} {what} to {peer} {} ({}) so far, {} since the last summary",
                 g.count,
+                failure.cause,
                 crate::model::errno_name(g.errno),
                 g.count - before
             );

@@ -65,8 +65,23 @@ pub(crate) struct AttachArgs {
     /// Warn when a process's open descriptors reach PERCENT of its limit (RLIMIT_NOFILE).
     #[arg(long, value_name = "PERCENT", value_parser = crate::headroom::parse_percent)]
     pub(crate) warn_at: Option<f64>,
+    /// nginx's configuration (`nginx -T` output, or its nginx.conf): upstream timeouts are
+    /// compared with its proxy_connect_timeout and proxy_read_timeout.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) nginx_conf: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) probe: ProbeArgs,
+}
+
+/// Reads `--nginx-conf`, failing in one line before any tracing starts.
+pub(crate) fn nginx_timeouts(
+    path: Option<&PathBuf>,
+) -> anyhow::Result<Option<crate::nginx::Timeouts>> {
+    path.map(|p| {
+        crate::nginx::Timeouts::read(p)
+            .with_context(|| format!("reading nginx's configuration {}", p.display()))
+    })
+    .transpose()
 }
 
 /// Selectors by what a process is, which also take in processes that start matching later.

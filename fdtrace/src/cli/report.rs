@@ -25,12 +25,20 @@ pub(crate) struct ReportArgs {
     /// Write the report to FILE instead of standard output.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
+    /// nginx's configuration (`nginx -T` output, or its nginx.conf): upstream timeouts are
+    /// compared with its proxy_connect_timeout and proxy_read_timeout.
+    #[arg(long, value_name = "FILE")]
+    nginx_conf: Option<PathBuf>,
 }
 
 pub(crate) fn report(args: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let nginx = super::nginx_timeouts(args.nginx_conf.as_ref())?;
     let mut replay = Replay::new(super::record::load(&args.input)?);
     replay.to_end();
-    let report = replay.report();
+    let mut report = replay.report();
+    if let Some(timeouts) = &nginx {
+        report.compare_nginx(timeouts);
+    }
     let text = match args.format {
         ReportFormat::Text => report.to_text(),
         ReportFormat::Markdown => report.to_markdown(),

@@ -184,6 +184,21 @@ impl Redactor {
                 errno: *errno,
                 peer: self.target(FdKind::Socket, peer).into(),
             },
+            Event::UpstreamEnded {
+                pid,
+                ts,
+                fd,
+                ended,
+                duration_ns,
+                peer,
+            } => Event::UpstreamEnded {
+                pid: *pid,
+                ts: *ts,
+                fd: *fd,
+                ended: *ended,
+                duration_ns: *duration_ns,
+                peer: self.target(FdKind::Socket, peer).into(),
+            },
             other => other.clone(),
         }
     }

@@ -270,10 +270,10 @@ fn junk_and_other_versions_are_refused() {
     let mut newer = reader::prelude_of_version(format::FORMAT_VERSION + 1).to_vec();
     newer.extend_from_slice(b"whatever comes next");
     let err = reader::parse(&newer).unwrap_err();
-    assert!(matches!(err, ReadError::Newer(6)));
+    assert!(matches!(err, ReadError::Newer(7)));
     assert_eq!(
         err.to_string(),
-        "was written by a newer fdtrace (format 6; this one reads format 5)"
+        "was written by a newer fdtrace (format 7; this one reads format 6)"
     );
     let mut older = reader::prelude_of_version(1).to_vec();
     older.extend_from_slice(b"closes without reopened");
@@ -281,7 +281,7 @@ fn junk_and_other_versions_are_refused() {
     assert!(matches!(err, ReadError::Older(1)), "{err}");
     assert_eq!(
         err.to_string(),
-        "was written by an older fdtrace (format 1; this one reads formats 2 to 5): report it with that version"
+        "was written by an older fdtrace (format 1; this one reads formats 2 to 6): report it with that version"
     );
     let path = temp("junk");
     std::fs::write(&path, b"not a recording at all").unwrap();
@@ -814,6 +814,16 @@ fn upstream_failures_replay_and_redact() {
     events.push(failed(last + 1, 111, "127.0.0.1:8001"));
     events.push(failed(last + 2, 111, "127.0.0.1:8001"));
     events.push(failed(last + 3, 13, "unix:/run/app.sock"));
+    for (i, ms) in [990u64, 1_020, 1_005].into_iter().enumerate() {
+        events.push(Event::UpstreamEnded {
+            pid: 42,
+            ts: last + 4 + i as u64,
+            fd: 10,
+            ended: crate::model::Ended::Unanswered,
+            duration_ns: ms * 1_000_000,
+            peer: Arc::from("127.0.0.1:8000"),
+        });
+    }
     let stacks = {
         let (leak, balanced, _) = scenario(0);
         let mut s = Stacks::default();
@@ -822,21 +832,40 @@ fn upstream_failures_replay_and_redact() {
         s
     };
     let (bytes, live) = record("upstream", &stacks, &events);
-    let groups: Vec<(u64, &str, &str, &str)> = live
+    let groups: Vec<(u64, &str, &str, &str, &str)> = live
         .upstream_failures
         .iter()
-        .map(|u| (u.count, u.peer.as_str(), u.cause.as_str(), u.errno.as_str()))
+        .map(|u| {
+            let (peer, phase) = (u.peer.as_str(), u.phase.as_str());
+            (u.count, peer, phase, u.cause.as_str(), u.errno.as_str())
+        })
         .collect();
     assert_eq!(
         groups,
         [
-            (2, "127.0.0.1:8001", "refused", "ECONNREFUSED"),
-            (1, "unix:/run/app.sock", "permission", "EACCES")
+            (3, "127.0.0.1:8000", "response", "timeout", "ETIMEDOUT"),
+            (2, "127.0.0.1:8001", "connect", "refused", "ECONNREFUSED"),
+            (1, "unix:/run/app.sock", "connect", "permission", "EACCES")
         ]
     );
     assert!(live.to_text().contains(
         "app pid 42: 2 connects to 127.0.0.1:8001 refused (ECONNREFUSED: nothing listens there"
     ));
+    let text = live.to_text();
+    assert!(
+        text.contains("app pid 42: 3 requests to 127.0.0.1:8000 unanswered, closed by app after 0.99-1.02 s (ETIMEDOUT: the request was sent"),
+        "{text}"
+    );
+    // With nginx's configuration, the timer that ended them.
+    let mut compared = live.clone();
+    compared.compare_nginx(&crate::nginx::Timeouts::parse("proxy_read_timeout 1s;"));
+    assert!(
+        compared
+            .to_text()
+            .contains("nginx's proxy_read_timeout 1s: the app takes longer than nginx waits"),
+        "{}",
+        compared.to_text()
+    );
     let path = temp("upstream-replay");
     std::fs::write(&path, &bytes).unwrap();
     let back = replayed(reader::open(&path).unwrap());
@@ -849,7 +878,7 @@ fn upstream_failures_replay_and_redact() {
     }
     redacted.finish().unwrap();
     let hidden = replayed(reader::open(&path).unwrap());
-    assert_eq!(hidden.upstream_failures.len(), 2);
+    assert_eq!(hidden.upstream_failures.len(), 3);
     assert!(
         hidden
             .upstream_failures

@@ -784,29 +784,45 @@ fn upstream_failures_get_a_pane() {
             peer: Arc::from(peer),
         });
     }
+    // Two requests nginx gave up on after a second, as the state probe reports them.
+    for (i, ms) in [1000, 1010].into_iter().enumerate() {
+        feed.model.apply(&Event::UpstreamEnded {
+            pid: PID,
+            ts: ts + (10 + i as u64) * MS,
+            fd: 13,
+            ended: crate::model::Ended::Unanswered,
+            duration_ns: ms * MS,
+            peer: Arc::from("127.0.0.1:8000"),
+        });
+    }
     app.observe(&feed);
     app.refresh(&feed);
     let rows: Vec<(u64, &str, &str)> = app
         .view
         .upstream
         .iter()
-        .map(|r| (r.count, r.peer.as_str(), r.cause))
+        .map(|r| (r.count, r.peer.as_str(), r.cause.as_str()))
         .collect();
     assert_eq!(
         rows,
         [
             (3, "127.0.0.1:8001", "refused"),
+            (2, "127.0.0.1:8000", "reply timeout"),
             (1, "unix:/run/app.sock", "permission")
         ]
     );
     let tall = screen(&app, 160, 45);
-    assert!(tall.contains("upstream failures 4"), "{tall}");
+    assert!(tall.contains("upstream failures 6"), "{tall}");
     assert!(
-        tall.contains("refused      127.0.0.1:8001 ECONNREFUSED"),
+        tall.contains("refused       127.0.0.1:8001 ECONNREFUSED"),
         "{tall}"
     );
     assert!(
-        tall.contains("permission   unix:/run/app.sock EACCES"),
+        tall.contains("permission    unix:/run/app.sock EACCES"),
+        "{tall}"
+    );
+    assert!(
+        tall.contains("reply timeout 127.0.0.1:8000 ETIMEDOUT after 1.00 s"),
         "{tall}"
     );
     // Too short a screen keeps its two panes.

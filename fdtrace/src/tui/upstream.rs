@@ -28,10 +28,19 @@ impl Widget for UpstreamList<'_> {
             .map(|r| {
                 Line::from(vec![
                     Span::styled(format!("{:>6} ", r.count), t.bad),
-                    Span::styled(format!("{:<12} ", r.cause), t.warn),
+                    Span::styled(format!("{:<13} ", r.cause), t.warn),
                     Span::raw(format!("{} ", r.peer)),
                     Span::styled(
-                        format!("{} · {} pid {} · last {}", r.errno, r.comm, r.pid, r.last),
+                        format!(
+                            "{}{} · {} pid {} · last {}",
+                            r.errno,
+                            r.lasted
+                                .as_ref()
+                                .map_or(String::new(), |d| format!(" after {d}")),
+                            r.comm,
+                            r.pid,
+                            r.last
+                        ),
                         t.dim,
                     ),
                 ])

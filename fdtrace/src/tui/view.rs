@@ -97,9 +97,12 @@ pub struct UpstreamRow {
     pub pid: Pid,
     pub comm: String,
     pub peer: String,
-    pub cause: &'static str,
+    /// The cause, and the phase when the connection was made: "refused", "reply timeout".
+    pub cause: String,
     pub errno: String,
     pub count: u64,
+    /// How long they lasted, when the state probe saw them end ("1.00 s").
+    pub lasted: Option<String>,
     /// Time of day of the latest, to the millisecond.
     pub last: String,
 }
@@ -555,13 +558,20 @@ fn upstream_rows(model: &Model, clock: &crate::clock::WallClock) -> Vec<Upstream
     model
         .upstream_groups()
         .into_iter()
-        .map(|(pid, comm, peer, cause, g)| UpstreamRow {
+        .map(|(pid, comm, peer, failure, g)| UpstreamRow {
             pid,
             comm: comm.to_string(),
             peer: peer.to_string(),
-            cause,
+            cause: match (failure.phase, failure.cause) {
+                ("response", "timeout") => "reply timeout".to_string(),
+                ("response", "closed_early") => "closed early".to_string(),
+                (_, cause) => cause.to_string(),
+            },
             errno: crate::model::errno_name(g.errno),
             count: g.count,
+            lasted: g
+                .durations
+                .map(|d| format!("{:.2} s", d.total_ns as f64 / d.count.max(1) as f64 / 1e9)),
             last: format::time_ms(clock, g.last_ns),
         })
         .collect()
