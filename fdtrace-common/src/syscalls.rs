@@ -38,6 +38,9 @@ pub const ENDED_UNANSWERED: u64 = 2;
 pub const ENDED_CLOSED_EARLY: u64 = 3;
 /// The peer reset the connection.
 pub const ENDED_RESET: u64 = 4;
+/// Set by userspace's ring reader, never by the probes: an [`ENDED_CONNECT_ABANDONED`] whose
+/// peer, a listener on this host, had its accept queue full as the record arrived.
+pub const ENDED_BACKLOG_FULL: u64 = 5;
 pub const PIPE: u32 = 22;
 pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;

@@ -446,8 +446,15 @@ fn upstream(header: &RecordHeader) -> Result<(), ()> {
         }
         let out = dst.cast::<RecordHeader>();
         (*out).kind = kind::UPSTREAM;
-        (*out).args[syscalls::UPSTREAM_DURATION] = 0;
-        (*out).args[syscalls::UPSTREAM_ENDED] = syscalls::ENDED_FAILED;
+        // Volatile: two adjacent zero stores become a call to memset, a BPF-to-BPF call
+        // whose frame 6.1's verifier adds to the chain (544 bytes, refused).
+        let args = &raw mut (*out).args;
+        args.cast::<u64>()
+            .add(syscalls::UPSTREAM_DURATION)
+            .write_volatile(0);
+        args.cast::<u64>()
+            .add(syscalls::UPSTREAM_ENDED)
+            .write_volatile(syscalls::ENDED_FAILED);
         (*out).args[5] = errno as u64;
         let addr = dst.add(ADDR_AT);
         let len = if header.nr == syscalls::CONNECT {

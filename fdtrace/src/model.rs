@@ -338,6 +338,7 @@ impl Ended {
     pub fn from_probe(value: u64) -> Option<Self> {
         match value {
             sc::ENDED_CONNECT_ABANDONED => Some(Self::ConnectAbandoned),
+            sc::ENDED_BACKLOG_FULL => Some(Self::BacklogFull),
             sc::ENDED_UNANSWERED => Some(Self::Unanswered),
             sc::ENDED_CLOSED_EARLY => Some(Self::ClosedEarly),
             sc::ENDED_RESET => Some(Self::Reset),

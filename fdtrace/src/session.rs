@@ -557,6 +557,7 @@ fn read_ring(
 ) {
     let mut wait = Duration::from_millis(2);
     let mut arena = BytesMut::new();
+    let mut peer_queues = crate::listeners::PeerQueues::default();
     while !shared.stop.load(Ordering::Relaxed) {
         if shared.queued_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES_MAX {
             std::thread::sleep(Duration::from_millis(1));
@@ -578,7 +579,8 @@ fn read_ring(
                 }
                 let recognize = |pid, regs, stack: &[u8]| known.get(pid, regs, stack);
                 match decode::decode_into(bytes, &mut arena, recognize) {
-                    Ok(rec) => {
+                    Ok(mut rec) => {
+                        crate::tracer::mark_backlog_full(&mut rec, &mut peer_queues);
                         batch.bytes += rec.heap_bytes();
                         batch.records.push(rec);
                     }

@@ -80,9 +80,6 @@ pub struct Tracer {
     /// (an unrolled loop's several calls on one line) are one call site.
     by_location: HashMap<Vec<Location>, StackId>,
     pub stacks: Stacks,
-    /// Whether each peer's listener had its queue full, by (process, peer), for a moment
-    /// (see [`crate::listeners::PeerQueues`]).
-    peer_queues: crate::listeners::PeerQueues,
 }
 
 /// A frame as a reader tells it apart: where, not at which address.
@@ -137,7 +134,6 @@ impl Tracer {
             interned: HashMap::default(),
             by_location: HashMap::default(),
             stacks: Stacks::default(),
-            peer_queues: crate::listeners::PeerQueues::default(),
         }
     }
 
@@ -261,7 +257,7 @@ impl Tracer {
                 } else {
                     Arc::from(peer(&rec.aux))
                 };
-                let Some(mut ended) = Ended::from_probe(a[sc::UPSTREAM_ENDED]) else {
+                let Some(ended) = Ended::from_probe(a[sc::UPSTREAM_ENDED]) else {
                     return vec![Event::UpstreamFailed {
                         pid,
                         ts,
@@ -271,11 +267,6 @@ impl Tracer {
                         peer,
                     }];
                 };
-                // Decided here, while the queue is as the timeout left it, so that a
-                // recording replays the same cause.
-                if ended == Ended::ConnectAbandoned && self.peer_queues.full(pid, &peer) {
-                    ended = Ended::BacklogFull;
-                }
                 vec![Event::UpstreamEnded {
                     pid,
                     ts,
@@ -647,6 +638,21 @@ fn socket_name(family: u64, ty: u64, proto: u64) -> String {
 }
 
 /// A peer address from the sockaddr accept wrote.
+/// Marks a connect abandoned against a listener of this host whose accept queue is full as
+/// [`sc::ENDED_BACKLOG_FULL`]. The ring reader calls it as the record arrives, while the queue
+/// is as the timeout left it: the tracer may reach the record seconds later, behind a first
+/// symbolization. Decided once, in the record, so that a recording replays the same cause.
+pub fn mark_backlog_full(rec: &mut Record, queues: &mut crate::listeners::PeerQueues) {
+    let h = &mut rec.header;
+    if h.kind == kind::UPSTREAM
+        && h.args[sc::UPSTREAM_ENDED] == sc::ENDED_CONNECT_ABANDONED
+        && !rec.aux.is_empty()
+        && queues.full(h.tgid, &peer(&rec.aux))
+    {
+        h.args[sc::UPSTREAM_ENDED] = sc::ENDED_BACKLOG_FULL;
+    }
+}
+
 fn peer(aux: &[u8]) -> String {
     let family = aux.get(0..2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
