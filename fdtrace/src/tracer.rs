@@ -80,6 +80,10 @@ pub struct Tracer {
     /// (an unrolled loop's several calls on one line) are one call site.
     by_location: HashMap<Vec<Location>, StackId>,
     pub stacks: Stacks,
+    /// Stack ids of captures without stack bytes (`--stack-bytes 0`, or skipped by the probes
+    /// under load), by process and instruction pointer: the ip is all there is to unwind, and
+    /// unwinding it for every record made those records the slowest to ingest.
+    by_ip: HashMap<(u32, u64), StackId>,
 }
 
 /// A frame as a reader tells it apart: where, not at which address.
@@ -134,6 +138,7 @@ impl Tracer {
             interned: HashMap::default(),
             by_location: HashMap::default(),
             stacks: Stacks::default(),
+            by_ip: HashMap::default(),
         }
     }
 
@@ -174,11 +179,12 @@ impl Tracer {
         }
     }
 
-    fn forget_memos(&self, pid: u32) {
+    fn forget_memos(&mut self, pid: u32) {
         self.memo
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .forget(pid);
+        self.by_ip.retain(|(p, _), _| *p != pid);
     }
 
     /// Looks for CPython in a process's /proc maps (attached processes).
@@ -379,6 +385,10 @@ impl Tracer {
             return id;
         }
         let pid = rec.header.tgid;
+        let ip_only = cap.bytes.is_empty() && rec.py.is_empty();
+        if ip_only && let Some(id) = self.by_ip.get(&(pid, cap.ip)) {
+            return *id;
+        }
         // Python stacks also depend on the interpreter's frames: they are not memoized.
         let native = rec.py.is_empty();
         let mut reads = Vec::new();
@@ -391,6 +401,13 @@ impl Tracer {
             native.then_some(&mut reads),
         );
         let id = self.intern_frames(pid, &unwound.frames, rec);
+        if ip_only {
+            if self.by_ip.len() >= MAX_INTERNED {
+                self.by_ip.clear();
+            }
+            self.by_ip.insert((pid, cap.ip), id);
+            return id;
+        }
         if native && let Some(space) = unwound.space {
             let regs = (cap.ip, cap.sp, cap.bp);
             let raw = crate::stack::raw_digest(&unwound.frames);

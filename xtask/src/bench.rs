@@ -60,10 +60,11 @@ const SOAK_SECONDS: u64 = 60;
 const SOAK_RECYCLE_MS: u64 = 100;
 
 /// The sections, in the order they run.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "loop",
     "nginx",
     "ingest",
+    "storm",
     "unwinding",
     "memory",
     "churn",
@@ -103,6 +104,7 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
         fdtrace,
         loop_bin: compile(&fixtures, &dir, "bench_loop")?,
         hold_bin: compile(&fixtures, &dir, "bench_hold")?,
+        storm_bin: compile(&fixtures, &dir, "bench_storm")?,
         ticker_bin: compile(&fixtures, &dir, "bench_ticker")?,
         // Shared with the root test tests/churn.rs.
         churn_bin: compile(&workspace.join("fdtrace/tests/fixtures"), &dir, "churn")?,
@@ -117,6 +119,9 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
     }
     if wanted("ingest") {
         bench.ingest(&mut rows)?;
+    }
+    if wanted("storm") {
+        bench.storm(&mut rows)?;
     }
     if wanted("unwinding") {
         unwinding(workspace, &mut rows)?;
@@ -228,6 +233,7 @@ struct Bench {
     fdtrace: PathBuf,
     loop_bin: PathBuf,
     hold_bin: PathBuf,
+    storm_bin: PathBuf,
     ticker_bin: PathBuf,
     churn_bin: PathBuf,
     dir: PathBuf,
@@ -542,6 +548,57 @@ impl Bench {
     /// CPU time fdtrace itself used for them (its CPU on a 1000-iteration run, mostly loading
     /// the probes and symbolizing, subtracted). One producer cannot make 1M events/s here,
     /// so the wall-clock rate alone would measure the producer.
+    /// An event storm: 4 threads of open/close pinned to 2 CPUs, under `fdtrace run` with
+    /// stacks on. What counts is that no event is lost and that the table at exit is exact,
+    /// against the fixture's own /proc/self/fd.
+    fn storm(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        const THREADS: u32 = 4;
+        const PAIRS: u64 = 250_000;
+        const KEEP: u64 = 8;
+        println!("bench: storm, {THREADS} threads x {PAIRS} open/close pairs on 2 CPUs");
+        let report = self.dir.join("storm.json");
+        let out = output(
+            Command::new(&self.fdtrace)
+                .args(["run", "--format", "json", "-o"])
+                .arg(&report)
+                .args(["--", "taskset", "-c", "0,1"])
+                .arg(&self.storm_bin)
+                .args([THREADS.to_string(), PAIRS.to_string(), KEEP.to_string()]),
+        )?;
+        let mut fields = out.split_whitespace();
+        let (ns, truth): (f64, u64) = fields
+            .next()
+            .zip(fields.next())
+            .and_then(|(ns, open)| Some((ns.parse().ok()?, open.parse().ok()?)))
+            .with_context(|| format!("bench_storm printed {out:?}"))?;
+        let json: Value = serde_json::from_slice(&fs::read(&report)?)?;
+        let dropped = json["dropped_events"].as_u64().unwrap_or(u64::MAX);
+        let open_at_end = json["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["comm"].as_str() == Some("bench_storm"))
+            .and_then(|p| p["open_at_end"].as_u64())
+            .context("no bench_storm process in the report")?;
+        let events = 2 * u64::from(THREADS) * PAIRS;
+        rows.push(
+            Row::new(
+                "storm: events lost, 4 threads on 2 CPUs",
+                Some(dropped as f64),
+                "events",
+            )
+            .target(
+                "0 lost, exact table",
+                dropped == 0 && open_at_end == truth,
+            )
+            .note(format!(
+                "{events} events at {:.0}/s; table at exit {open_at_end}, the fixture's /proc/self/fd {truth}",
+                2e9 / ns
+            )),
+        );
+        Ok(())
+    }
+
     fn ingest(&self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         println!("bench: ingest, {INGEST_ITERATIONS} open/close pairs");
         for (name, stack_bytes) in [
