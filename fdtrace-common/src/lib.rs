@@ -72,7 +72,10 @@ pub mod kind {
     /// A traced process forked (threads are not reported): header, `args[0]` child pid,
     /// `args[1]` clone flags.
     pub const FORK: u32 = 3;
-    /// A traced process's last thread exited.
+    /// A traced process's last thread exited. The header (`args[0]`: bytes of bitmap that
+    /// follow, 0 when it could not be read; `args[1]`: the table's size in descriptors), then
+    /// the bitmap of the descriptors still open at that instant ([`super::EXIT_FDS_MAX`] bytes
+    /// of room): the table as it is, even when the ring lost some of the process's events.
     pub const EXIT: u32 = 4;
     /// A traced process executed a new program: laid out as a stacked record with no stack,
     /// the new `comm` in `args[0..2]` and the executable's path in `aux`.
@@ -236,8 +239,15 @@ pub struct KernelLayout {
     pub state_oldstate: u32,
     pub state_newstate: u32,
     pub state_protocol: u32,
+    /// `fdtable.open_fds`, from BTF: the exit probe copies the bitmap of a process's open
+    /// descriptors into its [`kind::EXIT`] record.
+    pub fdt_open_fds: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 136);
+const _: () = assert!(size_of::<KernelLayout>() == 140);
+
+/// Bytes of open-descriptor bitmap an [`kind::EXIT`] record carries after its header: the
+/// first 8192 descriptor numbers.
+pub const EXIT_FDS_MAX: usize = 1024;
 
 /// An outbound TCP connection a traced process started with connect, kept by its `struct
 /// sock` until its first exchange is over: the state probe tells, from the state it leaves

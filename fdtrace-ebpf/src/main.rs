@@ -39,9 +39,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, Fresh, KernelLayout, NO_FIELD, Outbound, PY_BYTES,
-    RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord, Traced,
-    UpstreamRecord, kind, select,
+    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, Fresh, KernelLayout, NO_FIELD, Outbound,
+    PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord,
+    Traced, UpstreamRecord, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
@@ -100,6 +100,7 @@ static FDT_LAYOUT: KernelLayout = KernelLayout {
     state_oldstate: 0,
     state_newstate: 0,
     state_protocol: 0,
+    fdt_open_fds: 0,
 };
 
 /// One field of [`FDT_LAYOUT`], read volatile (the loader sets it after compilation); a
@@ -1213,6 +1214,10 @@ pub fn fdt_exit(ctx: TracePointContext) -> u32 {
     }
 }
 
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the kernel aligns ring records to 8 bytes, as the header needs"
+)]
 fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
     let (tgid, tid) = current();
     // SAFETY: a lookup.
@@ -1225,7 +1230,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
     // Both maps forget the process here, in the kernel, before its pid can be reused.
     let _ = TRACED.remove(tgid);
     let _ = PYTHON.remove(tgid);
-    emit_header(&RecordHeader {
+    let header = RecordHeader {
         kind: kind::EXIT,
         nr: 0,
         tgid,
@@ -1234,7 +1239,59 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         ret: 0,
         args: [0; 6],
-    })
+    };
+    let Some(mut entry) =
+        maps::reserve_or_fall_back::<{ size_of::<RecordHeader>() + EXIT_FDS_MAX }>()
+    else {
+        // Without room for the table, the exit alone (it may still fit).
+        return emit_header(&header);
+    };
+    let dst = entry.as_mut_ptr();
+    // SAFETY: the reservation holds the header and EXIT_FDS_MAX bytes after it; the ring's
+    // records are 8-aligned.
+    let (bytes, max) = unsafe {
+        dst.cast::<RecordHeader>().write(header);
+        open_fds(dst.add(size_of::<RecordHeader>()))
+    };
+    // SAFETY: as above; args[0] and args[1] inside the header just written.
+    unsafe {
+        let args = &raw mut (*dst.cast::<RecordHeader>()).args;
+        args.cast::<u64>().write_volatile(bytes);
+        args.cast::<u64>().add(1).write_volatile(max);
+    }
+    maps::submit(entry);
+    Ok(())
+}
+
+/// Copies the current process's open-descriptor bitmap (`files->fdt->open_fds`, still whole
+/// when `sched_process_exit` fires: do_exit closes the files after it) to `dst`; returns
+/// the bytes copied (0 when unreadable) and the table's size in descriptors.
+///
+/// # Safety
+/// `dst` has room for [`EXIT_FDS_MAX`] bytes.
+#[inline(always)]
+unsafe fn open_fds(dst: *mut u8) -> (u64, u64) {
+    let read = || -> Result<(u64, u64), ()> {
+        // SAFETY: no preconditions.
+        let mut p = unsafe { bpf_get_current_task() };
+        follow(&mut p, layout!(task_files))?;
+        follow(&mut p, layout!(files_fdt))?;
+        let fdt = p as *const u8;
+        let max: u32 = kernel_field(fdt, layout!(fdt_max_fds))?;
+        let bitmap: u64 = kernel_field(fdt, layout!(fdt_open_fds))?;
+        // max_fds is a multiple of BITS_PER_LONG (at least 64); the mask is the verifier's
+        // bound, EXIT_FDS_MAX a power of two.
+        let bytes = (u64::from(max) / 8).clamp(8, EXIT_FDS_MAX as u64);
+        // SAFETY: reading a local.
+        let bytes = unsafe { core::ptr::read_volatile(&raw const bytes) };
+        let bytes = ((bytes - 1) & (EXIT_FDS_MAX as u64 - 1)) + 1;
+        // SAFETY: bytes <= EXIT_FDS_MAX, the caller's room; the helper checks the source.
+        if unsafe { read_kernel_raw(dst.cast(), bytes as u32, bitmap as *const _) } != 0 {
+            return Err(());
+        }
+        Ok((bytes, u64::from(max)))
+    };
+    read().unwrap_or((0, 0))
 }
 
 /// Whether the exiting thread is its process's last.

@@ -105,6 +105,13 @@ pub fn emit_scratch(rec: &StackedRecord, len: usize) -> Result<(), ()> {
     })
 }
 
+/// Reserves `C` bytes of the ring, for a caller with a smaller record to fall back to (which
+/// counts a full ring if it does not fit either).
+#[inline(always)]
+pub fn reserve_or_fall_back<const C: usize>() -> Option<RingBufBytes<'static>> {
+    EVENTS.reserve_bytes(C, 0)
+}
+
 /// Reserves `C` bytes of the ring, counting a full ring.
 #[inline(always)]
 pub fn reserve<const C: usize>() -> Option<RingBufBytes<'static>> {

@@ -2,8 +2,8 @@
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use fdtrace_common::{
-    AUX_MAX, CODE_COPIES, CODE_RECORD, PY_BYTES, PY_FRAMES_MAX, PyFrame, RecordHeader,
-    STACKED_FIXED, StackHeader, UPSTREAM_ADDR_MAX, UpstreamRecord, kind,
+    AUX_MAX, CODE_COPIES, CODE_RECORD, EXIT_FDS_MAX, PY_BYTES, PY_FRAMES_MAX, PyFrame,
+    RecordHeader, STACKED_FIXED, StackHeader, UPSTREAM_ADDR_MAX, UpstreamRecord, kind,
 };
 use thiserror::Error;
 
@@ -84,7 +84,20 @@ pub fn decode_into(
         args: std::array::from_fn(|_| buf.get_u64_ne()),
     };
     match header.kind {
-        kind::SYSCALL | kind::FORK | kind::EXIT => Ok(Record {
+        kind::EXIT => {
+            // The open-descriptor bitmap, when the probe had room for it.
+            let bytes = (header.args[0] as usize).min(EXIT_FDS_MAX);
+            if bytes > 0 && len >= HEADER + bytes {
+                arena.extend_from_slice(&ring[HEADER..HEADER + bytes]);
+            }
+            Ok(Record {
+                header,
+                stack: None,
+                aux: arena.split().freeze(),
+                py: Vec::new(),
+            })
+        }
+        kind::SYSCALL | kind::FORK => Ok(Record {
             header,
             stack: None,
             aux: Bytes::new(),

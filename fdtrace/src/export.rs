@@ -141,6 +141,7 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
         | Event::Listen { .. }
         | Event::UpstreamFailed { .. }
         | Event::UpstreamEnded { .. }
+        | Event::ExitTable { .. }
         | Event::Tick { .. } => Vec::new(),
     }
 }

@@ -159,6 +159,7 @@ pub fn detect(
     layout.files_fdt = member("files_struct", "fdt")?;
     layout.fdt_max_fds = member("fdtable", "max_fds")?;
     layout.fdt_fd = member("fdtable", "fd")?;
+    layout.fdt_open_fds = member("fdtable", "open_fds")?;
     layout.task_mm = member("task_struct", "mm")?;
     layout.mm_start_code = member("mm_struct", "start_code")?;
     layout.mm_start_brk = member("mm_struct", "start_brk")?;

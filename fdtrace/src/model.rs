@@ -315,6 +315,16 @@ pub enum Event {
         duration_ns: u64,
         peer: Arc<str>,
     },
+    /// The descriptors open as a process's last thread left, from the kernel's own table
+    /// (format 6; just before its `Exited`): `open` is the bitmap of descriptors below
+    /// `covered`, trailing zero bytes cut. What the events said and the table disagree on
+    /// only when events were lost: the table wins, counted in `corrections`.
+    ExitTable {
+        pid: Pid,
+        ts: u64,
+        covered: i32,
+        open: Vec<u8>,
+    },
 }
 
 /// How an outbound TCP connection ended without an answer (see the probes' `ENDED_*`).
@@ -566,6 +576,7 @@ impl Event {
             | Event::Listen { ts, .. }
             | Event::UpstreamFailed { ts, .. }
             | Event::UpstreamEnded { ts, .. }
+            | Event::ExitTable { ts, .. }
             | Event::Tick { ts } => Some(*ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -592,6 +603,7 @@ impl Event {
             | Event::Listen { ts, .. }
             | Event::UpstreamFailed { ts, .. }
             | Event::UpstreamEnded { ts, .. }
+            | Event::ExitTable { ts, .. }
             | Event::Tick { ts } => Some(ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -968,6 +980,12 @@ impl Model {
                 self.place(*child, *ns_pid, container.as_ref());
             }
             Event::Exited { pid, ts, code } => self.exit(*pid, *ts, *code),
+            Event::ExitTable {
+                pid,
+                ts,
+                covered,
+                open,
+            } => self.exit_table(*pid, *ts, *covered, open),
             Event::Failed {
                 pid,
                 tid,
@@ -1724,6 +1742,42 @@ impl Model {
     /// Net descriptors a site gained per minute over the recent window.
     pub fn site_growth_per_min(&self, site: &CallSite) -> f64 {
         growth_per_min(site.samples(&self.ticks))
+    }
+
+    /// Makes `pid`'s table what the kernel's was at its exit (see [`Event::ExitTable`]). No
+    /// race to wait out as with /proc: every thread is gone, and every record they wrote came
+    /// before this one.
+    fn exit_table(&mut self, pid: Pid, ts: u64, covered: i32, open: &[u8]) {
+        let is_open = |fd: i32| {
+            open.get((fd / 8) as usize)
+                .is_some_and(|b| b >> (fd % 8) & 1 == 1)
+        };
+        let Some(table) = self.table_mut(pid) else {
+            return;
+        };
+        let stale: Vec<i32> = table
+            .fds
+            .iter()
+            .map(|(n, _)| n)
+            .filter(|&n| n < covered && !is_open(n))
+            .collect();
+        let unknown: Vec<i32> = (0..covered.min(open.len() as i32 * 8))
+            .filter(|&n| is_open(n) && table.fds.get(n).is_none())
+            .collect();
+        for n in stale {
+            self.close(pid, ts, n);
+            self.corrections.removed += 1;
+        }
+        for fd in unknown {
+            let new = NewFd {
+                fd,
+                kind: FdKind::Other,
+                target: Arc::from("(created while events were lost)"),
+                cloexec: false,
+            };
+            self.open(pid, ts, &new, NO_STACK, Origin::Reconciled);
+            self.corrections.added += 1;
+        }
     }
 
     fn reconcile(&mut self, pid: Pid, ts: u64, listed: &[NewFd]) {

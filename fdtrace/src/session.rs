@@ -121,6 +121,13 @@ enum Item {
         ts: u64,
         fds: Vec<crate::model::NewFd>,
     },
+    /// A process the model thinks alive was gone from /proc at `ts`: once every record
+    /// written before then is consumed and its exit was not among them, the exit record was
+    /// lost (a full ring), and the process ends here.
+    Gone {
+        pid: Pid,
+        ts: u64,
+    },
 }
 
 impl Session {
@@ -358,15 +365,16 @@ impl Session {
         }
         self.sync_python();
         items.extend(self.map_events.drain(..).map(Item::Map));
-        let (due, later): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.listings)
-            .into_iter()
-            .partition(|l| matches!(l, Item::Listing { ts, .. } if *ts <= drained));
+        let (due, later): (Vec<Item>, Vec<Item>) =
+            std::mem::take(&mut self.listings).into_iter().partition(
+                |l| matches!(l, Item::Listing { ts, .. } | Item::Gone { ts, .. } if *ts <= drained),
+            );
         self.listings = later;
         items.extend(due);
         items.sort_by_key(|item| match item {
             Item::Record(rec) => rec.header.ts_ns,
             Item::Map(map) => map.ts(),
-            Item::Listing { ts, .. } => *ts,
+            Item::Listing { ts, .. } | Item::Gone { ts, .. } => *ts,
         });
 
         let mut out = Vec::new();
@@ -383,6 +391,22 @@ impl Session {
                 }
                 Item::Listing { pid, ts, fds } => {
                     self.apply(&Event::Reconciled { pid, ts, fds });
+                    continue;
+                }
+                Item::Gone { pid, ts } => {
+                    if self
+                        .model
+                        .processes
+                        .get(&pid)
+                        .is_some_and(crate::model::Process::alive)
+                    {
+                        log::warn!("pid {pid} exited and its exit record was lost (ring full)");
+                        self.apply(&Event::Exited {
+                            pid,
+                            ts,
+                            code: None,
+                        });
+                    }
                     continue;
                 }
             };
@@ -480,8 +504,12 @@ impl Session {
         }
         for pid in alive {
             let ts = monotonic_ns();
-            if let Ok(fds) = procfs::fds(pid) {
-                self.listings.push(Item::Listing { pid, ts, fds });
+            match procfs::fds(pid) {
+                Ok(fds) => self.listings.push(Item::Listing { pid, ts, fds }),
+                Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    self.listings.push(Item::Gone { pid, ts });
+                }
+                Err(_) => {}
             }
         }
     }

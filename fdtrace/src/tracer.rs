@@ -221,11 +221,29 @@ impl Tracer {
                 self.unwinder.forget(pid);
                 self.python.forget(pid);
                 self.forget_memos(pid);
-                vec![Event::Exited {
+                let exited = Event::Exited {
                     pid,
                     ts,
                     code: None,
-                }]
+                };
+                if rec.aux.is_empty() {
+                    return vec![exited];
+                }
+                // Bytes past the table's size, and trailing empty ones, say nothing.
+                let covered = (a[1].min(rec.aux.len() as u64 * 8)) as i32;
+                let mut open = rec.aux[..(covered as usize).div_ceil(8)].to_vec();
+                while open.last() == Some(&0) {
+                    open.pop();
+                }
+                vec![
+                    Event::ExitTable {
+                        pid,
+                        ts,
+                        covered,
+                        open,
+                    },
+                    exited,
+                ]
             }
             kind::EXEC => {
                 // A launched process's new mappings arrive as map events; an attached one's

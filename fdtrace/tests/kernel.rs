@@ -538,6 +538,52 @@ fn check_exchange_failures(options: ProbeOptions) {
     );
 }
 
+/// storm.c's 4 threads open and close as fast as they can into a 64 KiB ring, far more than
+/// the reader can take: events are lost (counted), yet the table at exit must be exactly the
+/// fixture's own /proc/self/fd count, from the bitmap the exit probe copies.
+#[test]
+#[ignore = "root"]
+fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
+    let fixture = common::build_c("storm.c", &["-O2", "-g", "-pthread"]);
+    let out = out_file("storm");
+    let run = common::run_traced(
+        &[
+            fixture.to_str().unwrap(),
+            "4",
+            "20000",
+            "8",
+            out.to_str().unwrap(),
+        ],
+        ProbeOptions {
+            ring_bytes: 64 << 10,
+            ..ProbeOptions::default()
+        },
+    );
+    assert_eq!(run.exit_code, 0, "storm failed");
+    let text = fs::read_to_string(&out).unwrap();
+    let _ = fs::remove_file(&out);
+    let truth: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("storm printed {text:?}"));
+    let report = run.session.report();
+    assert!(
+        report.dropped_events > 0,
+        "a 64 KiB ring kept up with 160,000 events: the test proves nothing"
+    );
+    let process = report
+        .processes
+        .iter()
+        .find(|p| p.pid == run.pid)
+        .expect("the storm's process");
+    assert_eq!(
+        process.open_at_end, truth,
+        "{} events lost; corrections {:?}",
+        report.dropped_events, report.corrections
+    );
+}
+
 /// connect_fail.c fails connections every way a proxy's upstream can (TCP refused, blocking
 /// and through getsockopt(SO_ERROR); a unix socket missing, forbidden to a child running as
 /// nobody, with a full backlog) and counts what it saw: fdtrace's `upstream_failures` must

@@ -104,10 +104,12 @@ pub fn run(workspace: &Path, only: &[String]) -> anyhow::Result<()> {
         fdtrace,
         loop_bin: compile(&fixtures, &dir, "bench_loop")?,
         hold_bin: compile(&fixtures, &dir, "bench_hold")?,
-        storm_bin: compile(&fixtures, &dir, "bench_storm")?,
+
         ticker_bin: compile(&fixtures, &dir, "bench_ticker")?,
         // Shared with the root test tests/churn.rs.
         churn_bin: compile(&workspace.join("fdtrace/tests/fixtures"), &dir, "churn")?,
+        // Shared with the root test tests/kernel.rs.
+        storm_bin: compile(&workspace.join("fdtrace/tests/fixtures"), &dir, "storm")?,
         dir,
     };
     let mut rows = Vec::new();
@@ -570,16 +572,16 @@ impl Bench {
             .next()
             .zip(fields.next())
             .and_then(|(ns, open)| Some((ns.parse().ok()?, open.parse().ok()?)))
-            .with_context(|| format!("bench_storm printed {out:?}"))?;
+            .with_context(|| format!("storm printed {out:?}"))?;
         let json: Value = serde_json::from_slice(&fs::read(&report)?)?;
         let dropped = json["dropped_events"].as_u64().unwrap_or(u64::MAX);
         let open_at_end = json["processes"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| p["comm"].as_str() == Some("bench_storm"))
+            .find(|p| p["comm"].as_str() == Some("storm"))
             .and_then(|p| p["open_at_end"].as_u64())
-            .context("no bench_storm process in the report")?;
+            .context("no storm process in the report")?;
         let events = 2 * u64::from(THREADS) * PAIRS;
         rows.push(
             Row::new(

@@ -1,5 +1,7 @@
-//! The recording file format, version 5. Version 4 lacked failed outbound connections
-//! (`Event::UpstreamFailed`, the last variant, so version 4 reads as version 5); version 3
+//! The recording file format, version 6. Version 5 lacked the state probe's upstream endings
+//! and the tables at exit (`Event::UpstreamEnded` and `Event::ExitTable`, the last variants,
+//! so version 5 reads as version 6); version 4 lacked failed outbound connections
+//! (`Event::UpstreamFailed`, so version 4 reads as version 5); version 3
 //! lacked what was missed by reason (`Event::Losses`, so it reads as version 4 does); version 2 lacked where
 //! processes run (`ns_pid`, `container`) and is still read (see [`super::v2`]); version 1
 //! lacked `reopened` on closes.
