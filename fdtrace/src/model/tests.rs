@@ -844,3 +844,31 @@ fn exited_records_are_bounded_in_bytes_too() {
         .sum();
     assert_eq!(kept, m.exited_bytes);
 }
+
+/// The kernel's table at exit wins over events that lost some: a close never seen (3), a
+/// creation never seen (9), and numbers past what the bitmap covers left as they were (70).
+#[test]
+fn the_table_at_exit_corrects_lost_events() {
+    let mut m = attached(1024);
+    for n in [3, 4, 70] {
+        open(&mut m, P, 2 * MS, n, 1, false);
+    }
+    // Open at exit: 0, 1, 4 and 9, in a bitmap covering descriptors 0 to 63.
+    let open_fds: u16 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 9);
+    m.apply(&Event::ExitTable {
+        pid: P,
+        ts: 3 * MS,
+        covered: 64,
+        open: open_fds.to_le_bytes().to_vec(),
+    });
+    let mut left: Vec<i32> = m.open_fds(P).unwrap().iter().map(|(n, _)| n).collect();
+    left.sort_unstable();
+    assert_eq!(left, [0, 1, 4, 9, 70]);
+    assert_eq!((m.corrections.added, m.corrections.removed), (1, 1));
+    m.apply(&Event::Exited {
+        pid: P,
+        ts: 3 * MS,
+        code: Some(0),
+    });
+    assert!(!m.processes[&P].alive());
+}
