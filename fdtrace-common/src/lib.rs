@@ -59,6 +59,9 @@ pub mod names {
     /// `LruHashMap<u64 struct sock, Outbound>`: outbound TCP connections of traced processes,
     /// from their connect to the end of their first exchange.
     pub const MAP_OUTBOUND: &str = "FDT_OUTBOUND";
+    /// `LruHashMap<u32 tgid, ExitStash>`: the table at exit of a process whose exit record
+    /// found the ring full, for userspace to take when it notices the process gone.
+    pub const MAP_EXITS: &str = "FDT_EXITS";
 }
 
 /// Record kinds, the first field of every record.
@@ -248,6 +251,19 @@ const _: () = assert!(size_of::<KernelLayout>() == 140);
 /// Bytes of open-descriptor bitmap an [`kind::EXIT`] record carries after its header: the
 /// first 8192 descriptor numbers.
 pub const EXIT_FDS_MAX: usize = 1024;
+
+/// What an exit record would have said, kept in a map when the ring had no room for it: a
+/// storm's exit is where the ring is most likely full.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExitStash {
+    pub ts_ns: u64,
+    /// Bytes of `open` read (0: none), and the table's size in descriptors.
+    pub bytes: u64,
+    pub max_fds: u64,
+    pub open: [u8; EXIT_FDS_MAX],
+}
+const _: () = assert!(size_of::<ExitStash>() == 24 + EXIT_FDS_MAX);
 
 /// An outbound TCP connection a traced process started with connect, kept by its `struct
 /// sock` until its first exchange is over: the state probe tells, from the state it leaves
@@ -452,4 +468,6 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Outbound {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExitStash {}
 }

@@ -39,14 +39,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, Fresh, KernelLayout, NO_FIELD, Outbound,
-    PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader, StackedRecord,
-    Traced, UpstreamRecord, kind, select,
+    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, ExitStash, Fresh, KernelLayout, NO_FIELD,
+    Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader,
+    StackedRecord, Traced, UpstreamRecord, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
-    FRESH, OUTBOUND, PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count, emit_header,
-    emit_scratch,
+    EXITS, FRESH, OUTBOUND, PYTHON, SCRATCH, SELECT_CGROUPS, SELECT_COMMS, TRACED, count,
+    emit_header, emit_scratch,
 };
 
 /// Bytes of user stack to copy; set by userspace at load time (0 turns capture off).
@@ -1243,7 +1243,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
     let Some(mut entry) =
         maps::reserve_or_fall_back::<{ size_of::<RecordHeader>() + EXIT_FDS_MAX }>()
     else {
-        // Without room for the table, the exit alone (it may still fit).
+        // Without room for the table, it waits in a map for userspace, and the exit alone
+        // goes out (it may still fit).
+        stash_exit(tgid, header.ts_ns);
         return emit_header(&header);
     };
     let dst = entry.as_mut_ptr();
@@ -1261,6 +1263,29 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
     }
     maps::submit(entry);
     Ok(())
+}
+
+/// Keeps the current process's table at exit in [`maps::EXITS`], assembled in the per-CPU
+/// scratch buffer (a kilobyte does not fit on the stack).
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the kilobyte would be copied onto the stack"
+)]
+fn stash_exit(tgid: u32, ts_ns: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // The scratch record is larger than a stash, and this CPU's alone while the probe runs.
+    let stash = scratch.cast::<ExitStash>();
+    // SAFETY: as above; the open array has EXIT_FDS_MAX bytes of room.
+    unsafe {
+        let (bytes, max) = open_fds((&raw mut (*stash).open).cast());
+        (*stash).ts_ns = ts_ns;
+        (*stash).bytes = bytes;
+        (*stash).max_fds = max;
+        let _ = EXITS.insert(tgid, &*stash, 0);
+    }
 }
 
 /// Copies the current process's open-descriptor bitmap (`files->fdt->open_fds`, still whole

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
-    COUNTERS as COUNTER_SLOTS, Counter, Fresh, Outbound, PyProc, RecordHeader, StackedRecord,
-    Traced, select,
+    COUNTERS as COUNTER_SLOTS, Counter, ExitStash, Fresh, Outbound, PyProc, RecordHeader,
+    StackedRecord, Traced, select,
 };
 
 /// Processes being traced, by tgid. Userspace seeds it; the fork probe adds children.
@@ -50,6 +50,11 @@ pub static FRESH: LruHashMap<u64, Fresh> = LruHashMap::with_max_entries(4096, 0)
 /// (its process's tracing stopped) is pushed out by newer ones.
 #[map(name = "FDT_OUTBOUND")]
 pub static OUTBOUND: LruHashMap<u64, Outbound> = LruHashMap::with_max_entries(16384, 0);
+
+/// Tables at exit the ring had no room for, by tgid (see [`ExitStash`]). LRU: userspace takes
+/// each when it notices the process gone; one it never takes is pushed out.
+#[map(name = "FDT_EXITS")]
+pub static EXITS: LruHashMap<u32, ExitStash> = LruHashMap::with_max_entries(1024, 0);
 
 #[map(name = "FDT_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StackedRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -12,7 +12,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
-use fdtrace_common::{COUNTERS, Counter, KernelLayout, NO_FIELD, PyProc, Traced, names, select};
+use fdtrace_common::{
+    COUNTERS, Counter, ExitStash, KernelLayout, NO_FIELD, PyProc, Traced, names, select,
+};
 use thiserror::Error;
 
 use crate::layout::{self, ExitSource, LayoutError};
@@ -214,6 +216,7 @@ pub struct Probes {
     select_comms: HashMap<MapData, [u8; select::COMM_LEN], u8>,
     select_cgroups: HashMap<MapData, u64, u8>,
     counters: PerCpuArray<MapData, u64>,
+    exits: HashMap<MapData, u32, ExitStash>,
     choices: ProbeChoices,
     registrar: Option<PythonRegistrar>,
     /// The probes' diagnostics (`--debug-probes`), drained into the log by `flush_logs`.
@@ -342,6 +345,7 @@ impl Probes {
         };
         let select_comms = HashMap::try_from(take(&mut ebpf, names::MAP_SELECT_COMMS)?)?;
         let select_cgroups = HashMap::try_from(take(&mut ebpf, names::MAP_SELECT_CGROUPS)?)?;
+        let exits = HashMap::try_from(take(&mut ebpf, names::MAP_EXITS)?)?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_COUNTERS)
                 .ok_or(ProbeError::MissingMap(names::MAP_COUNTERS))?,
@@ -357,6 +361,7 @@ impl Probes {
             select_comms,
             select_cgroups,
             counters,
+            exits,
             choices,
             registrar: Some(registrar),
             logger,
@@ -463,6 +468,15 @@ impl Probes {
     /// Processes the kernel side is tracing now (it adds forked children itself).
     pub fn traced(&self) -> Vec<u32> {
         self.traced.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The table at exit of `pid` the exit probe kept because the ring was full, taken out of
+    /// the map: (time of the exit, the table's size in descriptors, the bitmap read).
+    pub fn take_exit(&mut self, pid: u32) -> Option<(u64, u64, Vec<u8>)> {
+        let stash = self.exits.get(&pid, 0).ok()?;
+        let _ = self.exits.remove(&pid);
+        let bytes = (stash.bytes as usize).min(stash.open.len());
+        Some((stash.ts_ns, stash.max_fds, stash.open[..bytes].to_vec()))
     }
 
     /// Processes the probe knows a CPython interpreter of.

@@ -394,19 +394,7 @@ impl Session {
                     continue;
                 }
                 Item::Gone { pid, ts } => {
-                    if self
-                        .model
-                        .processes
-                        .get(&pid)
-                        .is_some_and(crate::model::Process::alive)
-                    {
-                        log::warn!("pid {pid} exited and its exit record was lost (ring full)");
-                        self.apply(&Event::Exited {
-                            pid,
-                            ts,
-                            code: None,
-                        });
-                    }
+                    out.extend(self.exit_lost(pid, ts));
                     continue;
                 }
             };
@@ -428,7 +416,15 @@ impl Session {
                     }
                 }
             }
-            for event in self.tracer.translate(&rec) {
+            let mut events = self.tracer.translate(&rec);
+            if rec.header.kind == kind::EXIT && rec.aux.is_empty() {
+                // The exit made it without its table, which waits in the probe's map.
+                if let Some((_, max_fds, open)) = self.probes.take_exit(pid) {
+                    let table = crate::tracer::exit_table(pid, ts, max_fds, &open);
+                    events.insert(0, table);
+                }
+            }
+            for event in events {
                 if let Event::Exec { pid, .. } = &event {
                     // The new image has a new stack: the probe's clamp must follow.
                     self.probes.retrace_exec(*pid, procfs::main_stack(*pid));
@@ -512,6 +508,37 @@ impl Session {
                 Err(_) => {}
             }
         }
+    }
+
+    /// Ends `pid`, gone by `ts` (from /proc, or waitpid), when every record written before
+    /// then is consumed and its exit was not among them: the exit record was lost to a full
+    /// ring. Its table at exit comes from the probe's map when the probe could keep it there.
+    pub fn exit_lost(&mut self, pid: Pid, ts: u64) -> Vec<Event> {
+        if !self
+            .model
+            .processes
+            .get(&pid)
+            .is_some_and(crate::model::Process::alive)
+        {
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        let ts = if let Some((exited, max_fds, open)) = self.probes.take_exit(pid) {
+            events.push(crate::tracer::exit_table(pid, exited, max_fds, &open));
+            exited
+        } else {
+            log::warn!("pid {pid} exited; its exit record and table were lost (ring full)");
+            ts
+        };
+        events.push(Event::Exited {
+            pid,
+            ts,
+            code: None,
+        });
+        for event in &events {
+            self.apply(event);
+        }
+        events
     }
 
     /// Records a process's exit status learned from waitpid.

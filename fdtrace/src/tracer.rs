@@ -229,21 +229,7 @@ impl Tracer {
                 if rec.aux.is_empty() {
                     return vec![exited];
                 }
-                // Bytes past the table's size, and trailing empty ones, say nothing.
-                let covered = (a[1].min(rec.aux.len() as u64 * 8)) as i32;
-                let mut open = rec.aux[..(covered as usize).div_ceil(8)].to_vec();
-                while open.last() == Some(&0) {
-                    open.pop();
-                }
-                vec![
-                    Event::ExitTable {
-                        pid,
-                        ts,
-                        covered,
-                        open,
-                    },
-                    exited,
-                ]
+                vec![exit_table(pid, ts, a[1], &rec.aux), exited]
             }
             kind::EXEC => {
                 // A launched process's new mappings arrive as map events; an attached one's
@@ -672,7 +658,23 @@ fn socket_name(family: u64, ty: u64, proto: u64) -> String {
     }
 }
 
-/// A peer address from the sockaddr accept wrote.
+/// The [`Event::ExitTable`] of an exit record's (or stash's) bitmap of `bitmap.len()` bytes,
+/// of a table of `max_fds` descriptors.
+pub fn exit_table(pid: u32, ts: u64, max_fds: u64, bitmap: &[u8]) -> Event {
+    // Bytes past the table's size, and trailing empty ones, say nothing.
+    let covered = max_fds.min(bitmap.len() as u64 * 8);
+    let mut open = bitmap[..(covered as usize).div_ceil(8)].to_vec();
+    while open.last() == Some(&0) {
+        open.pop();
+    }
+    Event::ExitTable {
+        pid,
+        ts,
+        covered: covered as i32,
+        open,
+    }
+}
+
 /// Marks a connect abandoned against a listener of this host whose accept queue is full as
 /// [`sc::ENDED_BACKLOG_FULL`]. The ring reader calls it as the record arrives, while the queue
 /// is as the timeout left it: the tracer may reach the record seconds later, behind a first
@@ -688,6 +690,7 @@ pub fn mark_backlog_full(rec: &mut Record, queues: &mut crate::listeners::PeerQu
     }
 }
 
+/// A peer address from the sockaddr accept wrote.
 fn peer(aux: &[u8]) -> String {
     let family = aux.get(0..2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);

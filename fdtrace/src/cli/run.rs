@@ -70,6 +70,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             // The exit record may have been lost: once everything written before the exit has
             // been consumed, the model is as complete as it will get.
             if seen_exit || drained >= exit_ns {
+                session.exit_lost(pid, exit_ns);
                 session.set_exit_code(pid, code);
                 break;
             }
