@@ -296,14 +296,8 @@ fn exchange_layout(tracefs: &Path, btf: &BtfTypes<'_>, layout: &mut KernelLayout
     else {
         return;
     };
-    let fields = match tracepoint_fields(tracefs, STATE) {
-        Ok(fields) => fields,
-        Err(e) => {
-            log::info!("probes: {e}: {off}");
-            return;
-        }
-    };
     let record = (|| {
+        let fields = tracepoint_fields(tracefs, STATE)?;
         Ok::<_, LayoutError>([
             required(&fields, STATE, "skaddr", 8, false)?,
             required(&fields, STATE, "oldstate", 4, false)?,
