@@ -308,7 +308,9 @@ impl UpstreamReport {
             (true, true) => {}
         }
         if let Some(directive) = &self.nginx_timeout {
-            why.push(if self.at_nginx_timeout {
+            why.push(if self.at_nginx_timeout && self.phase == "connect" {
+                format!("nginx's {directive}: nginx gave up on the handshake at its timer")
+            } else if self.at_nginx_timeout {
                 format!("nginx's {directive}: the app takes longer than nginx waits")
             } else {
                 format!(

@@ -1031,6 +1031,11 @@ impl Tracer {
     }
 
     /// SIGINT, then waits for the report to be written.
+    /// fdtrace's pid, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub(crate) fn stop(mut self) -> anyhow::Result<()> {
         let mut child = self.child.take().context("fdtrace already stopped")?;
         // SAFETY: signalling our own child.
