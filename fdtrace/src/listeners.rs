@@ -87,10 +87,7 @@ impl ListenerWatch {
                 continue;
             };
             let table = tables.entry(netns).or_insert_with(|| {
-                let ours = procfs::namespace("self", "net") == Some(netns);
-                ours.then(|| sockdiag::tcp_listeners().ok())
-                    .flatten()
-                    .unwrap_or_else(|| procfs::tcp_listeners(pid))
+                tcp_listeners_of(pid, procfs::namespace("self", "net") == Some(netns))
             });
             let previous = self.queues.remove(&pid).unwrap_or_default();
             let now: Vec<ListenQueue> = table
@@ -129,6 +126,14 @@ impl ListenerWatch {
         }
     }
 }
+/// The TCP listeners of `pid`'s network namespace: from sock_diag, with their backlogs, when
+/// it is fdtrace's own (`ours`); else from its /proc/PID/net/tcp and tcp6 (backlog 0).
+fn tcp_listeners_of(pid: Pid, ours: bool) -> Vec<procfs::TcpListener> {
+    ours.then(|| sockdiag::tcp_listeners().ok())
+        .flatten()
+        .unwrap_or_else(|| procfs::tcp_listeners(pid))
+}
+
 /// How long a peer's queue reading stands for the connects that time out after it: during
 /// a burst of timeouts, one netlink dump per ten milliseconds rather than one per failure.
 const PEER_FRESH: Duration = Duration::from_millis(10);
@@ -171,10 +176,7 @@ fn peer_queue_full(pid: Pid, peer: &str) -> bool {
         return false;
     }
     let ours = procfs::namespace("self", "net") == procfs::namespace(&pid.to_string(), "net");
-    let listeners = ours
-        .then(|| sockdiag::tcp_listeners().ok())
-        .flatten()
-        .unwrap_or_else(|| procfs::tcp_listeners(pid));
+    let listeners = tcp_listeners_of(pid, ours);
     let wildcard = if host.starts_with('[') {
         "[::]"
     } else {

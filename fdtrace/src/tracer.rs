@@ -80,8 +80,8 @@ pub struct Tracer {
     /// (an unrolled loop's several calls on one line) are one call site.
     by_location: HashMap<Vec<Location>, StackId>,
     pub stacks: Stacks,
-    /// Stack ids of captures without stack bytes (`--stack-bytes 0`, or skipped by the probes
-    /// under load), by process and instruction pointer: the ip is all there is to unwind, and
+    /// Stack ids of captures without stack bytes (`--stack-bytes 0`, or a stack the probe could
+    /// not read), by process and instruction pointer: the ip is all there is to unwind, and
     /// unwinding it for every record made those records the slowest to ingest.
     by_ip: HashMap<(u32, u64), StackId>,
 }
