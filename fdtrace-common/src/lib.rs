@@ -62,6 +62,23 @@ pub mod names {
     /// `LruHashMap<u32 tgid, ExitStash>`: the table at exit of a process whose exit record
     /// found the ring full, for userspace to take when it notices the process gone.
     pub const MAP_EXITS: &str = "FDT_EXITS";
+    /// Global `u32`: 1 to keep creations whose call site the kernel recognizes in
+    /// [`MAP_KEPT`] instead of sending them (see [`crate::Kept`]).
+    pub const GLOBAL_KEEP: &str = "FDT_KEEP";
+    /// `HashMap<MemoKey, Memo>`: call sites userspace unwound once, by the registers and the
+    /// stack words that decide the unwind (see [`crate::Memo`]).
+    pub const MAP_MEMOS: &str = "FDT_MEMOS";
+    /// `HashMap<u64 tgid << 32 | fd, Kept>`: descriptors created at a recognized call site and
+    /// not sent; a close that finds its entry sends nothing either.
+    pub const MAP_KEPT: &str = "FDT_KEPT";
+    /// `HashMap<PairKey, Pairs>`: per call site, the descriptors kept and closed in the
+    /// kernel, with their lifetimes.
+    pub const MAP_PAIRS: &str = "FDT_PAIRS";
+    /// `HashMap<u32 tgid, u64 ts>`: processes whose kept descriptors created before `ts` must
+    /// reach userspace before their closes do (a fork copied them, an EMFILE blames them, a
+    /// /proc listing saw them): their closes are sent, and their entries stay until
+    /// userspace takes them.
+    pub const MAP_HOLDS: &str = "FDT_HOLDS";
 }
 
 /// Record kinds, the first field of every record.
@@ -142,10 +159,17 @@ pub enum Counter {
     /// and reused by another connection when the close probe looked: whether it was answered
     /// is unknown, so it is not counted as closed unanswered.
     SocketReused = 7,
+    /// A creation at a recognized call site was kept in the kernel rather than sent.
+    Kept = 8,
+    /// A creation at a recognized call site was sent after all: the kept-descriptor map was
+    /// full, or its path or address was too long to keep.
+    KeepFailed = 9,
+    /// A kept descriptor was created and closed in the kernel: nothing was sent for either.
+    PairClosed = 10,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 8;
+pub const COUNTERS: u32 = 11;
 
 /// Selecting processes by what they are rather than by pid (`--comm`, `--cgroup`): the exec
 /// probe adopts an untraced process whose new program matches, so one that starts later is
@@ -470,4 +494,136 @@ mod pod {
     unsafe impl aya::Pod for super::Outbound {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExitStash {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MemoKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Memo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Kept {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PairKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Pairs {}
+}
+
+/// Stack words a kernel memo compares: an unwind of 20 frames without frame pointers reads
+/// about that many return addresses.
+pub const MEMO_CHECKS: usize = 32;
+
+/// Key of a kernel stack memo: the process and the registers of the capture (`sp` 0 when
+/// stacks are off, where only `ip` locates the call).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemoKey {
+    pub tgid: u32,
+    pub pad: u32,
+    pub ip: u64,
+    pub sp: u64,
+}
+const _: () = assert!(size_of::<MemoKey>() == 24);
+
+/// What userspace learned from unwinding one capture: the same registers and the same words
+/// at these offsets from `sp` would unwind to call site `site` again, so the probe compares
+/// them instead of sending the stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memo {
+    /// The interned stack id userspace gave the unwind.
+    pub site: u32,
+    /// Bytes the capture held when the unwind found words past its end: the probe's copy
+    /// must be as long, so that they are past this one's too. 0: any copy at least `reach`
+    /// long.
+    pub span: u32,
+    /// Compared only when `bp_matters`: a function on the path keeps a frame pointer.
+    pub bp: u64,
+    pub bp_matters: u32,
+    /// Checks in use, at most [`MEMO_CHECKS`].
+    pub count: u32,
+    /// Bytes from `sp` the checks cover (each offset + 8 at most this), at most `span`.
+    pub reach: u32,
+    pub pad: u32,
+    /// Offsets from `sp`, 8-aligned, and the words expected there.
+    pub offsets: [u32; MEMO_CHECKS],
+    pub words: [u64; MEMO_CHECKS],
+}
+const _: () = assert!(size_of::<Memo>() == 32 + 12 * MEMO_CHECKS);
+
+/// Bytes of path or peer address a kept descriptor holds: a longer one is sent instead.
+pub const KEPT_AUX: usize = 64;
+
+/// A descriptor created at a recognized call site and kept in the kernel: what its creation
+/// record would have said, less the stack (`site` stands for it). Userspace turns it into
+/// that record when it takes the entry (it aged, or its process forked, exited or failed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub ts_ns: u64,
+    pub args: [u64; 6],
+    pub tid: u32,
+    pub nr: u32,
+    pub site: u32,
+    pub aux_len: u32,
+    pub aux: [u8; KEPT_AUX],
+}
+const _: () = assert!(size_of::<Kept>() == 72 + KEPT_AUX);
+
+/// Key of a call site's kernel-side counts: the process, the stack id and the creating
+/// syscall (which says the descriptor's kind).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub tgid: u32,
+    pub site: u32,
+    pub nr: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<PairKey>() == 16);
+
+/// Lifetime buckets of [`Pairs`]: two per doubling of microseconds (see [`lifetime_bucket`]).
+pub const LIFETIME_BUCKETS: usize = 48;
+
+/// Descriptors of one call site created and closed in the kernel, never sent: how many, and
+/// how long they lived. Only ever added to (userspace reads differences), so that the probe
+/// adds into the entry without a lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pairs {
+    pub count: u64,
+    pub buckets: [u32; LIFETIME_BUCKETS],
+}
+const _: () = assert!(size_of::<Pairs>() == 8 + 4 * LIFETIME_BUCKETS);
+
+/// The [`Pairs`] bucket of a lifetime: 0 and 1 us have their own, then two per doubling
+/// (`[2^o, 1.5 * 2^o)` and `[1.5 * 2^o, 2^(o+1))`); the last also holds everything longer
+/// (about 4.6 hours). Shifts only: BPF has no count-leading-zeros instruction.
+#[inline(always)]
+pub fn lifetime_bucket(micros: u64) -> usize {
+    if micros < 2 {
+        return micros as usize;
+    }
+    let mut v = micros;
+    let mut octave = 0u32;
+    for step in [32u32, 16, 8, 4, 2, 1] {
+        if v >> step != 0 {
+            v >>= step;
+            octave += step;
+        }
+    }
+    let half = ((micros >> (octave - 1)) & 1) as usize;
+    let bucket = 2 * octave as usize + half;
+    if bucket >= LIFETIME_BUCKETS {
+        LIFETIME_BUCKETS - 1
+    } else {
+        bucket
+    }
+}
+
+/// The middle of a [`lifetime_bucket`] in microseconds.
+pub fn lifetime_bucket_middle(bucket: usize) -> u64 {
+    if bucket < 2 {
+        return bucket as u64;
+    }
+    let octave = (bucket / 2) as u32;
+    let low = (1u64 << octave) + (bucket as u64 & 1) * (1u64 << (octave - 1));
+    low + (1u64 << (octave - 1)) / 2
 }

@@ -12,11 +12,15 @@
 //! matches the selection maps (`--comm`, `--cgroup`).
 #![no_std]
 #![no_main]
+// Atomic adds on map values (`kept`): the BPF target's core has no atomic types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![expect(
     clippy::needless_pass_by_value,
     reason = "aya's program macros hand the context over by value"
 )]
 
+mod kept;
 mod maps;
 mod python;
 
@@ -39,9 +43,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, ExitStash, Fresh, KernelLayout, NO_FIELD,
-    Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader,
-    StackedRecord, Traced, UpstreamRecord, kind, select,
+    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, ExitStash, Fresh, KernelLayout, MemoKey,
+    NO_FIELD, Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED,
+    StackHeader, StackedRecord, Traced, UpstreamRecord, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
@@ -249,6 +253,9 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         let mut hit = traced;
         hit.limit_hit_ns = header.ts_ns;
         let _ = TRACED.insert(tgid, hit, BPF_EXIST);
+        // The blame is the table at this instant: kept descriptors closed from now on are
+        // sent, until userspace has taken the ones open now.
+        kept::hold(tgid, header.ts_ns);
         let mut header = header;
         if nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT {
             header.args[syscalls::ACCEPT_QUEUE] = listen_queue(args[0]);
@@ -264,16 +271,24 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
                 // SAFETY: a user pointer the kernel has just read the same struct through.
                 header.args[4] = unsafe { bpf_probe_read_user(args[2] as *const u64) }.unwrap_or(0);
             }
-            if (nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT)
+            let watched = (nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT)
                 && traced.limit_hit_ns != 0
-                && header.ts_ns.wrapping_sub(traced.limit_hit_ns) <= AT_LIMIT_WINDOW_NS
-            {
+                && header.ts_ns.wrapping_sub(traced.limit_hit_ns) <= AT_LIMIT_WINDOW_NS;
+            if watched {
                 watch(fresh_key(tgid, ret as u64));
+            }
+            if kept::enabled() && !watched && created(&header, &regs, &traced, aux) {
+                return Ok(());
             }
             emit_stacked(header, &regs, &traced, aux)
         }
         Action::Depends if ret >= 0 => match syscalls::depends(nr, &args) {
-            Some(true) => emit_stacked(header, &regs, &traced, Aux::None),
+            Some(true) => {
+                if kept::enabled() {
+                    kept::forget_stale(tgid, ret as u64, header.ts_ns);
+                }
+                emit_stacked(header, &regs, &traced, Aux::None)
+            }
             Some(false) if nr == syscalls::SETRLIMIT || nr == syscalls::PRLIMIT64 => {
                 emit_limit(header)
             }
@@ -288,6 +303,14 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             // stamp and be applied first: the kernel matrix's emulated 6.1 caught that.)
             let mut header = header;
             header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
+            // A kept descriptor's close stays in the kernel too, unless its number is already
+            // another descriptor's: whose entry the map holds then is not this close's to say.
+            if header.args[syscalls::CLOSE_REOPENED] == 0
+                && kept::enabled()
+                && kept::closed(tgid, args[0], header.ts_ns)
+            {
+                return Ok(());
+            }
             // Only a process that hit the limit has connections to look at.
             header.args[syscalls::CLOSE_UNANSWERED] = if traced.limit_hit_ns == 0 {
                 0
@@ -308,6 +331,35 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         // Failed creations and changes, and syscalls that do neither.
         Action::Create(_) | Action::Depends | Action::Change | Action::Ignore => Ok(()),
     }
+}
+
+/// A creation succeeded: forgets the dead entries at its numbers, then keeps it in the kernel
+/// when it can (see `kept`); false when it must be sent.
+#[inline(always)]
+fn created(header: &RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) -> bool {
+    let tgid = header.tgid;
+    if let Aux::FdPair(n) = aux {
+        // SAFETY: a user pointer the kernel just wrote two ints through.
+        if let Ok(pair) = unsafe { bpf_probe_read_user(header.args[n & 3] as *const [i32; 2]) } {
+            kept::forget_stale(tgid, pair[0] as u64, header.ts_ns);
+            kept::forget_stale(tgid, pair[1] as u64, header.ts_ns);
+        }
+        return false;
+    }
+    if !kept::forget_stale(tgid, header.ret as u64, header.ts_ns)
+        || !kept::keepable(header.nr)
+        || python::interpreter(tgid).is_some()
+    {
+        return false;
+    }
+    let want = stack_wanted(regs, traced);
+    let key = MemoKey {
+        tgid,
+        pad: 0,
+        ip: regs.ip,
+        sp: if want == 0 { 0 } else { regs.sp },
+    };
+    kept::keep(header, &key, want, regs.bp, aux)
 }
 
 /// 1 when descriptor `fd` of the current process is open again as its close returns: the
@@ -1024,13 +1076,16 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
     if let Some(py) = unsafe { PYTHON.get(tgid) }.copied() {
         let _ = PYTHON.insert(child as u32, py, 0);
     }
+    // SAFETY: no preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    // The child's table is a copy of the parent's, kept descriptors included.
+    kept::hold(tgid, ts_ns);
     emit_header(&RecordHeader {
         kind: kind::FORK,
         nr,
         tgid,
         tid,
-        // SAFETY: no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns,
         ret: i64::from(child),
         args: [child as u64, flags, 0, 0, 0, 0],
     })

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
-    COUNTERS as COUNTER_SLOTS, Counter, ExitStash, Fresh, Outbound, PyProc, RecordHeader,
-    StackedRecord, Traced, select,
+    COUNTERS as COUNTER_SLOTS, Counter, ExitStash, Fresh, Kept, Memo, MemoKey, Outbound, PairKey,
+    Pairs, PyProc, RecordHeader, STACK_MAX, StackedRecord, Traced, select,
 };
 
 /// Processes being traced, by tgid. Userspace seeds it; the fork probe adds children.
@@ -55,6 +55,32 @@ pub static OUTBOUND: LruHashMap<u64, Outbound> = LruHashMap::with_max_entries(16
 /// each when it notices the process gone; one it never takes is pushed out.
 #[map(name = "FDT_EXITS")]
 pub static EXITS: LruHashMap<u32, ExitStash> = LruHashMap::with_max_entries(1024, 0);
+
+/// Call sites userspace unwound, by registers (see [`Memo`]).
+#[map(name = "FDT_MEMOS")]
+pub static MEMOS: HashMap<MemoKey, Memo> = HashMap::with_max_entries(16384, 0);
+
+/// Descriptors kept in the kernel (see `kept`), by (tgid << 32 | fd). 32768 entries are about
+/// 6 MB; a creation that finds the map full is sent, as without it.
+#[map(name = "FDT_KEPT")]
+pub static KEPT: HashMap<u64, Kept> = HashMap::with_max_entries(32768, 0);
+
+/// Per call site, descriptors created and closed in the kernel. Userspace deletes a
+/// process's entries after its exit.
+#[map(name = "FDT_PAIRS")]
+pub static PAIRS: HashMap<PairKey, Pairs> = HashMap::with_max_entries(16384, 0);
+
+/// Processes whose kept descriptors userspace needs before their closes (see `FDT_HOLDS`).
+#[map(name = "FDT_HOLDS")]
+pub static HOLDS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Where a kept creation is assembled before its insert (too large for the stack).
+#[map(name = "FDT_KEPT_SCRATCH")]
+pub static KEPT_SCRATCH: PerCpuArray<Kept> = PerCpuArray::with_max_entries(1, 0);
+
+/// The stack words a memo compares, read from `sp` in one copy.
+#[map(name = "FDT_MEMO_WORDS")]
+pub static MEMO_WORDS: PerCpuArray<[u64; STACK_MAX / 8]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "FDT_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StackedRecord> = PerCpuArray::with_max_entries(1, 0);

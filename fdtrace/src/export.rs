@@ -142,6 +142,9 @@ fn touched(event: &Event) -> Vec<(Pid, Option<Vec<i32>>)> {
         | Event::UpstreamFailed { .. }
         | Event::UpstreamEnded { .. }
         | Event::ExitTable { .. }
+        // No slices: neither end of these descriptors' lives was sent (a flight recording
+        // has their counts only).
+        | Event::Balanced { .. }
         | Event::Tick { .. } => Vec::new(),
     }
 }

@@ -10,6 +10,7 @@ pub mod container;
 pub mod decode;
 pub mod export;
 pub mod headroom;
+pub mod kept;
 pub mod launch;
 pub mod layout;
 pub mod listeners;

@@ -59,6 +59,20 @@ pub enum FdKind {
 }
 
 impl FdKind {
+    /// What the syscalls the probe keeps in the kernel create (its `kept::keepable`): their
+    /// pairs come counted by syscall, not by descriptor.
+    pub fn created_by(nr: u32) -> Self {
+        use fdtrace_common::syscalls as sc;
+        match nr {
+            sc::OPEN | sc::OPENAT | sc::OPENAT2 | sc::CREAT => Self::File,
+            sc::SOCKET | sc::ACCEPT | sc::ACCEPT4 => Self::Socket,
+            sc::EVENTFD | sc::EVENTFD2 => Self::Eventfd,
+            sc::EPOLL_CREATE | sc::EPOLL_CREATE1 => Self::Epoll,
+            sc::TIMERFD_CREATE => Self::Timerfd,
+            _ => Self::Other,
+        }
+    }
+
     pub const ALL: [FdKind; 16] = [
         FdKind::File,
         FdKind::Socket,
@@ -325,6 +339,18 @@ pub enum Event {
         covered: i32,
         open: Vec<u8>,
     },
+    /// Descriptors the probe created and closed in the kernel since the last such event for
+    /// this call site (format 7): `count` of them, made by `syscall` at `stack`, with their
+    /// lifetimes as (microseconds, how many), each the middle of a bucket of the probe's
+    /// (within a quarter of the true value). Neither their creation nor their close was sent.
+    Balanced {
+        pid: Pid,
+        ts: u64,
+        stack: StackId,
+        syscall: u32,
+        count: u64,
+        lifetimes: Vec<(u64, u32)>,
+    },
 }
 
 /// How an outbound TCP connection ended without an answer (see the probes' `ENDED_*`).
@@ -577,6 +603,7 @@ impl Event {
             | Event::UpstreamFailed { ts, .. }
             | Event::UpstreamEnded { ts, .. }
             | Event::ExitTable { ts, .. }
+            | Event::Balanced { ts, .. }
             | Event::Tick { ts } => Some(*ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -604,6 +631,7 @@ impl Event {
             | Event::UpstreamFailed { ts, .. }
             | Event::UpstreamEnded { ts, .. }
             | Event::ExitTable { ts, .. }
+            | Event::Balanced { ts, .. }
             | Event::Tick { ts } => Some(ts),
             Event::CloexecSet { .. }
             | Event::LimitChanged { .. }
@@ -1005,6 +1033,14 @@ impl Model {
             Event::Lost { count } => self.dropped += count,
             Event::Losses(totals) => self.losses = self.losses.max(*totals),
             Event::Tick { ts } => self.tick(*ts),
+            Event::Balanced {
+                pid,
+                ts,
+                stack,
+                syscall,
+                count,
+                lifetimes,
+            } => self.balanced(*pid, *ts, (*stack, *syscall), *count, lifetimes),
             Event::Unanswered {
                 pid,
                 ts,
@@ -1218,6 +1254,38 @@ impl Model {
                 self.corrections.reused += 1;
             }
         }
+    }
+
+    /// Descriptors created and closed in the kernel: counted at their call site as opened,
+    /// closed and their lifetimes, as if each had been seen.
+    fn balanced(
+        &mut self,
+        pid: Pid,
+        ts: u64,
+        (stack, syscall): (StackId, u32),
+        count: u64,
+        lifetimes: &[(u64, u32)],
+    ) {
+        self.ensure(pid, ts);
+        if self.table_mut(pid).is_none() {
+            return;
+        }
+        let site = self.site(SiteKey {
+            pid,
+            stack,
+            kind: FdKind::created_by(syscall),
+            origin: Origin::Traced,
+        });
+        let Some(s) = self.sites.get_mut(site) else {
+            return;
+        };
+        s.opened += count;
+        s.closed += count;
+        for &(micros, n) in lifetimes {
+            s.record_pairs(n, micros);
+        }
+        self.opened_total += count;
+        self.closed_total += count;
     }
 
     /// A close the probes saw; see [`Model::displaced`].

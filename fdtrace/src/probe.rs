@@ -77,6 +77,9 @@ pub struct ProbeOptions {
     /// bit of each kind of selector in use, then fill the maps with [`Probes::select_comm`]
     /// and [`Probes::select_cgroup`]. 0 adopts nothing.
     pub select: u32,
+    /// Keep creations at call sites already unwound in the kernel, and their closes (see
+    /// `fdtrace-ebpf/src/kept.rs`): off, every creation and close is sent (recordings).
+    pub keep: bool,
 }
 
 /// The program type the `sys_exit` probe was loaded as.
@@ -162,6 +165,7 @@ impl Default for ProbeOptions {
             fallbacks: false,
             debug: false,
             select: 0,
+            keep: true,
         }
     }
 }
@@ -217,6 +221,8 @@ pub struct Probes {
     select_cgroups: HashMap<MapData, u64, u8>,
     counters: PerCpuArray<MapData, u64>,
     exits: HashMap<MapData, u32, ExitStash>,
+    /// The maps of descriptors kept in the kernel.
+    pub kept: crate::kept::KeptMaps,
     choices: ProbeChoices,
     registrar: Option<PythonRegistrar>,
     /// The probes' diagnostics (`--debug-probes`), drained into the log by `flush_logs`.
@@ -236,6 +242,9 @@ pub struct Counters {
     pub py_frames_missing: u64,
     pub not_adopted: u64,
     pub socket_reused: u64,
+    pub kept: u64,
+    pub keep_failed: u64,
+    pub pairs_closed: u64,
 }
 
 /// The probes' own cost so far, from the kernel's BPF statistics.
@@ -269,6 +278,7 @@ impl Probes {
             .override_global(names::GLOBAL_FOLLOW, &u32::from(options.follow), true)
             .override_global(names::GLOBAL_LAYOUT, &kernel_layout, true)
             .override_global(names::GLOBAL_SELECT, &options.select, true)
+            .override_global(names::GLOBAL_KEEP, &u32::from(options.keep), true)
             // A quarter of the ring, whatever its size.
             .override_global(
                 names::GLOBAL_WAKEUP_BYTES,
@@ -346,6 +356,13 @@ impl Probes {
         let select_comms = HashMap::try_from(take(&mut ebpf, names::MAP_SELECT_COMMS)?)?;
         let select_cgroups = HashMap::try_from(take(&mut ebpf, names::MAP_SELECT_CGROUPS)?)?;
         let exits = HashMap::try_from(take(&mut ebpf, names::MAP_EXITS)?)?;
+        let kept = crate::kept::KeptMaps::new(
+            HashMap::try_from(take(&mut ebpf, names::MAP_MEMOS)?)?,
+            HashMap::try_from(take(&mut ebpf, names::MAP_KEPT)?)?,
+            HashMap::try_from(take(&mut ebpf, names::MAP_PAIRS)?)?,
+            HashMap::try_from(take(&mut ebpf, names::MAP_HOLDS)?)?,
+            options.keep,
+        );
         let counters = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_COUNTERS)
                 .ok_or(ProbeError::MissingMap(names::MAP_COUNTERS))?,
@@ -362,6 +379,7 @@ impl Probes {
             select_cgroups,
             counters,
             exits,
+            kept,
             choices,
             registrar: Some(registrar),
             logger,
@@ -490,7 +508,7 @@ impl Probes {
                 .get(&(c as u32), 0)
                 .map_or(0, |v| v.iter().sum())
         };
-        debug_assert_eq!(COUNTERS, 8);
+        debug_assert_eq!(COUNTERS, 11);
         Counters {
             ring_full: sum(Counter::RingFull),
             stack_read_failed: sum(Counter::StackReadFailed),
@@ -500,6 +518,9 @@ impl Probes {
             py_frames_missing: sum(Counter::PyFramesMissing),
             not_adopted: sum(Counter::NotAdopted),
             socket_reused: sum(Counter::SocketReused),
+            kept: sum(Counter::Kept),
+            keep_failed: sum(Counter::KeepFailed),
+            pairs_closed: sum(Counter::PairClosed),
         }
     }
 

@@ -19,6 +19,7 @@ use fdtrace_common::kind;
 use crate::{
     clock::{WallClock, monotonic_ns},
     decode::{self, Record},
+    kept,
     listeners::ListenerWatch,
     losses::Losses,
     mmap_events::{MapEvent, MmapWatcher},
@@ -38,6 +39,8 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// tracing began (moved into a selected cgroup, renamed with prctl) are looked for. The exec
 /// probe takes in every other one at once.
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
+/// How often kept descriptors past their age and the kernel's pairs are taken.
+const KEPT_EVERY: Duration = Duration::from_millis(250);
 /// Bound of [`Session::unreadable`].
 const UNREADABLE_MAX: usize = 4096;
 /// When the traced processes hold more than this together, they are reconciled less often:
@@ -89,6 +92,10 @@ pub struct Session {
     /// The traced processes' listen queues, sampled on the tick (live views only: not in the
     /// model, so not in recordings).
     pub listeners: ListenerWatch,
+    /// When the kernel's kept descriptors and pairs were last taken (see `crate::kept`).
+    last_kept: Instant,
+    /// `drained_until` as the last pump read it: every record written before it is applied.
+    applied_until: u64,
 }
 
 type Observer = Box<dyn FnMut(&Event)>;
@@ -174,6 +181,8 @@ impl Session {
             last_rescan: Instant::now(),
             unreadable: HashSet::new(),
             listeners: ListenerWatch::default(),
+            last_kept: Instant::now(),
+            applied_until: 0,
         })
     }
 
@@ -390,6 +399,9 @@ impl Session {
                     continue;
                 }
                 Item::Listing { pid, ts, fds } => {
+                    // The listing saw the kept descriptors open then: the model must have them.
+                    self.take_kept(Some(pid), ts, &mut out);
+                    self.probes.kept.release(pid, ts);
                     self.apply(&Event::Reconciled { pid, ts, fds });
                     continue;
                 }
@@ -416,6 +428,16 @@ impl Session {
                     }
                 }
             }
+            if let Some(before) = whole_table_at(&rec) {
+                // This record needs the process's whole table as of its time: the kept
+                // descriptors come out of the kernel first (and its pairs, before an exit).
+                self.take_kept(Some(pid), before, &mut out);
+                if rec.header.kind == kind::EXIT {
+                    self.take_pairs(&mut out);
+                } else {
+                    self.probes.kept.release(pid, before);
+                }
+            }
             let mut events = self.tracer.translate(&rec);
             if rec.header.kind == kind::EXIT && rec.aux.is_empty() {
                 // The exit made it without its table, which waits in the probe's map.
@@ -432,16 +454,96 @@ impl Session {
                 self.apply(&event);
                 out.push(event);
             }
+            if rec.header.kind == kind::EXIT {
+                self.probes.kept.forget_process(pid);
+            }
+            self.sync_memos();
             if !self.tracer.python_changes.is_empty() {
                 self.sync_python();
             }
         }
-        self.periodic();
+        self.applied_until = drained;
+        self.periodic(&mut out);
         out
     }
 
-    fn periodic(&mut self) {
+    /// Passes the memos the tracer made or dropped on to the probe, in order: a process's
+    /// memos dropped after a mapping change must not take newer ones with them.
+    fn sync_memos(&mut self) {
+        for pid in std::mem::take(&mut self.tracer.forgotten_memos) {
+            self.probes.kept.forget_memos(pid);
+        }
+        for (key, memo) in std::mem::take(&mut self.tracer.kernel_memos) {
+            self.probes.kept.install(key, &memo);
+        }
+    }
+
+    /// Applies `pid`'s (everyone's with `None`) kept descriptors created before `before`, as
+    /// the creations they are.
+    fn take_kept(&mut self, pid: Option<Pid>, before: u64, out: &mut Vec<Event>) {
+        for rec in self.probes.kept.take(pid, before) {
+            for event in self.tracer.translate(&rec) {
+                self.apply(&event);
+                out.push(event);
+            }
+        }
+    }
+
+    /// Applies the pairs the kernel counted since the last time.
+    fn take_pairs(&mut self, out: &mut Vec<Event>) {
+        let ts = monotonic_ns();
+        for pairs in self.probes.kept.new_pairs() {
+            let event = Event::Balanced {
+                pid: pairs.pid,
+                ts,
+                stack: pairs.stack,
+                syscall: pairs.syscall,
+                count: pairs.count,
+                lifetimes: pairs.lifetimes,
+            };
+            self.apply(&event);
+            out.push(event);
+        }
+    }
+
+    /// Takes what the kernel keeps that the views must show: kept descriptors older than
+    /// [`kept::AGE_NS`] whose earlier records are all applied, those of processes under a
+    /// hold whose moment passed without its record (lost to a full ring), and the pairs.
+    fn take_aged(&mut self, out: &mut Vec<Event>) {
+        let applied = self.applied_until;
+        for (pid, since) in self.probes.kept.holds() {
+            if since <= applied {
+                self.take_kept(Some(pid), since, out);
+                self.probes.kept.release(pid, since);
+            }
+        }
+        let before = applied.min(monotonic_ns().saturating_sub(kept::AGE_NS));
+        self.take_kept(None, before, out);
+        self.take_pairs(out);
+    }
+
+    /// Brings the model level with the kernel for a report: every kept descriptor whose
+    /// earlier records are applied, and every pair.
+    pub fn settle(&mut self) {
+        let mut out = Vec::new();
+        self.pump(Duration::from_millis(20));
+        self.take_kept(None, self.applied_until, &mut out);
+        self.take_pairs(&mut out);
+        let c = self.probes.counters();
+        log::info!(
+            "kept in the kernel: {} creations, {} of them closed there; {} sent for want of room",
+            c.kept,
+            c.pairs_closed,
+            c.keep_failed
+        );
+    }
+
+    fn periodic(&mut self, out: &mut Vec<Event>) {
         self.probes.flush_logs();
+        if self.last_kept.elapsed() >= KEPT_EVERY {
+            self.last_kept = Instant::now();
+            self.take_aged(out);
+        }
         let losses = self.losses();
         let lost = losses.events();
         let new_loss = lost > self.lost_seen;
@@ -500,6 +602,8 @@ impl Session {
         }
         for pid in alive {
             let ts = monotonic_ns();
+            // Closes of kept descriptors from now on are sent until the listing is applied.
+            self.probes.kept.hold(pid, ts);
             match procfs::fds(pid) {
                 Ok(fds) => self.listings.push(Item::Listing { pid, ts, fds }),
                 Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
@@ -523,6 +627,9 @@ impl Session {
             return Vec::new();
         }
         let mut events = Vec::new();
+        self.take_kept(Some(pid), u64::MAX, &mut events);
+        self.take_pairs(&mut events);
+        let taken = events.len();
         let ts = if let Some((exited, max_fds, open)) = self.probes.take_exit(pid) {
             events.push(crate::tracer::exit_table(pid, exited, max_fds, &open));
             exited
@@ -530,14 +637,17 @@ impl Session {
             log::warn!("pid {pid} exited; its exit record and table were lost (ring full)");
             ts
         };
+        let end = events.len();
         events.push(Event::Exited {
             pid,
             ts,
             code: None,
         });
-        for event in &events {
+        // The kept ones and the pairs are applied already.
+        for event in &events[taken..=end] {
             self.apply(event);
         }
+        self.probes.kept.forget_process(pid);
         events
     }
 
@@ -595,6 +705,25 @@ impl Session {
         let mut report = Report::build(&self.model, &self.tracer.stacks, &self.clock);
         report.name_listeners();
         report
+    }
+}
+
+/// When `rec` needs its process's whole table as of its time, the time before which kept
+/// descriptors must be in the model first: a fork copies the table, an exec closes the
+/// close-on-exec ones, close_range some, an EMFILE/ENFILE blames it, and an exit ends it.
+fn whole_table_at(rec: &Record) -> Option<u64> {
+    use fdtrace_common::syscalls as sc;
+    const CLONE_THREAD: u64 = 0x0001_0000;
+    let h = &rec.header;
+    match h.kind {
+        kind::EXIT => Some(u64::MAX),
+        kind::EXEC => Some(h.ts_ns),
+        kind::FORK if h.args[1] & CLONE_THREAD == 0 => Some(h.ts_ns),
+        kind::SYSCALL | kind::STACKED if h.ret == -sc::EMFILE || h.ret == -sc::ENFILE => {
+            Some(h.ts_ns)
+        }
+        kind::SYSCALL if h.nr == sc::CLOSE_RANGE => Some(h.ts_ns),
+        _ => None,
     }
 }
 

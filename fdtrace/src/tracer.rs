@@ -10,7 +10,7 @@ use std::{
 // tracer's time on a tight open/close loop.
 use foldhash::HashMap;
 
-use fdtrace_common::{PyProc, kind, syscalls as sc};
+use fdtrace_common::{MEMO_CHECKS, Memo, MemoKey, PyProc, kind, syscalls as sc};
 
 use crate::{
     decode::Record,
@@ -84,6 +84,10 @@ pub struct Tracer {
     /// not read), by process and instruction pointer: the ip is all there is to unwind, and
     /// unwinding it for every record made those records the slowest to ingest.
     by_ip: HashMap<(u32, u64), StackId>,
+    /// Memos for the probe to recognize call sites by, since the session last took them.
+    pub kernel_memos: Vec<(MemoKey, Memo)>,
+    /// Processes whose memos were dropped since the session last looked: the probe's go too.
+    pub forgotten_memos: Vec<u32>,
 }
 
 /// A frame as a reader tells it apart: where, not at which address.
@@ -139,6 +143,8 @@ impl Tracer {
             by_location: HashMap::default(),
             stacks: Stacks::default(),
             by_ip: HashMap::default(),
+            kernel_memos: Vec::new(),
+            forgotten_memos: Vec::new(),
         }
     }
 
@@ -185,6 +191,7 @@ impl Tracer {
             .unwrap_or_else(PoisonError::into_inner)
             .forget(pid);
         self.by_ip.retain(|(p, _), _| *p != pid);
+        self.forgotten_memos.push(pid);
     }
 
     /// Looks for CPython in a process's /proc maps (attached processes).
@@ -410,15 +417,30 @@ impl Tracer {
                 self.by_ip.clear();
             }
             self.by_ip.insert((pid, cap.ip), id);
+            // With stacks off the probe finds the memo by ip alone (sp 0) and compares nothing.
+            let kernel = Memo {
+                site: id,
+                span: 0,
+                bp: 0,
+                bp_matters: 0,
+                count: 0,
+                reach: 0,
+                pad: 0,
+                offsets: [0; MEMO_CHECKS],
+                words: [0; MEMO_CHECKS],
+            };
+            self.kernel_memos.push((memo_key(pid, cap.ip, 0), kernel));
             return id;
         }
         if native && let Some(space) = unwound.space {
             let regs = (cap.ip, cap.sp, cap.bp);
             let raw = crate::stack::raw_digest(&unwound.frames);
-            self.memo
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(pid, regs, space, reads, (raw, id));
+            let mut memo = self.memo.write().unwrap_or_else(PoisonError::into_inner);
+            memo.insert(pid, regs, space, reads, (raw, id));
+            if let Some(kernel) = memo.kernel_memo(pid, (cap.ip, cap.sp), cap.bytes.len()) {
+                self.kernel_memos
+                    .push((memo_key(pid, cap.ip, cap.sp), kernel));
+            }
         }
         id
     }
@@ -507,6 +529,15 @@ fn listen(pid: u32, a: &[u64; 6]) -> Option<crate::model::Listen> {
         queued: queue as u32,
         backlog: (queue >> 32) as u32,
     })
+}
+
+fn memo_key(tgid: u32, ip: u64, sp: u64) -> MemoKey {
+    MemoKey {
+        tgid,
+        pad: 0,
+        ip,
+        sp,
+    }
 }
 
 /// The creation event for a successful creating syscall.

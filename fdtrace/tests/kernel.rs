@@ -381,45 +381,69 @@ fn check_forked_child(options: ProbeOptions) {
 
 /// Four threads open and close so that closes and creations of one number race (a close frees
 /// the number inside the syscall; another thread's open can take it and return first). The
-/// table must come out right from the events alone: no /proc correction at all.
+/// table must come out right from the events alone: no /proc correction at all. Both ways:
+/// every creation and close sent (the ordering of records), and balanced ones kept in the
+/// kernel (a creation that finds a dead entry at its number, a close whose number is taken).
 #[test]
 #[ignore = "root"]
 fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
     let fixture = common::build_c("fd_race.c", &["-O2", "-g", "-pthread"]);
-    let out = out_file("fd-race");
-    // Stacks play no part in ordering; without them no event is lost to a full ring here.
-    let options = ProbeOptions {
-        stack_bytes: 0,
-        ..ProbeOptions::default()
-    };
-    let run = common::run_traced(&[fixture.to_str().unwrap(), out.to_str().unwrap()], options);
-    assert_eq!(run.exit_code, 0, "the fixture failed");
-    let listing = read_listing(&out);
-    let model = &run.session.model;
-    assert_eq!(model.dropped, 0, "records lost");
-    let closes = run
-        .events
-        .iter()
-        .filter(|e| matches!(e, Event::Closed { pid, .. } if *pid == run.pid))
-        .count();
-    let raced = run
-        .events
-        .iter()
-        .filter(|e| matches!(e, Event::Closed { reopened: true, .. }))
-        .count();
-    eprintln!("{closes} closes, {raced} of them raced by a creation of their number");
-    assert!(closes >= 10_000, "only {closes} closes seen");
-    let diffs = table_differences(model, run.pid, &listing);
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
-    assert_eq!(
-        (
-            model.corrections.added,
-            model.corrections.removed,
-            model.corrections.reused
-        ),
-        (0, 0, 0),
-        "corrections were needed"
-    );
+    for keep in [false, true] {
+        let out = out_file(if keep { "fd-race-kept" } else { "fd-race" });
+        // Stacks play no part in ordering; without them no event is lost to a full ring here.
+        let options = ProbeOptions {
+            stack_bytes: 0,
+            keep,
+            ..ProbeOptions::default()
+        };
+        let run = common::run_traced(&[fixture.to_str().unwrap(), out.to_str().unwrap()], options);
+        assert_eq!(run.exit_code, 0, "the fixture failed");
+        let listing = read_listing(&out);
+        let model = &run.session.model;
+        assert_eq!(model.dropped, 0, "records lost");
+        let closes = run
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Closed { pid, .. } if *pid == run.pid))
+            .count();
+        let raced = run
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Closed { reopened: true, .. }))
+            .count();
+        let pairs: u64 = run
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Balanced { pid, count, .. } if *pid == run.pid => Some(*count),
+                _ => None,
+            })
+            .sum();
+        eprintln!(
+            "keep {keep}: {closes} closes sent, {raced} of them raced by a creation of their \
+             number; {pairs} created and closed in the kernel"
+        );
+        assert!(
+            closes as u64 + pairs >= 10_000,
+            "only {closes} closes and {pairs} pairs seen"
+        );
+        if keep {
+            assert!(pairs > 0, "nothing was kept in the kernel");
+        } else {
+            assert_eq!(pairs, 0, "kept in the kernel with keeping off");
+        }
+        let diffs = table_differences(model, run.pid, &listing);
+        assert!(diffs.is_empty(), "keep {keep}: {}", diffs.join("\n"));
+        assert_eq!(
+            (
+                model.corrections.added,
+                model.corrections.removed,
+                model.corrections.reused
+            ),
+            (0, 0, 0),
+            "keep {keep}: corrections were needed"
+        );
+    }
 }
 
 /// A shell that runs hundreds of short commands, some of them CPython: when it is done, no

@@ -53,7 +53,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
             ..crate::tui::TuiOptions::default()
         };
         crate::tui::run(&mut session, options)?;
-        session.pump(Duration::from_millis(20));
+        session.settle();
         let report = with_nginx(session.report());
         if args.output.is_some() {
             emit_report(&report, args.format, args.output.as_ref(), false)?;
@@ -105,7 +105,7 @@ pub(crate) fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
             break;
         }
     }
-    session.pump(Duration::from_millis(20));
+    session.settle();
     emit_report(
         &with_nginx(session.report()),
         args.format,

@@ -148,6 +148,11 @@ pub(crate) struct ProbeArgs {
     /// tracepoint for sys_exit, thread counts from BTF for exits): for testing them.
     #[arg(long, hide = true)]
     pub(crate) probe_fallbacks: bool,
+    /// Send every creation and close to fdtrace, as recordings do, instead of keeping the
+    /// descriptors of call sites already seen in the kernel until they outlive a second (for
+    /// comparing the two; the views show the same either way, less the lifetimes' precision).
+    #[arg(long)]
+    pub(crate) send_all: bool,
 }
 
 impl ProbeArgs {
@@ -158,6 +163,7 @@ impl ProbeArgs {
             stats,
             fallbacks: self.probe_fallbacks,
             debug: self.debug_probes,
+            keep: !self.send_all,
             ..ProbeOptions::default()
         }
     }

@@ -15,6 +15,7 @@ use super::{MatchArgs, ProbeArgs, check_privileges, select_options};
 use crate::{
     launch,
     model::Pid,
+    probe::ProbeOptions,
     record::{self, Command, Header, Recorder, SessionRecorder},
     session::Session,
     signals,
@@ -74,7 +75,12 @@ pub(crate) fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     let selection = args.select.resolve(&args.pids)?;
     check_privileges()?;
     let launching = !args.command.is_empty();
-    let options = select_options(args.probe, args.follow || launching, false, &selection);
+    let options = ProbeOptions {
+        // A recording holds every descriptor's lifetime (perfetto's slices): nothing is kept
+        // in the kernel.
+        keep: false,
+        ..select_options(args.probe, args.follow || launching, false, &selection)
+    };
     let mut session = Session::start(options)?;
     let started = Instant::now();
     let stop_at = args

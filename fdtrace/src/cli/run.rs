@@ -84,6 +84,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    session.settle();
     let report = session.report();
     emit_report(&report, args.format, args.output.as_ref(), true)?;
     // The text report on the terminal says it already; a JSON or a file report would leave

@@ -88,6 +88,13 @@ impl CallSite {
         }
     }
 
+    /// `n` descriptors created and closed in the kernel, each about `micros` long.
+    pub(super) fn record_pairs(&mut self, n: u32, micros: u64) {
+        if !self.gone && n > 0 {
+            self.lifetimes.get_or_insert_default().record_n(micros, n);
+        }
+    }
+
     /// Lifetime percentile of closed descriptors in milliseconds.
     pub fn lifetime_ms(&self, quantile: f64) -> Option<f64> {
         self.lifetimes
@@ -209,6 +216,10 @@ fn bucket_value(bucket: u16) -> u64 {
 
 impl Lifetimes {
     fn record(&mut self, micros: u64) {
+        self.record_n(micros, 1);
+    }
+
+    fn record_n(&mut self, micros: u64, n: u32) {
         let bucket = bucket_of(micros);
         let i = match self.buckets.binary_search_by_key(&bucket, |&(b, _)| b) {
             Ok(i) => i,
@@ -217,15 +228,15 @@ impl Lifetimes {
                 i
             }
         };
-        if self.buckets[i].1 == u32::MAX {
+        while self.buckets[i].1.checked_add(n).is_none() {
             // Four billion closes at one site: halve every count, which keeps the quantiles.
             for (_, count) in &mut self.buckets {
                 *count = count.div_ceil(2);
             }
             self.total = self.buckets.iter().map(|&(_, c)| u64::from(c)).sum();
         }
-        self.buckets[i].1 += 1;
-        self.total += 1;
+        self.buckets[i].1 += n;
+        self.total += u64::from(n);
     }
 
     fn quantile(&self, quantile: f64) -> Option<u64> {

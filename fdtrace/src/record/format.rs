@@ -30,7 +30,7 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"\x89fdtrace";
 /// Bumped on any change an older reader would misread.
-pub const FORMAT_VERSION: u16 = 6;
+pub const FORMAT_VERSION: u16 = 7;
 /// The oldest format this reader still reads.
 pub const OLDEST_READABLE: u16 = 2;
 pub const PRELUDE_LEN: usize = MAGIC.len() + 4;

@@ -22,6 +22,7 @@
 //! A process's memos are dropped when its address space changes (exec, a library mapped),
 //! since the same words could then unwind differently.
 
+use fdtrace_common::{MEMO_CHECKS, Memo};
 use foldhash::HashMap;
 
 use super::unwind::{Reads, stack_word};
@@ -142,6 +143,51 @@ impl StackMemo {
         }
     }
 
+    /// What the probe compares to recognize this memo itself (see `fdtrace_common::Memo`),
+    /// for a capture `span` bytes long; `None` when it needs more checks than the probe has
+    /// room for, or reads it cannot make.
+    pub fn kernel_memo(&self, pid: u32, (ip, sp): (u64, u64), span: usize) -> Option<Memo> {
+        let e = self.processes.get(&pid)?.entries.get(&(ip, sp))?;
+        let span = u32::try_from(span).ok()?;
+        let mut memo = Memo {
+            site: e.stack,
+            span,
+            bp: e.bp,
+            bp_matters: u32::from(!e.bp_irrelevant),
+            count: 0,
+            reach: 0,
+            pad: 0,
+            offsets: [0; MEMO_CHECKS],
+            words: [0; MEMO_CHECKS],
+        };
+        // Without a word found past the capture's end, the copy's length does not matter as
+        // long as it covers the checks (the clamp to the main thread's stack, learned after
+        // the first records, shortens it): span 0 tells the probe so.
+        let mut past_end = false;
+        for &(offset, word) in &e.checks {
+            let end = offset.checked_add(8)?;
+            match word {
+                // Past the capture's end: past the probe's copy of the same length too.
+                None if end > u64::from(span) => past_end = true,
+                None => return None,
+                Some(word) => {
+                    let i = memo.count as usize;
+                    if i == MEMO_CHECKS || offset % 8 != 0 || end > u64::from(span) {
+                        return None;
+                    }
+                    memo.offsets[i] = u32::try_from(offset).ok()?;
+                    memo.words[i] = word;
+                    memo.count += 1;
+                    memo.reach = memo.reach.max(u32::try_from(end).ok()?);
+                }
+            }
+        }
+        if !past_end {
+            memo.span = 0;
+        }
+        Some(memo)
+    }
+
     /// Drops `pid`'s memos (it exited or exec'd).
     pub fn forget(&mut self, pid: u32) {
         if let Some(process) = self.processes.remove(&pid) {
@@ -168,6 +214,33 @@ mod tests {
 
     fn words(values: &[u64]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn the_probes_memo_holds_the_deciding_words() {
+        let mut memo = StackMemo::default();
+        let reads = |saved| vec![(8, Some(0x4000)), (16, Some(saved)), (4096, None)];
+        memo.insert(7, (0x10, 0x100, 0xbb), 1, reads(0xaaa), (1, 42));
+        let k = memo.kernel_memo(7, (0x10, 0x100), 4096).expect("fits");
+        // A word past the end: the probe's copy must be as long.
+        assert_eq!((k.site, k.span, k.count, k.reach), (42, 4096, 2, 24));
+        assert_eq!(k.bp_matters, 1);
+        assert_eq!(&k.offsets[..2], &[8, 16]);
+        // The saved word and bp turned out not to matter: the probe stops comparing them.
+        memo.insert(7, (0x10, 0x100, 0xcc), 1, reads(0xbbb), (1, 42));
+        let k = memo.kernel_memo(7, (0x10, 0x100), 4096).expect("fits");
+        assert_eq!((k.count, k.reach, k.bp_matters), (1, 16, 0));
+        assert_eq!((k.offsets[0], k.words[0]), (8, 0x4000));
+        // A read that failed inside a longer capture cannot be checked by the probe.
+        assert_eq!(memo.kernel_memo(7, (0x10, 0x100), 8192), None);
+        // Nothing past the end: any copy that covers the checks will do.
+        memo.insert(9, (0x10, 0x100, 0xbb), 1, vec![(8, Some(0x4000))], (1, 44));
+        let k = memo.kernel_memo(9, (0x10, 0x100), 4096).expect("fits");
+        assert_eq!((k.span, k.reach), (0, 16));
+        // Too many words for the probe.
+        let many = (0..=MEMO_CHECKS as u64).map(|i| (i * 8, Some(i))).collect();
+        memo.insert(8, (0x10, 0x100, 0xbb), 1, many, (2, 43));
+        assert_eq!(memo.kernel_memo(8, (0x10, 0x100), 4096), None);
     }
 
     #[test]

@@ -1,0 +1,289 @@
+//! Descriptors kept in the kernel (issue 18): a creation at a call site userspace has already
+//! unwound is recognized here, by the registers and the few stack words the unwind depended
+//! on, and kept in `FDT_KEPT` instead of being sent with its stack. A close that finds its
+//! entry adds to the site's counts in `FDT_PAIRS` and sends nothing either, so a server's
+//! accept-answer-close costs two map updates and no ring record. Userspace takes the entries
+//! that stay open (after a second, or when a fork, an exit, an EMFILE or a /proc listing needs
+//! the whole table) and turns each into the creation record it stands for.
+//!
+//! Exactness rests on three rules:
+//! - an entry is taken exactly once, by the close or by userspace (both delete it; only the
+//!   one whose delete succeeds counts it);
+//! - a creation of number N proves that any entry at N is dead (its close, or the implicit
+//!   close of dup2, has not reached its `sys_exit` yet): the creation counts it as a pair;
+//! - while a hold (`FDT_HOLDS`) covers an entry, its close is sent and the entry left for
+//!   userspace, which needs it in the table it is about to copy, blame or compare.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::helpers::generated::{bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str};
+use fdtrace_common::{
+    Counter, KEPT_AUX, LIFETIME_BUCKETS, MEMO_CHECKS, Memo, MemoKey, PairKey, Pairs, RecordHeader,
+    STACK_MAX, lifetime_bucket,
+    syscalls::{self, Aux},
+};
+
+use crate::maps::{HOLDS, KEPT, KEPT_SCRATCH, MEMO_WORDS, MEMOS, PAIRS, count};
+
+/// 1 to keep creations at recognized call sites; set by userspace at load time (0 while
+/// recording, which needs every descriptor's lifetime).
+#[unsafe(no_mangle)]
+static FDT_KEEP: u32 = 0;
+
+const BPF_NOEXIST: u64 = 1;
+
+/// A new call site's counts, inserted before the first add.
+static NO_PAIRS: Pairs = Pairs {
+    count: 0,
+    buckets: [0; LIFETIME_BUCKETS],
+};
+
+#[inline(always)]
+pub fn enabled() -> bool {
+    // SAFETY: a global written only by the loader.
+    unsafe { core::ptr::read_volatile(&raw const FDT_KEEP) != 0 }
+}
+
+#[inline(always)]
+fn key(tgid: u32, fd: u64) -> u64 {
+    (u64::from(tgid) << 32) | (fd & 0xffff_ffff)
+}
+
+/// Whether syscall `nr` creates one descriptor at the lowest free number, described by its
+/// arguments and `aux` alone: those can be kept. A pair (pipe, socketpair) or a chosen number
+/// (dup2, F_DUPFD) is always sent.
+#[inline(always)]
+pub fn keepable(nr: u32) -> bool {
+    matches!(
+        nr,
+        syscalls::OPEN
+            | syscalls::OPENAT
+            | syscalls::OPENAT2
+            | syscalls::CREAT
+            | syscalls::SOCKET
+            | syscalls::ACCEPT
+            | syscalls::ACCEPT4
+            | syscalls::EVENTFD
+            | syscalls::EVENTFD2
+            | syscalls::EPOLL_CREATE
+            | syscalls::EPOLL_CREATE1
+            | syscalls::TIMERFD_CREATE
+    )
+}
+
+/// Descriptor `fd` of `tgid` was just created: an entry still at its number is dead (see the
+/// module's rules), unless a hold needs it, in which case false says the creation must be
+/// sent (it cannot be kept over the entry).
+#[inline(always)]
+pub fn forget_stale(tgid: u32, fd: u64, ts: u64) -> bool {
+    let key = key(tgid, fd);
+    // SAFETY: a lookup; the fields are copied out at once.
+    let Some(old) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr)) else {
+        return true;
+    };
+    if held(tgid, old.0) {
+        return false;
+    }
+    if KEPT.remove(key).is_ok() {
+        pair(tgid, old.1, old.2, ts.wrapping_sub(old.0));
+    }
+    true
+}
+
+/// Keeps the creation `header` describes if `memo_key`'s memo recognizes its stack (copied
+/// `want` bytes long from `sp`, `bp` as given); false when it must be sent.
+#[inline(always)]
+pub fn keep(header: &RecordHeader, memo_key: &MemoKey, want: u64, bp: u64, aux: Aux) -> bool {
+    // SAFETY: the entry is only read, field by field, while this program runs.
+    let Some(memo) = (unsafe { MEMOS.get(memo_key) }) else {
+        return false;
+    };
+    let span_differs = if memo.span == 0 {
+        u64::from(memo.reach) > want
+    } else {
+        u64::from(memo.span) != want
+    };
+    if span_differs || (memo.bp_matters != 0 && memo.bp != bp) {
+        return false;
+    }
+    if !words_match(memo, memo_key.sp) {
+        return false;
+    }
+    let site = memo.site;
+    let Some(slot) = KEPT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU here.
+    let kept = unsafe { &mut *slot };
+    kept.ts_ns = header.ts_ns;
+    kept.args = header.args;
+    kept.tid = header.tid;
+    kept.nr = header.nr;
+    kept.site = site;
+    let Some(aux_len) = read_aux(&header.args, &mut kept.aux, aux) else {
+        count(Counter::KeepFailed);
+        return false;
+    };
+    kept.aux_len = aux_len;
+    if KEPT
+        .insert(key(header.tgid, header.ret as u64), kept, BPF_NOEXIST)
+        .is_err()
+    {
+        count(Counter::KeepFailed);
+        return false;
+    }
+    count(Counter::Kept);
+    true
+}
+
+/// Whether the memo's words are at their offsets from `sp` now.
+#[inline(always)]
+fn words_match(memo: &Memo, sp: u64) -> bool {
+    const WORDS: usize = STACK_MAX / 8;
+    let reach = u64::from(memo.reach);
+    if reach == 0 {
+        return memo.count == 0;
+    }
+    let Some(buf) = MEMO_WORDS.get_ptr_mut(0) else {
+        return false;
+    };
+    // As in the stack copy: a bound every verifier sees, after a reload the compiler cannot
+    // see through (for 1 <= reach <= STACK_MAX the mask changes nothing).
+    // SAFETY: reading a local.
+    let reach = unsafe { core::ptr::read_volatile(&raw const reach) };
+    if reach > STACK_MAX as u64 {
+        return false;
+    }
+    let len = ((reach.wrapping_sub(1)) & (STACK_MAX as u64 - 1)) + 1;
+    // SAFETY: the per-CPU buffer holds STACK_MAX bytes.
+    if unsafe { read_user_raw(buf.cast(), len as u32, sp as *const _) } != 0 {
+        return false;
+    }
+    // SAFETY: this CPU's buffer, just written.
+    let words: &[u64; WORDS] = unsafe { &*buf };
+    let n = memo.count as usize;
+    for i in 0..MEMO_CHECKS {
+        if i >= n {
+            break;
+        }
+        let at = (memo.offsets[i] as usize / 8) & (WORDS - 1);
+        if words[at] != memo.words[i] {
+            return false;
+        }
+    }
+    true
+}
+
+/// The path or peer address of a kept creation, into its `KEPT_AUX` bytes; `None` when it
+/// does not fit (the creation is sent with it instead).
+#[inline(always)]
+fn read_aux(args: &[u64; 6], dst: &mut [u8; KEPT_AUX], aux: Aux) -> Option<u32> {
+    match aux {
+        Aux::None | Aux::FdPair(_) => Some(0),
+        Aux::Path(n) => {
+            let src = args[n & 3] as *const u8;
+            // SAFETY: the helper checks the user pointer and bounds the copy by KEPT_AUX.
+            let r = unsafe {
+                bpf_probe_read_user_str(dst.as_mut_ptr().cast(), KEPT_AUX as u32, src.cast())
+            };
+            // KEPT_AUX bytes read may be a path cut short.
+            (r > 0 && (r as usize) < KEPT_AUX).then(|| r as u32 - 1)
+        }
+        Aux::PeerAddr => {
+            let (addr, addrlen) = (args[1], args[2]);
+            if addr == 0 || addrlen == 0 {
+                return Some(0);
+            }
+            // SAFETY: a user pointer the kernel just wrote through.
+            let len =
+                unsafe { aya_ebpf::helpers::bpf_probe_read_user(addrlen as *const u32) }.ok()?;
+            if len == 0 {
+                return Some(0);
+            }
+            if len as usize > KEPT_AUX {
+                return None;
+            }
+            // SAFETY: reading a local, for a bound the verifier keeps (see `words_match`).
+            let len = unsafe { core::ptr::read_volatile(&raw const len) } & (KEPT_AUX as u32 - 1);
+            let len = if len == 0 { KEPT_AUX as u32 } else { len };
+            // SAFETY: bounded by the destination's KEPT_AUX bytes.
+            let r = unsafe { read_user_raw(dst.as_mut_ptr().cast(), len, addr as *const _) };
+            (r == 0).then_some(len)
+        }
+    }
+}
+
+/// Descriptor `fd` of `tgid` was closed at `ts` and its number is free: true when it was kept
+/// and is now counted as a pair, so that nothing is sent.
+#[inline(always)]
+pub fn closed(tgid: u32, fd: u64, ts: u64) -> bool {
+    let key = key(tgid, fd);
+    // SAFETY: a lookup; the fields are copied out at once.
+    let Some((created, site, nr)) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr))
+    else {
+        return false;
+    };
+    if held(tgid, created) {
+        return false;
+    }
+    // Userspace may have taken it since the lookup: then the close is sent.
+    if KEPT.remove(key).is_err() {
+        return false;
+    }
+    pair(tgid, site, nr, ts.wrapping_sub(created));
+    true
+}
+
+/// Whether a hold covers a descriptor of `tgid` created at `created`.
+#[inline(always)]
+fn held(tgid: u32, created: u64) -> bool {
+    // SAFETY: a lookup; the value is copied out at once.
+    unsafe { HOLDS.get(tgid) }.is_some_and(|&since| created < since)
+}
+
+/// Holds `tgid`'s kept descriptors created before `ts` for userspace (see `FDT_HOLDS`).
+#[inline(always)]
+pub fn hold(tgid: u32, ts: u64) {
+    if enabled() {
+        let _ = HOLDS.insert(tgid, ts, 0);
+    }
+}
+
+/// Counts a kept descriptor of site `site` that lived `life_ns` and is gone.
+#[inline(always)]
+fn pair(tgid: u32, site: u32, nr: u32, life_ns: u64) {
+    let key = PairKey {
+        tgid,
+        site,
+        nr,
+        pad: 0,
+    };
+    let mut entry = PAIRS.get_ptr_mut(key);
+    if entry.is_none() {
+        // Another CPU may insert it first: either way there is one entry after this.
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value, the 200-byte static would be copied onto the 512-byte stack"
+        )]
+        let _ = PAIRS.insert(key, &NO_PAIRS, BPF_NOEXIST);
+        entry = PAIRS.get_ptr_mut(key);
+    }
+    let Some(entry) = entry else {
+        return;
+    };
+    let bucket = lifetime_bucket(life_ns / 1000) & 63;
+    let bucket = if bucket >= LIFETIME_BUCKETS {
+        LIFETIME_BUCKETS - 1
+    } else {
+        bucket
+    };
+    // The BPF target's core has no atomic types; the intrinsic compiles to the atomic add
+    // instruction the verifier accepts on map values.
+    // SAFETY: a value of this program's map, updated by atomic adds only (the probes on other
+    // CPUs add too; userspace only reads).
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).count, 1);
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*entry).buckets[bucket], 1);
+    }
+    count(Counter::PairClosed);
+}
