@@ -46,6 +46,12 @@ pub mod names {
     /// The same as a raw tracepoint, reading the registers with `bpf_probe_read_kernel`: for
     /// kernels whose verifier refuses the typed program (6.1: "reg type unsupported").
     pub const PROG_SYS_EXIT_RAW: &str = "fdt_sys_exit_raw";
+    /// BTF-typed tracepoint on `sys_exit`, attached before [`PROG_SYS_EXIT`]: keeps creations
+    /// at recognized call sites and their closes in the kernel, and tells the main program
+    /// to skip them.
+    pub const PROG_KEEP: &str = "fdt_keep";
+    /// The same as a raw tracepoint, attached before [`PROG_SYS_EXIT_RAW`].
+    pub const PROG_KEEP_RAW: &str = "fdt_keep_raw";
     /// tracepoint `sched/sched_process_fork`: follows children in the kernel.
     pub const PROG_FORK: &str = "fdt_fork";
     /// tracepoint `sched/sched_process_exit`: a process's last thread leaves.

@@ -16,14 +16,20 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::helpers::generated::{bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    generated::{bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str},
+};
 use fdtrace_common::{
-    Counter, KEPT_AUX, LIFETIME_BUCKETS, MEMO_CHECKS, Memo, MemoKey, PairKey, Pairs, RecordHeader,
-    STACK_MAX, lifetime_bucket,
-    syscalls::{self, Aux},
+    Counter, KEPT_AUX, Kept, LIFETIME_BUCKETS, MEMO_CHECKS, Memo, MemoKey, PairKey, Pairs,
+    RecordHeader, STACK_MAX, lifetime_bucket,
+    syscalls::{self, Action, Aux},
 };
 
-use crate::maps::{HOLDS, KEPT, KEPT_SCRATCH, MEMO_WORDS, MEMOS, PAIRS, count};
+use crate::{
+    Regs, UserRegs,
+    maps::{HANDLED, HOLDS, KEEPING, KEPT, MEMO_WORDS, MEMOS, PAIRS, TRACED, count},
+};
 
 /// 1 to keep creations at recognized call sites; set by userspace at load time (0 while
 /// recording, which needs every descriptor's lifetime).
@@ -44,6 +50,103 @@ pub fn enabled() -> bool {
     unsafe { core::ptr::read_volatile(&raw const FDT_KEEP) != 0 }
 }
 
+/// What `fdt_keep` does with a syscall's return, before `fdt_sys_exit` sees it: keeps a
+/// creation at a recognized call site, closes a kept descriptor in place, or forgets the dead
+/// entries at a creation's numbers; for the first two it marks the syscall handled, which
+/// `fdt_sys_exit` then skips (see [`handled`]).
+#[inline(always)]
+pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> Result<(), ()> {
+    // close drops the descriptor whatever it returns, except when it was not open.
+    let closing = nr == syscalls::CLOSE && ret != -syscalls::EBADF;
+    let action = syscalls::action(nr);
+    let creating = ret >= 0 && matches!(action, Action::Create(_) | Action::Depends);
+    if !(closing || creating) || !enabled() {
+        return Ok(());
+    }
+    let (tgid, tid) = crate::current();
+    // SAFETY: a lookup; the value is copied out at once.
+    let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
+        return Ok(());
+    };
+    let UserRegs { mut args, regs } = load().ok_or(())?;
+    // SAFETY: no preconditions.
+    let ts = unsafe { bpf_ktime_get_ns() };
+    if closing {
+        if closed(tgid, args[0], ts) {
+            mark_handled(nr);
+        }
+        return Ok(());
+    }
+    let Action::Create(aux) = action else {
+        if syscalls::depends(nr, &args) == Some(true) {
+            forget_stale(tgid, ret as u64, ts);
+        }
+        return Ok(());
+    };
+    if let Aux::FdPair(n) = aux {
+        // SAFETY: a user pointer the kernel just wrote two ints through.
+        if let Ok(pair) = unsafe { bpf_probe_read_user(args[n & 3] as *const [i32; 2]) } {
+            forget_stale(tgid, pair[0] as u64, ts);
+            forget_stale(tgid, pair[1] as u64, ts);
+        }
+        return Ok(());
+    }
+    let accept = nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT;
+    if !forget_stale(tgid, ret as u64, ts)
+        || !keepable(nr)
+        // Accepted at the limit: watched to its close by `fdt_sys_exit`.
+        || (accept && crate::at_limit(&traced, ts))
+        || crate::python::interpreter(tgid).is_some()
+    {
+        return Ok(());
+    }
+    if nr == syscalls::OPENAT2 {
+        // As `fdt_sys_exit` does: openat2's flags are in struct open_how (its first u64).
+        // SAFETY: a user pointer the kernel has just read the same struct through.
+        args[4] = unsafe { bpf_probe_read_user(args[2] as *const u64) }.unwrap_or(0);
+    }
+    let header = RecordHeader {
+        kind: 0,
+        nr,
+        tgid,
+        tid,
+        ts_ns: ts,
+        ret,
+        args,
+    };
+    if keep(&header, &regs, crate::stack_wanted(&regs, &traced), aux) {
+        mark_handled(nr);
+    }
+    Ok(())
+}
+
+/// Tells `fdt_sys_exit`, which runs next on this CPU for the same syscall return (a
+/// tracepoint's programs run in turn, without preemption), that this one is done.
+#[inline(always)]
+fn mark_handled(nr: u32) {
+    if let Some(slot) = HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = [bpf_get_current_pid_tgid(), u64::from(nr)] };
+    }
+}
+
+/// Whether `fdt_keep` handled this return of syscall `nr` by the current thread (and forgets
+/// it: the next return is another).
+#[inline(always)]
+pub fn handled(nr: u32) -> bool {
+    let Some(slot) = HANDLED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot.
+    let mark = unsafe { &mut *slot };
+    if mark[0] == 0 {
+        return false;
+    }
+    let mine = mark[0] == bpf_get_current_pid_tgid() && mark[1] == u64::from(nr);
+    *mark = [0, 0];
+    mine
+}
+
 #[inline(always)]
 fn key(tgid: u32, fd: u64) -> u64 {
     (u64::from(tgid) << 32) | (fd & 0xffff_ffff)
@@ -53,7 +156,7 @@ fn key(tgid: u32, fd: u64) -> u64 {
 /// arguments and `aux` alone: those can be kept. A pair (pipe, socketpair) or a chosen number
 /// (dup2, F_DUPFD) is always sent.
 #[inline(always)]
-pub fn keepable(nr: u32) -> bool {
+fn keepable(nr: u32) -> bool {
     matches!(
         nr,
         syscalls::OPEN
@@ -75,7 +178,7 @@ pub fn keepable(nr: u32) -> bool {
 /// module's rules), unless a hold needs it, in which case false says the creation must be
 /// sent (it cannot be kept over the entry).
 #[inline(always)]
-pub fn forget_stale(tgid: u32, fd: u64, ts: u64) -> bool {
+fn forget_stale(tgid: u32, fd: u64, ts: u64) -> bool {
     let key = key(tgid, fd);
     // SAFETY: a lookup; the fields are copied out at once.
     let Some(old) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr)) else {
@@ -90,12 +193,24 @@ pub fn forget_stale(tgid: u32, fd: u64, ts: u64) -> bool {
     true
 }
 
-/// Keeps the creation `header` describes if `memo_key`'s memo recognizes its stack (copied
-/// `want` bytes long from `sp`, `bp` as given); false when it must be sent.
+/// Keeps the creation `header` describes if a memo recognizes its stack (copied `want` bytes
+/// long from `regs.sp`; sp 0 in the memo's key when `want` is 0); false when it must be sent.
+/// Assembled in per-CPU memory: a `Kept` is too large for the stack.
 #[inline(always)]
-pub fn keep(header: &RecordHeader, memo_key: &MemoKey, want: u64, bp: u64, aux: Aux) -> bool {
+fn keep(header: &RecordHeader, regs: &Regs, want: u64, aux: Aux) -> bool {
+    let Some(slot) = KEEPING.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU here.
+    let k = unsafe { &mut *slot };
+    k.memo_key = MemoKey {
+        tgid: header.tgid,
+        pad: 0,
+        ip: regs.ip,
+        sp: if want == 0 { 0 } else { regs.sp },
+    };
     // SAFETY: the entry is only read, field by field, while this program runs.
-    let Some(memo) = (unsafe { MEMOS.get(memo_key) }) else {
+    let Some(memo) = (unsafe { MEMOS.get(k.memo_key) }) else {
         return false;
     };
     let span_differs = if memo.span == 0 {
@@ -103,32 +218,29 @@ pub fn keep(header: &RecordHeader, memo_key: &MemoKey, want: u64, bp: u64, aux: 
     } else {
         u64::from(memo.span) != want
     };
-    if span_differs || (memo.bp_matters != 0 && memo.bp != bp) {
+    if span_differs || (memo.bp_matters != 0 && memo.bp != regs.bp) {
         return false;
     }
-    if !words_match(memo, memo_key.sp) {
+    if !words_match(memo, regs.sp) {
         return false;
     }
-    let site = memo.site;
-    let Some(slot) = KEPT_SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: this CPU's slot; programs do not nest on one CPU here.
-    let kept = unsafe { &mut *slot };
-    kept.ts_ns = header.ts_ns;
-    kept.args = header.args;
-    kept.tid = header.tid;
-    kept.nr = header.nr;
-    kept.site = site;
-    let Some(aux_len) = read_aux(&header.args, &mut kept.aux, aux) else {
+    k.kept.site = memo.site;
+    k.kept.ts_ns = header.ts_ns;
+    k.kept.args = header.args;
+    k.kept.tid = header.tid;
+    k.kept.nr = header.nr;
+    let Some(aux_len) = read_aux(&header.args, &mut k.kept.aux, aux) else {
         count(Counter::KeepFailed);
         return false;
     };
-    kept.aux_len = aux_len;
-    if KEPT
-        .insert(key(header.tgid, header.ret as u64), kept, BPF_NOEXIST)
-        .is_err()
-    {
+    k.kept.aux_len = aux_len;
+    k.fd_key = key(header.tgid, header.ret as u64);
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, the 136-byte entry would be copied onto the stack first"
+    )]
+    let inserted = KEPT.insert(k.fd_key, &k.kept, BPF_NOEXIST);
+    if inserted.is_err() {
         count(Counter::KeepFailed);
         return false;
     }
@@ -166,6 +278,10 @@ fn words_match(memo: &Memo, sp: u64) -> bool {
         if i >= n {
             break;
         }
+        // 6.1's verifier loses the loop's bound on the index the compiler derives ("invalid
+        // access to map value, off=416"): masked after a volatile reload, it sees one.
+        // SAFETY: reading a local.
+        let i = unsafe { core::ptr::read_volatile(&raw const i) } & (MEMO_CHECKS - 1);
         let at = (memo.offsets[i] as usize / 8) & (WORDS - 1);
         if words[at] != memo.words[i] {
             return false;
@@ -195,8 +311,7 @@ fn read_aux(args: &[u64; 6], dst: &mut [u8; KEPT_AUX], aux: Aux) -> Option<u32> 
                 return Some(0);
             }
             // SAFETY: a user pointer the kernel just wrote through.
-            let len =
-                unsafe { aya_ebpf::helpers::bpf_probe_read_user(addrlen as *const u32) }.ok()?;
+            let len = unsafe { bpf_probe_read_user(addrlen as *const u32) }.ok()?;
             if len == 0 {
                 return Some(0);
             }
@@ -216,14 +331,16 @@ fn read_aux(args: &[u64; 6], dst: &mut [u8; KEPT_AUX], aux: Aux) -> Option<u32> 
 /// Descriptor `fd` of `tgid` was closed at `ts` and its number is free: true when it was kept
 /// and is now counted as a pair, so that nothing is sent.
 #[inline(always)]
-pub fn closed(tgid: u32, fd: u64, ts: u64) -> bool {
+fn closed(tgid: u32, fd: u64, ts: u64) -> bool {
     let key = key(tgid, fd);
     // SAFETY: a lookup; the fields are copied out at once.
     let Some((created, site, nr)) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr))
     else {
         return false;
     };
-    if held(tgid, created) {
+    // Its number already another descriptor's: whose the entry is, this close's or the
+    // creation's that took the number, is not this close's to say (the creation settles it).
+    if held(tgid, created) || crate::slot_taken(fd) != 0 {
         return false;
     }
     // Userspace may have taken it since the lookup: then the close is sent.
@@ -241,7 +358,11 @@ fn held(tgid: u32, created: u64) -> bool {
     unsafe { HOLDS.get(tgid) }.is_some_and(|&since| created < since)
 }
 
-/// Holds `tgid`'s kept descriptors created before `ts` for userspace (see `FDT_HOLDS`).
+/// Holds `tgid`'s kept descriptors created before `ts` for userspace (see `FDT_HOLDS`), for
+/// the record stamped `ts` that needs them, which the caller has just output: a close the
+/// hold sends is then behind that record in the ring, so userspace takes the entry before it
+/// applies the close. (Held first, such a close could reach userspace a batch before the
+/// record, find nothing to close, and leave the entry to be taken as open for good.)
 #[inline(always)]
 pub fn hold(tgid: u32, ts: u64) {
     if enabled() {
@@ -286,4 +407,12 @@ fn pair(tgid: u32, site: u32, nr: u32, life_ns: u64) {
         atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*entry).buckets[bucket], 1);
     }
     count(Counter::PairClosed);
+}
+
+/// A creation being kept, assembled in per-CPU memory (see [`keep`]).
+#[repr(C)]
+pub struct Keeping {
+    memo_key: MemoKey,
+    fd_key: u64,
+    kept: Kept,
 }

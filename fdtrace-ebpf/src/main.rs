@@ -43,9 +43,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
-    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, ExitStash, Fresh, KernelLayout, MemoKey,
-    NO_FIELD, Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED,
-    StackHeader, StackedRecord, Traced, UpstreamRecord, kind, select,
+    AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, ExitStash, Fresh, KernelLayout, NO_FIELD,
+    Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader,
+    StackedRecord, Traced, UpstreamRecord, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
@@ -159,7 +159,15 @@ pub fn fdt_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
     let nr = reg!(regs, orig_rax) as u32;
-    let load = || UserRegs {
+    match try_sys_exit(nr, ret, || Some(btf_user_regs(regs))) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// The caller's arguments and registers, by plain loads from the BTF-typed `pt_regs`.
+#[inline(always)]
+fn btf_user_regs(regs: *const pt_regs) -> UserRegs {
+    UserRegs {
         args: [
             reg!(regs, rdi),
             reg!(regs, rsi),
@@ -173,8 +181,33 @@ pub fn fdt_sys_exit(ctx: BtfTracePointContext) -> i32 {
             sp: reg!(regs, rsp),
             bp: reg!(regs, rbp),
         },
+    }
+}
+
+/// Runs before `fdt_sys_exit` on the same tracepoint: keeps a creation at a recognized call
+/// site, or the close of a kept descriptor, in the kernel (see `kept`), and then tells
+/// `fdt_sys_exit` to skip the syscall. A program of its own: inside `fdt_sys_exit` its work
+/// took that program past the 512 bytes of stack 6.1 allows a call chain.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn fdt_keep(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let nr = reg!(regs, orig_rax) as u32;
+    match kept::try_keep(nr, ret, || Some(btf_user_regs(regs))) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// The raw-tracepoint build of `fdt_keep`, for kernels on the raw `fdt_sys_exit`.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn fdt_keep_raw(ctx: RawTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    // SAFETY: a kernel pointer from the tracepoint; the helper checks the read.
+    let Ok(nr) = (unsafe { bpf_probe_read_kernel(&raw const (*regs).orig_rax) }) else {
+        return 0;
     };
-    match try_sys_exit(nr, ret, || Some(load())) {
+    match kept::try_keep(nr as u32, ret, || raw_user_regs(regs)) {
         Ok(()) | Err(()) => 0,
     }
 }
@@ -190,33 +223,36 @@ pub fn fdt_sys_exit_raw(ctx: RawTracePointContext) -> i32 {
     let Ok(nr) = (unsafe { bpf_probe_read_kernel(&raw const (*regs).orig_rax) }) else {
         return 0;
     };
-    // Field by field: a copy of the whole 168-byte frame on the stack left too little of the
-    // program's 512 bytes for the Python code announcements.
-    let load = || {
-        // SAFETY: as above.
-        let field = |f: *const u64| unsafe { bpf_probe_read_kernel(f) }.ok();
-        // SAFETY: field addresses inside the frame the tracepoint points at (not dereferenced
-        // here; the helper reads them).
-        unsafe {
-            Some(UserRegs {
-                args: [
-                    field(&raw const (*regs).rdi)?,
-                    field(&raw const (*regs).rsi)?,
-                    field(&raw const (*regs).rdx)?,
-                    field(&raw const (*regs).r10)?,
-                    field(&raw const (*regs).r8)?,
-                    field(&raw const (*regs).r9)?,
-                ],
-                regs: Regs {
-                    ip: field(&raw const (*regs).rip)?,
-                    sp: field(&raw const (*regs).rsp)?,
-                    bp: field(&raw const (*regs).rbp)?,
-                },
-            })
-        }
-    };
-    match try_sys_exit(nr as u32, ret, load) {
+    match try_sys_exit(nr as u32, ret, || raw_user_regs(regs)) {
         Ok(()) | Err(()) => 0,
+    }
+}
+
+/// The caller's arguments and registers, read with the checking helper from the raw
+/// tracepoint's `pt_regs`. Field by field: a copy of the whole 168-byte frame on the stack
+/// left too little of the program's 512 bytes for the Python code announcements.
+#[inline(always)]
+fn raw_user_regs(regs: *const pt_regs) -> Option<UserRegs> {
+    // SAFETY: a kernel pointer from the tracepoint; the helper checks the read.
+    let field = |f: *const u64| unsafe { bpf_probe_read_kernel(f) }.ok();
+    // SAFETY: field addresses inside the frame the tracepoint points at (not dereferenced
+    // here; the helper reads them).
+    unsafe {
+        Some(UserRegs {
+            args: [
+                field(&raw const (*regs).rdi)?,
+                field(&raw const (*regs).rsi)?,
+                field(&raw const (*regs).rdx)?,
+                field(&raw const (*regs).r10)?,
+                field(&raw const (*regs).r8)?,
+                field(&raw const (*regs).r9)?,
+            ],
+            regs: Regs {
+                ip: field(&raw const (*regs).rip)?,
+                sp: field(&raw const (*regs).rsp)?,
+                bp: field(&raw const (*regs).rbp)?,
+            },
+        })
     }
 }
 
@@ -229,6 +265,9 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     // alone dismisses them, before the traced-set lookup, which every other process would
     // otherwise pay on every syscall.
     if !failed && syscalls::action(nr) == Action::Ignore {
+        return Ok(());
+    }
+    if !failed && kept::handled(nr) {
         return Ok(());
     }
     let (tgid, tid) = current();
@@ -253,15 +292,16 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         let mut hit = traced;
         hit.limit_hit_ns = header.ts_ns;
         let _ = TRACED.insert(tgid, hit, BPF_EXIST);
-        // The blame is the table at this instant: kept descriptors closed from now on are
-        // sent, until userspace has taken the ones open now.
-        kept::hold(tgid, header.ts_ns);
         let mut header = header;
         if nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT {
             header.args[syscalls::ACCEPT_QUEUE] = listen_queue(args[0]);
             header.args[syscalls::ACCEPT_LISTEN] = listen_address(args[0]);
         }
-        return emit_stacked(header, &regs, &traced, Aux::None);
+        let sent = emit_stacked(header, &regs, &traced, Aux::None);
+        // The blame is the table at this instant: kept descriptors closed from now on are
+        // sent, until userspace has taken the ones open now.
+        kept::hold(tgid, header.ts_ns);
+        return sent;
     }
     match syscalls::action(nr) {
         Action::Create(aux) if ret >= 0 => {
@@ -271,24 +311,15 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
                 // SAFETY: a user pointer the kernel has just read the same struct through.
                 header.args[4] = unsafe { bpf_probe_read_user(args[2] as *const u64) }.unwrap_or(0);
             }
-            let watched = (nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT)
-                && traced.limit_hit_ns != 0
-                && header.ts_ns.wrapping_sub(traced.limit_hit_ns) <= AT_LIMIT_WINDOW_NS;
-            if watched {
+            if (nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT)
+                && at_limit(&traced, header.ts_ns)
+            {
                 watch(fresh_key(tgid, ret as u64));
-            }
-            if kept::enabled() && !watched && created(&header, &regs, &traced, aux) {
-                return Ok(());
             }
             emit_stacked(header, &regs, &traced, aux)
         }
         Action::Depends if ret >= 0 => match syscalls::depends(nr, &args) {
-            Some(true) => {
-                if kept::enabled() {
-                    kept::forget_stale(tgid, ret as u64, header.ts_ns);
-                }
-                emit_stacked(header, &regs, &traced, Aux::None)
-            }
+            Some(true) => emit_stacked(header, &regs, &traced, Aux::None),
             Some(false) if nr == syscalls::SETRLIMIT || nr == syscalls::PRLIMIT64 => {
                 emit_limit(header)
             }
@@ -303,14 +334,6 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             // stamp and be applied first: the kernel matrix's emulated 6.1 caught that.)
             let mut header = header;
             header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
-            // A kept descriptor's close stays in the kernel too, unless its number is already
-            // another descriptor's: whose entry the map holds then is not this close's to say.
-            if header.args[syscalls::CLOSE_REOPENED] == 0
-                && kept::enabled()
-                && kept::closed(tgid, args[0], header.ts_ns)
-            {
-                return Ok(());
-            }
             // Only a process that hit the limit has connections to look at.
             header.args[syscalls::CLOSE_UNANSWERED] = if traced.limit_hit_ns == 0 {
                 0
@@ -333,33 +356,11 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     }
 }
 
-/// A creation succeeded: forgets the dead entries at its numbers, then keeps it in the kernel
-/// when it can (see `kept`); false when it must be sent.
+/// Whether a process that hit the limit did so within the window that makes an accept now an
+/// accept at the limit (watched to its close).
 #[inline(always)]
-fn created(header: &RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) -> bool {
-    let tgid = header.tgid;
-    if let Aux::FdPair(n) = aux {
-        // SAFETY: a user pointer the kernel just wrote two ints through.
-        if let Ok(pair) = unsafe { bpf_probe_read_user(header.args[n & 3] as *const [i32; 2]) } {
-            kept::forget_stale(tgid, pair[0] as u64, header.ts_ns);
-            kept::forget_stale(tgid, pair[1] as u64, header.ts_ns);
-        }
-        return false;
-    }
-    if !kept::forget_stale(tgid, header.ret as u64, header.ts_ns)
-        || !kept::keepable(header.nr)
-        || python::interpreter(tgid).is_some()
-    {
-        return false;
-    }
-    let want = stack_wanted(regs, traced);
-    let key = MemoKey {
-        tgid,
-        pad: 0,
-        ip: regs.ip,
-        sp: if want == 0 { 0 } else { regs.sp },
-    };
-    kept::keep(header, &key, want, regs.bp, aux)
+fn at_limit(traced: &Traced, ts: u64) -> bool {
+    traced.limit_hit_ns != 0 && ts.wrapping_sub(traced.limit_hit_ns) <= AT_LIMIT_WINDOW_NS
 }
 
 /// 1 when descriptor `fd` of the current process is open again as its close returns: the
@@ -1078,9 +1079,7 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
     }
     // SAFETY: no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    // The child's table is a copy of the parent's, kept descriptors included.
-    kept::hold(tgid, ts_ns);
-    emit_header(&RecordHeader {
+    let sent = emit_header(&RecordHeader {
         kind: kind::FORK,
         nr,
         tgid,
@@ -1088,7 +1087,11 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
         ts_ns,
         ret: i64::from(child),
         args: [child as u64, flags, 0, 0, 0, 0],
-    })
+    });
+    // The child's table is a copy of the parent's, kept descriptors included. After the
+    // record: a close the hold sends is then behind it in the ring (see `kept::hold`).
+    kept::hold(tgid, ts_ns);
+    sent
 }
 
 /// The syscall and clone flags of the fork in progress, from the parent's saved registers.

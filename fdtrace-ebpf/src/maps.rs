@@ -74,9 +74,13 @@ pub static PAIRS: HashMap<PairKey, Pairs> = HashMap::with_max_entries(16384, 0);
 #[map(name = "FDT_HOLDS")]
 pub static HOLDS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
 
+/// The syscall return `fdt_keep` handled on this CPU: (pid_tgid, nr), or zeros.
+#[map(name = "FDT_HANDLED")]
+pub static HANDLED: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Where a kept creation is assembled before its insert (too large for the stack).
-#[map(name = "FDT_KEPT_SCRATCH")]
-pub static KEPT_SCRATCH: PerCpuArray<Kept> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "FDT_KEEPING")]
+pub static KEEPING: PerCpuArray<crate::kept::Keeping> = PerCpuArray::with_max_entries(1, 0);
 
 /// The stack words a memo compares, read from `sp` in one copy.
 #[map(name = "FDT_MEMO_WORDS")]

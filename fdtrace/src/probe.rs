@@ -295,9 +295,16 @@ impl Probes {
             None
         };
 
-        let sys_exit = match btf {
-            Some(btf) => load_sys_exit_typed(&mut ebpf, btf),
+        let btf = match btf {
+            Some(btf) => btf
+                .join()
+                .map_err(|_| "reading the kernel's BTF panicked".to_string())
+                .and_then(|btf| btf.map_err(|e| format!("reading the kernel's BTF: {e}"))),
             None => Err("fallbacks asked for".to_string()),
+        };
+        let sys_exit = match btf.as_ref() {
+            Ok(btf) => load_typed(&mut ebpf, names::PROG_SYS_EXIT, btf),
+            Err(why) => Err(why.clone()),
         };
         let sys_exit = match sys_exit {
             Ok(()) => SysExitProgram::TpBtf,
@@ -305,11 +312,31 @@ impl Probes {
                 let prog: &mut RawTracePoint = program(&mut ebpf, names::PROG_SYS_EXIT_RAW)?;
                 prog.load()
                     .map_err(|e| unsupported_or(kernel_error(names::PROG_SYS_EXIT_RAW, &e)))?;
-                prog.attach("sys_exit")
-                    .map_err(|e| kernel_error(names::PROG_SYS_EXIT_RAW, &e))?;
                 SysExitProgram::RawTp { why }
             }
         };
+        // The keeping program runs first on the tracepoint (programs run in the order they
+        // were attached), so that the main one can skip what it kept. Of the same type as
+        // the main one: where that had to fall back to the raw tracepoint, so must this.
+        let keep = options.keep && {
+            let kept = match (&sys_exit, btf.as_ref()) {
+                (SysExitProgram::TpBtf, Ok(btf)) => load_typed(&mut ebpf, names::PROG_KEEP, btf)
+                    .and_then(|()| attach(&mut ebpf, names::PROG_KEEP, None)),
+                _ => program::<RawTracePoint>(&mut ebpf, names::PROG_KEEP_RAW)
+                    .map_err(|e| e.to_string())
+                    .and_then(|prog| prog.load().map_err(|e| e.to_string()))
+                    .and_then(|()| attach(&mut ebpf, names::PROG_KEEP_RAW, Some("sys_exit"))),
+            };
+            kept.map_err(|why| log::warn!("probes: descriptors are not kept in the kernel: {why}"))
+                .is_ok()
+        };
+        match &sys_exit {
+            SysExitProgram::TpBtf => attach(&mut ebpf, names::PROG_SYS_EXIT, None),
+            SysExitProgram::RawTp { .. } => {
+                attach(&mut ebpf, names::PROG_SYS_EXIT_RAW, Some("sys_exit"))
+            }
+        }
+        .map_err(ProbeError::Unsupported)?;
         for (name, tp) in [
             (names::PROG_FORK, "sched_process_fork"),
             (names::PROG_EXEC, "sched_process_exec"),
@@ -361,7 +388,7 @@ impl Probes {
             HashMap::try_from(take(&mut ebpf, names::MAP_KEPT)?)?,
             HashMap::try_from(take(&mut ebpf, names::MAP_PAIRS)?)?,
             HashMap::try_from(take(&mut ebpf, names::MAP_HOLDS)?)?,
-            options.keep,
+            keep,
         );
         let counters = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_COUNTERS)
@@ -539,24 +566,28 @@ impl Probes {
 
 /// Loads and attaches the BTF-typed `sys_exit` program; on failure, says why in one line (the
 /// verifier's first words), for the raw tracepoint to take over.
-fn load_sys_exit_typed(
-    ebpf: &mut Ebpf,
-    btf: std::thread::JoinHandle<Result<Btf, aya::BtfError>>,
-) -> Result<(), String> {
-    let btf = btf
-        .join()
-        .map_err(|_| "reading the kernel's BTF panicked".to_string())?
-        .map_err(|e| format!("reading the kernel's BTF: {e}"))?;
-    let prog: &mut BtfTracePoint =
-        program(ebpf, names::PROG_SYS_EXIT).map_err(|e| e.to_string())?;
-    let refused = |e: &dyn std::error::Error| {
-        let err = kernel_error(names::PROG_SYS_EXIT, e);
-        log::info!("probes: tp_btf sys_exit refused, falling back to raw_tp: {err}");
+fn load_typed(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = program(ebpf, name).map_err(|e| e.to_string())?;
+    prog.load("sys_exit", btf).map_err(|e| {
+        let err = kernel_error(name, &e);
+        log::info!("probes: tp_btf {name} refused, falling back to raw_tp: {err}");
         format!("tp_btf refused: {err}")
+    })
+}
+
+/// Attaches a loaded `sys_exit` program: BTF-typed, or on the raw tracepoint `raw`.
+fn attach(ebpf: &mut Ebpf, name: &'static str, raw: Option<&str>) -> Result<(), String> {
+    let attached = match raw {
+        None => program::<BtfTracePoint>(ebpf, name)
+            .map_err(|e| e.to_string())?
+            .attach()
+            .map(drop),
+        Some(tracepoint) => program::<RawTracePoint>(ebpf, name)
+            .map_err(|e| e.to_string())?
+            .attach(tracepoint)
+            .map(drop),
     };
-    prog.load("sys_exit", &btf).map_err(|e| refused(&e))?;
-    prog.attach().map_err(|e| refused(&e))?;
-    Ok(())
+    attached.map_err(|e| kernel_error(name, &e).to_string())
 }
 
 /// The oldest kernel whose helpers the probes all have: `bpf_task_pt_regs` came in 5.15 (the

@@ -446,6 +446,73 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
     }
 }
 
+/// kept.c opens 20,000 times through one call site, keeping every tenth open, then forks
+/// and closes half of what it kept. Nearly all of it happens in the kernel's table (the
+/// creations at a site already unwound, their closes, the fork's copy): the tables of parent
+/// and child must still come out exactly as their own /proc/self/fd, with no correction, and
+/// every creation counted at its site.
+#[test]
+#[ignore = "root"]
+fn descriptors_kept_in_the_kernel_leave_exact_tables_and_counts() {
+    let fixture = common::build_c("kept.c", &["-O2", "-g"]);
+    let (parent_out, child_out) = (out_file("kept-parent"), out_file("kept-child"));
+    let run = common::run_traced(
+        &[
+            fixture.to_str().unwrap(),
+            parent_out.to_str().unwrap(),
+            child_out.to_str().unwrap(),
+        ],
+        ProbeOptions::default(),
+    );
+    assert_eq!(run.exit_code, 0, "the fixture failed");
+    let model = &run.session.model;
+    let child = model
+        .processes
+        .values()
+        .find(|p| p.info.ppid == run.pid)
+        .expect("the forked child")
+        .pid;
+    for (pid, out) in [(run.pid, &parent_out), (child, &child_out)] {
+        let diffs = table_differences(model, pid, &read_listing(out));
+        assert!(diffs.is_empty(), "pid {pid}: {}", diffs.join("\n"));
+    }
+    assert_eq!(
+        (
+            model.corrections.added,
+            model.corrections.removed,
+            model.corrections.reused
+        ),
+        (0, 0, 0),
+        "corrections were needed"
+    );
+    let counters = run.session.counters();
+    let pairs: u64 = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Balanced { pid, count, .. } if *pid == run.pid => Some(*count),
+            _ => None,
+        })
+        .sum();
+    eprintln!(
+        "kept {} creations in the kernel, {} closed there ({pairs} of the fixture's)",
+        counters.kept, counters.pairs_closed
+    );
+    assert!(
+        pairs > 10_000,
+        "only {pairs} pairs closed in the kernel: the site was not recognized"
+    );
+    let opened: u64 = model
+        .sites_of(run.pid)
+        .filter(|s| s.kind == FdKind::File)
+        .map(|s| s.opened)
+        .sum();
+    assert!(
+        opened >= 20_000,
+        "{opened} file creations counted of the fixture's 20,000 and more"
+    );
+}
+
 /// A shell that runs hundreds of short commands, some of them CPython: when it is done, no
 /// kernel map holds a pid any more (an exited pid left there would trace a stranger who gets
 /// it next, and fill the map).
@@ -580,6 +647,9 @@ fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
         ],
         ProbeOptions {
             ring_bytes: 64 << 10,
+            // Every event sent, as recordings do: kept in the kernel, most of the storm would
+            // not cross the ring at all (`cargo xtask bench storm` measures that).
+            keep: false,
             ..ProbeOptions::default()
         },
     );

@@ -89,6 +89,54 @@ fn open_and_close_track_sites_and_lifetimes() {
 }
 
 #[test]
+fn pairs_kept_in_the_kernel_count_at_their_site_as_if_seen() {
+    let mut m = attached(64);
+    // One descriptor of the site seen (it outlived the kernel's keeping), then 1000 pairs
+    // created and closed in the kernel, most of them living about 2 ms.
+    open(&mut m, P, 2 * MS, 3, 7, false);
+    let pairs = Event::Balanced {
+        pid: P,
+        ts: 3 * MS,
+        stack: 7,
+        syscall: fdtrace_common::syscalls::OPENAT,
+        count: 1000,
+        lifetimes: vec![(2000, 990), (90_000, 10)],
+    };
+    m.apply(&pairs);
+    let site = m.sites_of(P).find(|s| s.stack == 7).unwrap();
+    assert_eq!((site.opened, site.closed, site.open), (1001, 1000, 1));
+    assert!((site.lifetime_ms(0.5).unwrap() - 2.0).abs() < 0.05);
+    assert!((site.lifetime_ms(1.0).unwrap() - 90.0).abs() < 2.0);
+    assert_eq!(m.open_count(P), 3);
+    // An exited process's pairs change nothing.
+    exit(&mut m, P, 4 * MS);
+    m.apply(&pairs);
+    let site = m.sites_of(P).find(|s| s.stack == 7);
+    assert!(site.is_none_or(|s| s.opened == 1001), "{site:?}");
+}
+
+#[test]
+fn the_kernels_lifetime_buckets_hold_their_middles() {
+    use fdtrace_common::{LIFETIME_BUCKETS, lifetime_bucket, lifetime_bucket_middle};
+    for micros in 1..5000 {
+        assert!(
+            lifetime_bucket(micros) >= lifetime_bucket(micros - 1),
+            "{micros} us"
+        );
+    }
+    for micros in (0..5000).chain((1..40).map(|s| 1u64 << s)) {
+        let b = lifetime_bucket(micros);
+        if b < LIFETIME_BUCKETS - 1 {
+            assert_eq!(lifetime_bucket(lifetime_bucket_middle(b)), b, "{micros} us");
+            // Within a quarter of the value.
+            let middle = lifetime_bucket_middle(b) as f64;
+            assert!((middle - micros as f64).abs() <= 0.25 * micros.max(1) as f64 + 1.0);
+        }
+    }
+    assert_eq!(lifetime_bucket(u64::MAX), LIFETIME_BUCKETS - 1);
+}
+
+#[test]
 fn closing_an_unknown_descriptor_changes_nothing() {
     let mut m = attached(64);
     m.apply(&Event::Closed {
