@@ -395,6 +395,8 @@ impl Session {
                 Item::Record(rec) => rec,
                 Item::Map(map) => {
                     self.tracer.mapping(&map);
+                    // A new mapping drops the process's memos: the probe's go at once.
+                    self.sync_memos();
                     self.sync_python();
                     continue;
                 }

@@ -396,7 +396,14 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
             keep,
             ..ProbeOptions::default()
         };
-        let run = common::run_traced(&[fixture.to_str().unwrap(), out.to_str().unwrap()], options);
+        let learn = common::learn_env();
+        let argv = [
+            "env",
+            &learn,
+            fixture.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ];
+        let run = common::run_traced(&argv, options);
         assert_eq!(run.exit_code, 0, "the fixture failed");
         let listing = read_listing(&out);
         let model = &run.session.model;
@@ -446,7 +453,7 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
     }
 }
 
-/// kept.c opens 20,000 times through one call site, keeping every tenth open, then forks
+/// kept.c opens 20,000 times through one call site, keeping every fortieth open, then forks
 /// and closes half of what it kept. Nearly all of it happens in the kernel's table (the
 /// creations at a site already unwound, their closes, the fork's copy): the tables of parent
 /// and child must still come out exactly as their own /proc/self/fd, with no correction, and
@@ -456,8 +463,11 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
 fn descriptors_kept_in_the_kernel_leave_exact_tables_and_counts() {
     let fixture = common::build_c("kept.c", &["-O2", "-g"]);
     let (parent_out, child_out) = (out_file("kept-parent"), out_file("kept-child"));
+    let learn = common::learn_env();
     let run = common::run_traced(
         &[
+            "env",
+            &learn,
             fixture.to_str().unwrap(),
             parent_out.to_str().unwrap(),
             child_out.to_str().unwrap(),

@@ -21,6 +21,13 @@ pub fn emulated() -> bool {
     std::env::var_os("FDTRACE_EMULATED").is_some_and(|v| v == "1")
 }
 
+/// `FDTRACE_LEARN_MS=N` for fixtures that pause after their first creation so that fdtrace
+/// learns its call site (`tests/fixtures/learn.h`): 300 ms, or 8 s in an emulated guest, where
+/// the first unwind of a debug build takes seconds. Passed through `env`, before the fixture.
+pub fn learn_env() -> String {
+    format!("FDTRACE_LEARN_MS={}", if emulated() { 8000 } else { 300 })
+}
+
 /// How long a traced command may take before the test gives up: a minute, or ten in an
 /// emulated guest, which runs several times slower (300 short children took over a minute).
 pub fn run_deadline() -> Instant {
