@@ -513,8 +513,9 @@ mod pod {
 }
 
 /// Stack words a kernel memo compares: an unwind of 20 frames without frame pointers reads
-/// about that many return addresses.
-pub const MEMO_CHECKS: usize = 32;
+/// about that many return addresses, and saved registers that decide a frame; nginx's open
+/// of a static file needed 33 before the first requests showed which of them vary.
+pub const MEMO_CHECKS: usize = 64;
 
 /// Key of a kernel stack memo: the process and the registers of the capture (`sp` 0 when
 /// stacks are off, where only `ip` locates the call).

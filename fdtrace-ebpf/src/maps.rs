@@ -56,9 +56,9 @@ pub static OUTBOUND: LruHashMap<u64, Outbound> = LruHashMap::with_max_entries(16
 #[map(name = "FDT_EXITS")]
 pub static EXITS: LruHashMap<u32, ExitStash> = LruHashMap::with_max_entries(1024, 0);
 
-/// Call sites userspace unwound, by registers (see [`Memo`]).
+/// Call sites userspace unwound, by registers (see [`Memo`]): 8192 of 800 bytes, 6.5 MB.
 #[map(name = "FDT_MEMOS")]
-pub static MEMOS: HashMap<MemoKey, Memo> = HashMap::with_max_entries(16384, 0);
+pub static MEMOS: HashMap<MemoKey, Memo> = HashMap::with_max_entries(8192, 0);
 
 /// Descriptors kept in the kernel (see `kept`), by (tgid << 32 | fd). 32768 entries are about
 /// 6 MB; a creation that finds the map full is sent, as without it.
