@@ -52,6 +52,9 @@ pub mod names {
     pub const PROG_KEEP: &str = "fdt_keep";
     /// The same as a raw tracepoint, attached before [`PROG_SYS_EXIT_RAW`].
     pub const PROG_KEEP_RAW: &str = "fdt_keep_raw";
+    /// Raw tracepoint on `sys_enter`: the close of a kept descriptor, counted in the kernel
+    /// while the descriptor is still open (no other thread can take its number then).
+    pub const PROG_KEEP_CLOSE: &str = "fdt_keep_close";
     /// tracepoint `sched/sched_process_fork`: follows children in the kernel.
     pub const PROG_FORK: &str = "fdt_fork";
     /// tracepoint `sched/sched_process_exit`: a process's last thread leaves.
@@ -555,7 +558,8 @@ pub struct Memo {
 }
 const _: () = assert!(size_of::<Memo>() == 32 + 12 * MEMO_CHECKS);
 
-/// Bytes of path or peer address a kept descriptor holds: a longer one is sent instead.
+/// Bytes of path or peer address a kept descriptor holds: a longer address is sent instead,
+/// a longer path cut.
 pub const KEPT_AUX: usize = 64;
 
 /// A descriptor created at a recognized call site and kept in the kernel: what its creation
@@ -569,6 +573,8 @@ pub struct Kept {
     pub tid: u32,
     pub nr: u32,
     pub site: u32,
+    /// Bytes of `aux` read: a peer address, or a path's whole area (the path ends at its
+    /// NUL; one of `KEPT_AUX` bytes or more is cut).
     pub aux_len: u32,
     pub aux: [u8; KEPT_AUX],
 }

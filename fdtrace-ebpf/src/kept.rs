@@ -51,16 +51,14 @@ pub fn enabled() -> bool {
 }
 
 /// What `fdt_keep` does with a syscall's return, before `fdt_sys_exit` sees it: keeps a
-/// creation at a recognized call site, closes a kept descriptor in place, or forgets the dead
-/// entries at a creation's numbers; for the first two it marks the syscall handled, which
-/// `fdt_sys_exit` then skips (see [`handled`]).
+/// creation at a recognized call site, or forgets the dead entries at a creation's numbers;
+/// a creation kept is marked handled, and `fdt_sys_exit` then skips it (see [`handled`]).
+/// (Closes are `close_entered`'s.)
 #[inline(always)]
 pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> Result<(), ()> {
-    // close drops the descriptor whatever it returns, except when it was not open.
-    let closing = nr == syscalls::CLOSE && ret != -syscalls::EBADF;
     let action = syscalls::action(nr);
     let creating = ret >= 0 && matches!(action, Action::Create(_) | Action::Depends);
-    if !(closing || creating) || !enabled() {
+    if !creating || !enabled() {
         return Ok(());
     }
     let (tgid, tid) = crate::current();
@@ -71,12 +69,6 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     let UserRegs { mut args, regs } = load().ok_or(())?;
     // SAFETY: no preconditions.
     let ts = unsafe { bpf_ktime_get_ns() };
-    if closing {
-        if closed(tgid, args[0], ts) {
-            mark_handled(nr);
-        }
-        return Ok(());
-    }
     let Action::Create(aux) = action else {
         if syscalls::depends(nr, &args) == Some(true) {
             forget_stale(tgid, ret as u64, ts);
@@ -92,12 +84,11 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         return Ok(());
     }
     let accept = nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT;
-    if !forget_stale(tgid, ret as u64, ts)
-        || !keepable(nr)
+    if !keepable(nr)
         // Accepted at the limit: watched to its close by `fdt_sys_exit`.
         || (accept && crate::at_limit(&traced, ts))
-        || crate::python::interpreter(tgid).is_some()
     {
+        forget_stale(tgid, ret as u64, ts);
         return Ok(());
     }
     if nr == syscalls::OPENAT2 {
@@ -116,35 +107,30 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     };
     if keep(&header, &regs, crate::stack_wanted(&regs, &traced), aux) {
         mark_handled(nr);
+    } else {
+        // Sent: the dead entry at its number, if any, goes (kept, it went in `keep`).
+        forget_stale(tgid, ret as u64, ts);
     }
     Ok(())
 }
 
-/// Tells `fdt_sys_exit`, which runs next on this CPU for the same syscall return (a
-/// tracepoint's programs run in turn, without preemption), that this one is done.
+/// Tells `fdt_sys_exit`, which runs next for the same syscall return, that this one is done.
 #[inline(always)]
 fn mark_handled(nr: u32) {
-    if let Some(slot) = HANDLED.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot.
-        unsafe { *slot = [bpf_get_current_pid_tgid(), u64::from(nr)] };
-    }
+    let _ = HANDLED.insert(bpf_get_current_pid_tgid(), nr, 0);
 }
 
 /// Whether `fdt_keep` handled this return of syscall `nr` by the current thread (and forgets
 /// it: the next return is another).
 #[inline(always)]
 pub fn handled(nr: u32) -> bool {
-    let Some(slot) = HANDLED.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: this CPU's slot.
-    let mark = unsafe { &mut *slot };
-    if mark[0] == 0 {
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: a lookup; the value is copied out at once.
+    if unsafe { HANDLED.get(thread) }.copied() != Some(nr) {
         return false;
     }
-    let mine = mark[0] == bpf_get_current_pid_tgid() && mark[1] == u64::from(nr);
-    *mark = [0, 0];
-    mine
+    let _ = HANDLED.remove(thread);
+    true
 }
 
 #[inline(always)]
@@ -221,7 +207,9 @@ fn keep(header: &RecordHeader, regs: &Regs, want: u64, aux: Aux) -> bool {
     if span_differs || (memo.bp_matters != 0 && memo.bp != regs.bp) {
         return false;
     }
-    if !words_match(memo, regs.sp) {
+    // Native memos in a CPython process (made before its interpreter was found) would lose
+    // the Python frames: its creations are sent. Looked up only on a hit, which is rare there.
+    if !words_match(memo, regs.sp) || crate::python::interpreter(header.tgid).is_some() {
         return false;
     }
     k.kept.site = memo.site;
@@ -239,7 +227,13 @@ fn keep(header: &RecordHeader, regs: &Regs, want: u64, aux: Aux) -> bool {
         clippy::needless_borrows_for_generic_args,
         reason = "by value, the 136-byte entry would be copied onto the stack first"
     )]
-    let inserted = KEPT.insert(k.fd_key, &k.kept, BPF_NOEXIST);
+    let mut inserted = KEPT.insert(k.fd_key, &k.kept, BPF_NOEXIST);
+    // An entry at the number is a dead one (see the module's rules): forgotten, unless a hold
+    // needs it. Tried after the insert, as it is rare: a lookup first cost every creation.
+    #[expect(clippy::needless_borrows_for_generic_args, reason = "as above")]
+    if inserted.is_err() && forget_stale(header.tgid, header.ret as u64, header.ts_ns) {
+        inserted = KEPT.insert(k.fd_key, &k.kept, BPF_NOEXIST);
+    }
     if inserted.is_err() {
         count(Counter::KeepFailed);
         return false;
@@ -298,12 +292,19 @@ fn read_aux(args: &[u64; 6], dst: &mut [u8; KEPT_AUX], aux: Aux) -> Option<u32> 
         Aux::None | Aux::FdPair(_) => Some(0),
         Aux::Path(n) => {
             let src = args[n & 3] as *const u8;
-            // SAFETY: the helper checks the user pointer and bounds the copy by KEPT_AUX.
+            // A plain copy of the whole area first: the string copy, which scans byte by
+            // byte, cost 80 ns of a kept open here. Userspace ends the path at its NUL (a
+            // path of KEPT_AUX bytes or more is cut there). Near the end of a mapping the
+            // plain copy can fail where the string one would not.
+            // SAFETY: the helper checks the user pointer; KEPT_AUX bytes fit the destination.
+            if unsafe { read_user_raw(dst.as_mut_ptr().cast(), KEPT_AUX as u32, src.cast()) } == 0 {
+                return Some(KEPT_AUX as u32);
+            }
+            // SAFETY: as above.
             let r = unsafe {
                 bpf_probe_read_user_str(dst.as_mut_ptr().cast(), KEPT_AUX as u32, src.cast())
             };
-            // KEPT_AUX bytes read may be a path cut short.
-            (r > 0 && (r as usize) < KEPT_AUX).then(|| r as u32 - 1)
+            (r > 0).then(|| r as u32 - 1)
         }
         Aux::PeerAddr => {
             let (addr, addrlen) = (args[1], args[2]);
@@ -328,27 +329,33 @@ fn read_aux(args: &[u64; 6], dst: &mut [u8; KEPT_AUX], aux: Aux) -> Option<u32> 
     }
 }
 
-/// Descriptor `fd` of `tgid` was closed at `ts` and its number is free: true when it was kept
-/// and is now counted as a pair, so that nothing is sent.
+/// `close(fd)` is entered by the current thread (`fdt_keep_close`): a kept descriptor is
+/// counted as a pair and its close marked handled, so that nothing is sent.
+///
+/// At entry, not at return: the descriptor is still open, so no other thread can create at
+/// its number meanwhile. At return the number is free, and between the look at the entry
+/// and its delete another thread's creation could take the number and put its own entry
+/// there, which the delete then removed (`fd_race.c` lost a descriptor so, one run in six).
 #[inline(always)]
-fn closed(tgid: u32, fd: u64, ts: u64) -> bool {
+pub fn close_entered(fd: u64) {
+    let (tgid, _) = crate::current();
     let key = key(tgid, fd);
     // SAFETY: a lookup; the fields are copied out at once.
     let Some((created, site, nr)) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr))
     else {
-        return false;
+        return;
     };
-    // Its number already another descriptor's: whose the entry is, this close's or the
-    // creation's that took the number, is not this close's to say (the creation settles it).
-    if held(tgid, created) || crate::slot_taken(fd) != 0 {
-        return false;
+    if !enabled() || held(tgid, created) {
+        return;
     }
     // Userspace may have taken it since the lookup: then the close is sent.
     if KEPT.remove(key).is_err() {
-        return false;
+        return;
     }
+    // SAFETY: no preconditions.
+    let ts = unsafe { bpf_ktime_get_ns() };
     pair(tgid, site, nr, ts.wrapping_sub(created));
-    true
+    mark_handled(syscalls::CLOSE);
 }
 
 /// Whether a hold covers a descriptor of `tgid` created at `created`.

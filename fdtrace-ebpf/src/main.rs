@@ -198,6 +198,22 @@ pub fn fdt_keep(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
+/// On `sys_enter`: the close of a kept descriptor (see `kept::close_entered`). A raw
+/// tracepoint on every kernel: it reads one register.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn fdt_keep_close(ctx: RawTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id != i64::from(syscalls::CLOSE) {
+        return 0;
+    }
+    let regs: *const pt_regs = ctx.arg(0);
+    // SAFETY: a kernel pointer from the tracepoint; the helper checks the read.
+    if let Ok(fd) = unsafe { bpf_probe_read_kernel(&raw const (*regs).rdi) } {
+        kept::close_entered(fd);
+    }
+    0
+}
+
 /// The raw-tracepoint build of `fdt_keep`, for kernels on the raw `fdt_sys_exit`.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn fdt_keep_raw(ctx: RawTracePointContext) -> i32 {
@@ -267,14 +283,14 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     if !failed && syscalls::action(nr) == Action::Ignore {
         return Ok(());
     }
-    if !failed && kept::handled(nr) {
-        return Ok(());
-    }
     let (tgid, tid) = current();
     // SAFETY: a lookup; the value is copied out at once.
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
+    if !failed && kept::handled(nr) {
+        return Ok(());
+    }
     let UserRegs { args, regs } = load().ok_or(())?;
     let header = RecordHeader {
         kind: kind::SYSCALL,

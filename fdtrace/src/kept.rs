@@ -195,7 +195,27 @@ impl KeptMaps {
 
 /// The creation record a kept descriptor stands for.
 fn record(tgid: u32, fd: u32, kept: &Kept) -> Record {
-    let aux_len = (kept.aux_len as usize).min(kept.aux.len());
+    use fdtrace_common::syscalls as sc;
+    let mut aux_len = (kept.aux_len as usize).min(kept.aux.len());
+    let mut aux = Bytes::new();
+    if matches!(kept.nr, sc::OPEN | sc::OPENAT | sc::OPENAT2 | sc::CREAT) {
+        // The probe copies a path's whole area: the path ends at its NUL. One longer than
+        // the area is read from /proc while the descriptor is open, and marked cut if not.
+        if let Some(end) = kept.aux[..aux_len].iter().position(|&b| b == 0) {
+            aux_len = end;
+        } else {
+            let link = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"));
+            let mut path = match link {
+                Ok(path) => path.into_os_string().into_encoded_bytes(),
+                Err(_) => [&kept.aux[..aux_len], "…".as_bytes()].concat(),
+            };
+            path.truncate(fdtrace_common::AUX_MAX);
+            aux = Bytes::from(path);
+        }
+    }
+    if aux.is_empty() {
+        aux = Bytes::copy_from_slice(&kept.aux[..aux_len]);
+    }
     Record {
         header: RecordHeader {
             kind: kind::STACKED,
@@ -210,7 +230,7 @@ fn record(tgid: u32, fd: u32, kept: &Kept) -> Record {
             known: Some(kept.site),
             ..StackCapture::default()
         }),
-        aux: Bytes::copy_from_slice(&kept.aux[..aux_len]),
+        aux,
         py: Vec::new(),
     }
 }
@@ -248,4 +268,47 @@ fn lookup_and_delete(map: &MapData, key: u64) -> Option<Kept> {
     };
     // SAFETY: the kernel filled the value on success.
     (r == 0).then(|| unsafe { value.assume_init() })
+}
+
+#[cfg(test)]
+mod tests {
+    use fdtrace_common::{KEPT_AUX, syscalls as sc};
+
+    use super::*;
+
+    fn kept(nr: u32, aux: &[u8], aux_len: u32) -> Kept {
+        let mut k = Kept {
+            ts_ns: 5,
+            args: [1, 2, 3, 4, 5, 6],
+            tid: 8,
+            nr,
+            site: 42,
+            aux_len,
+            aux: [0xaa; KEPT_AUX],
+        };
+        k.aux[..aux.len()].copy_from_slice(aux);
+        k
+    }
+
+    #[test]
+    fn a_kept_descriptor_is_the_record_it_stands_for() {
+        let rec = record(7, 9, &kept(sc::OPENAT, b"/etc/hostname\0", KEPT_AUX as u32));
+        assert_eq!(&rec.aux[..], b"/etc/hostname");
+        assert_eq!((rec.header.tgid, rec.header.tid, rec.header.ret), (7, 8, 9));
+        assert_eq!(
+            (rec.header.nr, rec.header.ts_ns, rec.header.kind),
+            (sc::OPENAT, 5, kind::STACKED)
+        );
+        assert_eq!(rec.stack.as_ref().and_then(|s| s.known), Some(42));
+        // A peer address keeps its zero bytes, and a path without a NUL is cut at the area.
+        let peer = [2, 0, 0x1f, 0x90, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let rec = record(7, 9, &kept(sc::ACCEPT4, &peer, 16));
+        assert_eq!(&rec.aux[..], &peer);
+        // (pid 7 is no process of ours: the /proc fallback finds nothing.)
+        let rec = record(7, 9, &kept(sc::OPEN, &[b'a'; KEPT_AUX], KEPT_AUX as u32));
+        assert_eq!(
+            &rec.aux[..],
+            [&[b'a'; KEPT_AUX][..], "…".as_bytes()].concat()
+        );
+    }
 }

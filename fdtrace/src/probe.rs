@@ -319,14 +319,23 @@ impl Probes {
         // were attached), so that the main one can skip what it kept. Of the same type as
         // the main one: where that had to fall back to the raw tracepoint, so must this.
         let keep = options.keep && {
-            let kept = match (&sys_exit, btf.as_ref()) {
-                (SysExitProgram::TpBtf, Ok(btf)) => load_typed(&mut ebpf, names::PROG_KEEP, btf)
-                    .and_then(|()| attach(&mut ebpf, names::PROG_KEEP, None)),
-                _ => program::<RawTracePoint>(&mut ebpf, names::PROG_KEEP_RAW)
+            let raw = |ebpf: &mut Ebpf, name: &'static str, tracepoint: &str| {
+                program::<RawTracePoint>(ebpf, name)
                     .map_err(|e| e.to_string())
                     .and_then(|prog| prog.load().map_err(|e| e.to_string()))
-                    .and_then(|()| attach(&mut ebpf, names::PROG_KEEP_RAW, Some("sys_exit"))),
+                    .and_then(|()| attach(ebpf, name, Some(tracepoint)))
             };
+            // The close side first: alone it finds nothing to do, while creations kept with
+            // no program to close them would be lost.
+            let kept = raw(&mut ebpf, names::PROG_KEEP_CLOSE, "sys_enter").and_then(|()| {
+                match (&sys_exit, btf.as_ref()) {
+                    (SysExitProgram::TpBtf, Ok(btf)) => {
+                        load_typed(&mut ebpf, names::PROG_KEEP, btf)
+                            .and_then(|()| attach(&mut ebpf, names::PROG_KEEP, None))
+                    }
+                    _ => raw(&mut ebpf, names::PROG_KEEP_RAW, "sys_exit"),
+                }
+            });
             kept.map_err(|why| log::warn!("probes: descriptors are not kept in the kernel: {why}"))
                 .is_ok()
         };
