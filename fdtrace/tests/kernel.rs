@@ -48,6 +48,17 @@ fn out_file(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("fdtrace-{name}-{}", std::process::id()))
 }
 
+/// Descriptors of `pid` created and closed in the kernel, as the events counted them.
+fn pairs_of(events: &[Event], pid: Pid) -> u64 {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Balanced { pid: p, count, .. } if *p == pid => Some(*count),
+            _ => None,
+        })
+        .sum()
+}
+
 /// Every difference between the model's table for `pid` at exit and what /proc listed, one
 /// line each (empty when they agree on the numbers and the kinds).
 fn table_differences(model: &Model, pid: Pid, listing: &Listing) -> Vec<String> {
@@ -418,14 +429,7 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
             .iter()
             .filter(|e| matches!(e, Event::Closed { reopened: true, .. }))
             .count();
-        let pairs: u64 = run
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Balanced { pid, count, .. } if *pid == run.pid => Some(*count),
-                _ => None,
-            })
-            .sum();
+        let pairs = pairs_of(&run.events, run.pid);
         eprintln!(
             "keep {keep}: {closes} closes sent, {raced} of them raced by a creation of their \
              number; {pairs} created and closed in the kernel"
@@ -496,14 +500,7 @@ fn descriptors_kept_in_the_kernel_leave_exact_tables_and_counts() {
         "corrections were needed"
     );
     let counters = run.session.counters();
-    let pairs: u64 = run
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Balanced { pid, count, .. } if *pid == run.pid => Some(*count),
-            _ => None,
-        })
-        .sum();
+    let pairs = pairs_of(&run.events, run.pid);
     eprintln!(
         "kept {} creations in the kernel, {} closed there ({pairs} of the fixture's)",
         counters.kept, counters.pairs_closed
