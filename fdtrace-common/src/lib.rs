@@ -569,6 +569,9 @@ pub const KEPT_AUX: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kept {
     pub ts_ns: u64,
+    /// The thread (pid_tgid) in whose `close` the descriptor is, between the close's entry
+    /// and its return (0 otherwise): only that close's return removes the entry then.
+    pub closing: u64,
     pub args: [u64; 6],
     pub tid: u32,
     pub nr: u32,
@@ -578,7 +581,7 @@ pub struct Kept {
     pub aux_len: u32,
     pub aux: [u8; KEPT_AUX],
 }
-const _: () = assert!(size_of::<Kept>() == 72 + KEPT_AUX);
+const _: () = assert!(size_of::<Kept>() == 80 + KEPT_AUX);
 
 /// Key of a call site's kernel-side counts: the process, the stack id and the creating
 /// syscall (which says the descriptor's kind).

@@ -28,7 +28,7 @@ use fdtrace_common::{
 
 use crate::{
     Regs, UserRegs,
-    maps::{HANDLED, HOLDS, KEEPING, KEPT, MEMO_WORDS, MEMOS, PAIRS, TRACED, count},
+    maps::{HOLDS, KEEPING, KEPT, MEMO_WORDS, MEMOS, PAIRS, TRACED, count},
 };
 
 /// 1 to keep creations at recognized call sites; set by userspace at load time (0 while
@@ -52,8 +52,8 @@ pub fn enabled() -> bool {
 
 /// What `fdt_keep` does with a syscall's return, before `fdt_sys_exit` sees it: keeps a
 /// creation at a recognized call site, or forgets the dead entries at a creation's numbers;
-/// a creation kept is marked handled, and `fdt_sys_exit` then skips it (see [`handled`]).
-/// (Closes are `close_entered`'s.)
+/// `fdt_sys_exit` then finds a kept creation's entry and skips it (see [`kept_here`]).
+/// (Closes are `close_entered`'s and `close_returned`'s.)
 #[inline(always)]
 pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> Result<(), ()> {
     let action = syscalls::action(nr);
@@ -66,7 +66,12 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let UserRegs { mut args, regs } = load().ok_or(())?;
+    let Some(UserRegs { mut args, regs }) = load() else {
+        // Whatever happens, a creation leaves no dead entry at its number behind it: one
+        // left there by this thread could pass for this creation's kept entry.
+        forget_stale(tgid, ret as u64, bpf_ktime_get_ns_now());
+        return Err(());
+    };
     // SAFETY: no preconditions.
     let ts = unsafe { bpf_ktime_get_ns() };
     let Action::Create(aux) = action else {
@@ -105,37 +110,22 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         ret,
         args,
     };
-    if keep(&header, &regs, crate::stack_wanted(&regs, &traced), aux) {
-        mark_handled(nr);
-    } else {
+    if !keep(&header, &regs, crate::stack_wanted(&regs, &traced), aux) {
         // Sent: the dead entry at its number, if any, goes (kept, it went in `keep`).
         forget_stale(tgid, ret as u64, ts);
     }
     Ok(())
 }
 
-/// Tells `fdt_sys_exit`, which runs next for the same syscall return, that this one is done.
-#[inline(always)]
-fn mark_handled(nr: u32) {
-    let _ = HANDLED.insert(bpf_get_current_pid_tgid(), nr, 0);
-}
-
-/// Whether `fdt_keep` handled this return of syscall `nr` by the current thread (and forgets
-/// it: the next return is another).
-#[inline(always)]
-pub fn handled(nr: u32) -> bool {
-    let thread = bpf_get_current_pid_tgid();
-    // SAFETY: a lookup; the value is copied out at once.
-    if unsafe { HANDLED.get(thread) }.copied() != Some(nr) {
-        return false;
-    }
-    let _ = HANDLED.remove(thread);
-    true
-}
-
 #[inline(always)]
 fn key(tgid: u32, fd: u64) -> u64 {
     (u64::from(tgid) << 32) | (fd & 0xffff_ffff)
+}
+
+#[inline(always)]
+fn bpf_ktime_get_ns_now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Whether syscall `nr` creates one descriptor at the lowest free number, described by its
@@ -167,10 +157,11 @@ fn keepable(nr: u32) -> bool {
 fn forget_stale(tgid: u32, fd: u64, ts: u64) -> bool {
     let key = key(tgid, fd);
     // SAFETY: a lookup; the fields are copied out at once.
-    let Some(old) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr)) else {
+    let Some(old) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr, k.closing)) else {
         return true;
     };
-    if held(tgid, old.0) {
+    // A close in progress removes its own entry at its return.
+    if old.3 != 0 || held(tgid, old.0) {
         return false;
     }
     if KEPT.remove(key).is_ok() {
@@ -214,6 +205,7 @@ fn keep(header: &RecordHeader, regs: &Regs, want: u64, aux: Aux) -> bool {
     }
     k.kept.site = memo.site;
     k.kept.ts_ns = header.ts_ns;
+    k.kept.closing = 0;
     k.kept.args = header.args;
     k.kept.tid = header.tid;
     k.kept.nr = header.nr;
@@ -329,33 +321,71 @@ fn read_aux(args: &[u64; 6], dst: &mut [u8; KEPT_AUX], aux: Aux) -> Option<u32> 
     }
 }
 
-/// `close(fd)` is entered by the current thread (`fdt_keep_close`): a kept descriptor is
-/// counted as a pair and its close marked handled, so that nothing is sent.
+/// `close(fd)` is entered by the current thread (`fdt_keep_close`): a kept descriptor's entry
+/// is marked as this close's, for its return (`close_returned`) to count it as a pair.
 ///
-/// At entry, not at return: the descriptor is still open, so no other thread can create at
-/// its number meanwhile. At return the number is free, and between the look at the entry
-/// and its delete another thread's creation could take the number and put its own entry
-/// there, which the delete then removed (`fd_race.c` lost a descriptor so, one run in six).
+/// Marked at entry, removed at return: at entry the descriptor is still open, so no other
+/// thread can create at its number, and the mark tells every other party to leave the entry
+/// to this close. At return the number is free: another thread's creation may take it, and a
+/// plain look-then-delete there removed that creation's own entry when it came in between
+/// (`fd_race.c` lost a descriptor so, one run in six).
 #[inline(always)]
 pub fn close_entered(fd: u64) {
-    let (tgid, _) = crate::current();
-    let key = key(tgid, fd);
-    // SAFETY: a lookup; the fields are copied out at once.
-    let Some((created, site, nr)) = (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr))
-    else {
+    let thread = bpf_get_current_pid_tgid();
+    let tgid = (thread >> 32) as u32;
+    let Some(entry) = KEPT.get_ptr_mut(key(tgid, fd)) else {
         return;
     };
-    if !enabled() || held(tgid, created) {
-        return;
+    // SAFETY: the entry of a descriptor this thread holds open: nobody else writes it now
+    // (userspace only reads or removes it whole).
+    unsafe {
+        if enabled() && !held(tgid, (*entry).ts_ns) {
+            (*entry).closing = thread;
+        }
     }
-    // Userspace may have taken it since the lookup: then the close is sent.
-    if KEPT.remove(key).is_err() {
-        return;
+}
+
+/// `close(fd)` returns in the current thread: true when its entry was marked at entry and is
+/// now counted as a pair (nothing is sent). Runs in `fdt_sys_exit` itself, so that what it
+/// decides needs no message to that program (two programs of one return can run on two
+/// CPUs since Linux 6.14, whose system call tracepoints are preemptible).
+#[inline(never)]
+pub fn close_returned(fd: u64) -> bool {
+    let thread = bpf_get_current_pid_tgid();
+    let tgid = (thread >> 32) as u32;
+    let key = key(tgid, fd);
+    // SAFETY: a lookup; the fields are copied out at once.
+    let Some((created, site, nr, closing)) =
+        (unsafe { KEPT.get(key) }).map(|k| (k.ts_ns, k.site, k.nr, k.closing))
+    else {
+        return false;
+    };
+    // Only this close removes its marked entry: the remove below cannot take another's.
+    if closing != thread || KEPT.remove(key).is_err() {
+        return false;
     }
     // SAFETY: no preconditions.
     let ts = unsafe { bpf_ktime_get_ns() };
     pair(tgid, site, nr, ts.wrapping_sub(created));
-    mark_handled(syscalls::CLOSE);
+    true
+}
+
+/// Whether `fdt_keep` kept this return of creation `nr` of descriptor `fd` by the current
+/// thread: its entry is there, this thread's and of this syscall, unmarked and unheld. Any
+/// other entry at a number just created is gone after `fdt_keep` (`forget_stale`) unless a
+/// close or a hold keeps it, so a matching one is this creation's. Checked in `fdt_sys_exit`
+/// itself, for the reason `close_returned` gives.
+#[inline(never)]
+pub fn kept_here(fd: u64, nr: u32) -> bool {
+    let thread = bpf_get_current_pid_tgid();
+    let tgid = (thread >> 32) as u32;
+    // SAFETY: a lookup; the fields are copied out at once.
+    let Some((created, tid, knr, closing)) =
+        (unsafe { KEPT.get(key(tgid, fd)) }).map(|k| (k.ts_ns, k.tid, k.nr, k.closing))
+    else {
+        return false;
+    };
+    tid == thread as u32 && knr == nr && closing == 0 && !held(tgid, created)
 }
 
 /// Whether a hold covers a descriptor of `tgid` created at `created`.

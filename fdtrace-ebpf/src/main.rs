@@ -288,9 +288,6 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
         return Ok(());
     };
-    if !failed && kept::handled(nr) {
-        return Ok(());
-    }
     let UserRegs { args, regs } = load().ok_or(())?;
     let header = RecordHeader {
         kind: kind::SYSCALL,
@@ -321,6 +318,9 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
     }
     match syscalls::action(nr) {
         Action::Create(aux) if ret >= 0 => {
+            if kept::enabled() && kept::kept_here(ret as u64, nr) {
+                return Ok(());
+            }
             let mut header = header;
             if nr == syscalls::OPENAT2 {
                 // openat2's flags are in struct open_how (its first u64), not in a register.
@@ -348,6 +348,9 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             // that takes the number later is stamped later too, and so applied after this
             // close. (Stamped after the look, a creation could fall between the look and the
             // stamp and be applied first: the kernel matrix's emulated 6.1 caught that.)
+            if kept::enabled() && kept::close_returned(args[0]) {
+                return Ok(());
+            }
             let mut header = header;
             header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
             // Only a process that hit the limit has connections to look at.
@@ -1000,6 +1003,10 @@ fn stack_wanted(regs: &Regs, traced: &Traced) -> u64 {
 /// retried up to the end of sp's page (thread stacks, whose bounds we do not know).
 #[inline(always)]
 fn copy_stack(dst: *mut u8, cap: u32, sp: u64, want: u64) -> usize {
+    // Stacks off: nothing to read, and nothing unreadable to count.
+    if want == 0 {
+        return 0;
+    }
     if read_stack(dst, cap, sp, want) {
         return want as usize;
     }

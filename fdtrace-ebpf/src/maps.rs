@@ -74,14 +74,6 @@ pub static PAIRS: HashMap<PairKey, Pairs> = HashMap::with_max_entries(16384, 0);
 #[map(name = "FDT_HOLDS")]
 pub static HOLDS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
 
-/// The syscall return `fdt_keep` handled, by thread (pid_tgid): its number, until
-/// `fdt_sys_exit` takes it. By thread, not per CPU: since Linux 6.14 system call tracepoints
-/// run with preemption on, so the two programs of one return can run on two CPUs (a per-CPU
-/// mark left behind made this thread's next such return skipped, and lost, there). LRU: a
-/// mark never taken (its process untraced in between) is pushed out.
-#[map(name = "FDT_HANDLED")]
-pub static HANDLED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
-
 /// Where a kept creation is assembled before its insert (too large for the stack).
 #[map(name = "FDT_KEEPING")]
 pub static KEEPING: PerCpuArray<crate::kept::Keeping> = PerCpuArray::with_max_entries(1, 0);

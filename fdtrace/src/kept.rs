@@ -104,7 +104,11 @@ impl KeptMaps {
             if pid.is_some_and(|pid| (key >> 32) as u32 != pid) {
                 continue;
             }
-            if !self.kept.get(&key, 0).is_ok_and(|k| k.ts_ns < before) {
+            // One in a close is left to that close's return, which removes it (its look
+            // then delete is safe only so), except at the process's exit, which no close
+            // outlives.
+            let due = |k: Kept| k.ts_ns < before && (k.closing == 0 || before == u64::MAX);
+            if !self.kept.get(&key, 0).is_ok_and(due) {
                 continue;
             }
             // The probe may close it, or close it and create another at the number, between
@@ -279,6 +283,7 @@ mod tests {
     fn kept(nr: u32, aux: &[u8], aux_len: u32) -> Kept {
         let mut k = Kept {
             ts_ns: 5,
+            closing: 0,
             args: [1, 2, 3, 4, 5, 6],
             tid: 8,
             nr,
