@@ -1,16 +1,19 @@
 //! Descriptors kept in the kernel (issue 18): a creation at a call site userspace has already
 //! unwound is recognized here, by the registers and the few stack words the unwind depended
-//! on, and kept in `FDT_KEPT` instead of being sent with its stack. A close that finds its
-//! entry adds to the site's counts in `FDT_PAIRS` and sends nothing either, so a server's
-//! accept-answer-close costs two map updates and no ring record. Userspace takes the entries
-//! that stay open (after a second, or when a fork, an exit, an EMFILE or a /proc listing needs
-//! the whole table) and turns each into the creation record it stands for.
+//! on, and kept in `FDT_KEPT` instead of being sent with its stack. Its close adds to the
+//! site's counts in `FDT_PAIRS` and sends nothing either, so a server's accept-answer-close
+//! crosses no ring. Userspace takes the entries that stay open (after a second, or when a
+//! fork, an exit, an EMFILE or a /proc listing needs the whole table) and turns each into the
+//! creation record it stands for.
 //!
-//! Exactness rests on three rules:
-//! - an entry is taken exactly once, by the close or by userspace (both delete it; only the
+//! Exactness rests on four rules:
+//! - an entry is taken exactly once, by its close or by userspace (both delete it; only the
 //!   one whose delete succeeds counts it);
-//! - a creation of number N proves that any entry at N is dead (its close, or the implicit
-//!   close of dup2, has not reached its `sys_exit` yet): the creation counts it as a pair;
+//! - a close marks its entry at `sys_enter`, while the descriptor is still open, and only
+//!   that close removes a marked entry, at its `sys_exit` (no creation can have put its own
+//!   entry at the number in between, as the mark keeps them out);
+//! - a creation of number N proves that an unmarked entry at N is dead (dup2's implicit
+//!   close, close_range, exec): the creation counts it as a pair;
 //! - while a hold (`FDT_HOLDS`) covers an entry, its close is sent and the entry left for
 //!   userspace, which needs it in the table it is about to copy, blame or compare.
 
@@ -72,8 +75,7 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         forget_stale(tgid, ret as u64, bpf_ktime_get_ns_now());
         return Err(());
     };
-    // SAFETY: no preconditions.
-    let ts = unsafe { bpf_ktime_get_ns() };
+    let ts = bpf_ktime_get_ns_now();
     let Action::Create(aux) = action else {
         if syscalls::depends(nr, &args) == Some(true) {
             forget_stale(tgid, ret as u64, ts);
@@ -364,9 +366,7 @@ pub fn close_returned(fd: u64) -> bool {
     if closing != thread || KEPT.remove(key).is_err() {
         return false;
     }
-    // SAFETY: no preconditions.
-    let ts = unsafe { bpf_ktime_get_ns() };
-    pair(tgid, site, nr, ts.wrapping_sub(created));
+    pair(tgid, site, nr, bpf_ktime_get_ns_now().wrapping_sub(created));
     true
 }
 
