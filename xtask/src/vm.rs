@@ -39,7 +39,7 @@ const VNG_VERSION: &str = "1.42";
 const GUEST_MEMORY: &str = "2G";
 /// Two vCPUs: QEMU runs each in its own host thread (MTTCG), and some tests fork and thread.
 const GUEST_CPUS: &str = "2";
-/// A whole boot, all test binaries included: about 13 minutes on 6.12 and 28 on 6.1 (whose
+/// A whole boot, all test binaries included: about 13 minutes on 6.12 and 24 on 6.1 (whose
 /// emulated guest runs everything about twice as slow, the verifier included, for the three
 /// sys_exit/sys_enter programs each session loads) for today's 37 root tests on a 2-core host.
 const BOOT_TIMEOUT: Duration = Duration::from_mins(40);
