@@ -41,12 +41,12 @@ pub struct NewPairs {
 }
 
 pub struct KeptMaps {
-    pub memos: HashMap<MapData, MemoKey, Memo>,
-    pub kept: HashMap<MapData, u64, Kept>,
-    pub pairs: HashMap<MapData, PairKey, Pairs>,
-    pub holds: HashMap<MapData, u32, u64>,
+    memos: HashMap<MapData, MemoKey, Memo>,
+    kept: HashMap<MapData, u64, Kept>,
+    pairs: HashMap<MapData, PairKey, Pairs>,
+    holds: HashMap<MapData, u32, u64>,
     /// Whether the probe keeps anything (`ProbeOptions::keep`).
-    pub on: bool,
+    on: bool,
     installed: FastMap<u32, FastMap<MemoKey, Memo>>,
     pairs_seen: FastMap<PairKey, Pairs>,
 }

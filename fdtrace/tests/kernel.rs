@@ -446,12 +446,8 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
         let diffs = table_differences(model, run.pid, &listing);
         assert!(diffs.is_empty(), "keep {keep}: {}", diffs.join("\n"));
         assert_eq!(
-            (
-                model.corrections.added,
-                model.corrections.removed,
-                model.corrections.reused
-            ),
-            (0, 0, 0),
+            model.corrections,
+            Corrections::default(),
             "keep {keep}: corrections were needed"
         );
     }
@@ -491,12 +487,8 @@ fn descriptors_kept_in_the_kernel_leave_exact_tables_and_counts() {
         assert!(diffs.is_empty(), "pid {pid}: {}", diffs.join("\n"));
     }
     assert_eq!(
-        (
-            model.corrections.added,
-            model.corrections.removed,
-            model.corrections.reused
-        ),
-        (0, 0, 0),
+        model.corrections,
+        Corrections::default(),
         "corrections were needed"
     );
     let counters = run.session.counters();
