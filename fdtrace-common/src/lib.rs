@@ -175,10 +175,13 @@ pub enum Counter {
     KeepFailed = 9,
     /// A kept descriptor was created and closed in the kernel: nothing was sent for either.
     PairClosed = 10,
+    /// A creation went out without its stack (and Python frames) because the ring was more
+    /// than half full: the event is kept, its descriptor has no frames.
+    StackSkipped = 11,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 11;
+pub const COUNTERS: u32 = 12;
 
 /// Selecting processes by what they are rather than by pid (`--comm`, `--cgroup`): the exec
 /// probe adopts an untraced process whose new program matches, so one that starts later is
@@ -382,8 +385,13 @@ pub struct StackHeader {
     pub aux_len: u32,
     /// Python frames in `py`, innermost first.
     pub py_count: u32,
-    pub pad: u32,
+    /// [`STACK_SKIPPED`] or 0.
+    pub flags: u32,
 }
+
+/// [`StackHeader::flags`]: the probe skipped the stack copy under load; `stack_len` and
+/// `py_count` are 0 whatever the stack size asked for.
+pub const STACK_SKIPPED: u32 = 1;
 const _: () = assert!(size_of::<StackHeader>() == 40);
 
 /// Bytes for a path (opens), a socket address (accept) or a descriptor pair (pipe, socketpair).

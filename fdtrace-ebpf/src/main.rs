@@ -44,8 +44,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use fdtrace_common::{
     AT_LIMIT_WINDOW_NS, AUX_MAX, Counter, EXIT_FDS_MAX, ExitStash, Fresh, KernelLayout, NO_FIELD,
-    Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACKED_FIXED, StackHeader,
-    StackedRecord, Traced, UpstreamRecord, kind, select,
+    Outbound, PY_BYTES, RecordHeader, STACK_DEFAULT, STACK_MAX, STACK_SKIPPED, STACKED_FIXED,
+    StackHeader, StackedRecord, Traced, UpstreamRecord, kind, select,
     syscalls::{self, Action, Aux},
 };
 use maps::{
@@ -809,24 +809,46 @@ fn emit_limit(mut header: RecordHeader) -> Result<(), ()> {
 /// Outputs a record with the caller's stack: native processes write it straight into a ring
 /// reservation of the next size up (see `emit_direct`); CPython processes, and stacks past
 /// the default size, assemble it in the per-CPU scratch buffer first.
+///
+/// Under load (the ring more than half full, or no room for the stacked size) the record goes
+/// out without its stack, flagged and counted, rather than being lost.
 #[inline(always)]
 fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) -> Result<(), ()> {
-    let py = python::interpreter(header.tgid);
+    let mut skip = maps::ring_over_half();
+    let py = if skip {
+        None
+    } else {
+        python::interpreter(header.tgid)
+    };
     // Three sizes (stack room 512 B, 2 KiB, 4 KiB: powers of two, see `read_stack`), so that a
-    // record wastes at most three quarters of its stack room: each is verified separately. The stack length is computed apart on each path, so the verifier explores
-    // the scratch path once rather than once per range of it (which had doubled the load).
-    if py.is_none() {
+    // record wastes at most three quarters of its stack room: each is verified separately. The
+    // stack length is computed apart on each path, so the verifier explores the scratch path
+    // once rather than once per range of it (which had doubled the load).
+    if py.is_none() && !skip {
         let want = stack_wanted(regs, traced);
-        if want == 0 {
+        let sent = if want == 0 {
             // Capture off: the scratch path sends the exact 376 bytes, not a 1 KiB record.
+            None
         } else if want <= 512 {
-            return emit_direct::<{ STACKED_FIXED + 512 }>(&header, regs, aux, want);
-        } else if want <= 2048 {
-            return emit_direct::<{ STACKED_FIXED + 2048 }>(&header, regs, aux, want);
-        } else if want as usize <= STACK_DEFAULT as usize {
-            return emit_direct::<{ STACKED_FIXED + STACK_DEFAULT as usize }>(
+            Some(emit_direct::<{ STACKED_FIXED + 512 }>(
                 &header, regs, aux, want,
-            );
+            ))
+        } else if want <= 2048 {
+            Some(emit_direct::<{ STACKED_FIXED + 2048 }>(
+                &header, regs, aux, want,
+            ))
+        } else if want as usize <= STACK_DEFAULT as usize {
+            Some(emit_direct::<{ STACKED_FIXED + STACK_DEFAULT as usize }>(
+                &header, regs, aux, want,
+            ))
+        } else {
+            None
+        };
+        match sent {
+            Some(Ok(())) => return Ok(()),
+            // No room for the stack: try without.
+            Some(Err(())) => skip = true,
+            None => {}
         }
     }
     let rec = SCRATCH.get_ptr_mut(0).ok_or(())?;
@@ -836,6 +858,15 @@ fn emit_stacked(header: RecordHeader, regs: &Regs, traced: &Traced, aux: Aux) ->
     rec.header.kind = kind::STACKED;
     // SAFETY: the aux array is AUX_MAX bytes.
     let aux_len = unsafe { read_aux(&header.args, rec.aux.as_mut_ptr(), aux) };
+    if skip {
+        rec.stack = stack_header(regs, 0, aux_len, 0);
+        rec.stack.flags = STACK_SKIPPED;
+        let sent = emit_scratch(rec, STACKED_FIXED);
+        if sent.is_ok() {
+            count(Counter::StackSkipped);
+        }
+        return sent;
+    }
     let py_count = py.map_or(0, |py| python::frames(rec, py));
     if py.is_some() && py_count == 0 {
         count(Counter::PyFramesMissing);
@@ -874,7 +905,8 @@ fn emit_direct<const C: usize>(
     want: u64,
 ) -> Result<(), ()> {
     const AUX_AT: usize = size_of::<RecordHeader>() + size_of::<StackHeader>();
-    let Some(mut entry) = maps::reserve::<C>() else {
+    // A failure is not counted here: the caller sends the record without its stack.
+    let Some(mut entry) = maps::reserve_or_fall_back::<C>() else {
         return Err(());
     };
     let dst = entry.as_mut_ptr();
@@ -909,7 +941,7 @@ fn stack_header(regs: &Regs, stack_len: usize, aux_len: u32, py_count: u32) -> S
         stack_len: stack_len as u32,
         aux_len,
         py_count,
-        pad: 0,
+        flags: 0,
     }
 }
 
@@ -1190,7 +1222,7 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         stack_len: 0,
         aux_len,
         py_count: 0,
-        pad: 0,
+        flags: 0,
     };
     // The old image's interpreter is gone; userspace registers the new one's once it has
     // looked, unless it already has (the executable's mapping report can beat this probe).

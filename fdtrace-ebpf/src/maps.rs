@@ -93,6 +93,24 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// `bpf_ringbuf_query`'s flag for the bytes written and not yet consumed.
+const AVAIL_DATA: u64 = 0;
+
+#[inline(always)]
+fn quarter_ring() -> u64 {
+    // SAFETY: a global written only by the loader.
+    unsafe { core::ptr::read_volatile(&raw const FDT_WAKEUP_BYTES) }
+}
+
+/// More than half the ring waits for the reader: creations then go out without their stack
+/// (issue 18's "degrade, don't drop"). A stack is 4 KiB of a 4.4 KiB record, so the other half
+/// holds ten times as many events stackless, and a descriptor without frames leaves the table
+/// exact where a lost creation would not.
+#[inline(always)]
+pub fn ring_over_half() -> bool {
+    EVENTS.query(AVAIL_DATA) > 2 * quarter_ring()
+}
+
 /// Records go out without waking the reader, which drains on a short timer: a wakeup per
 /// record tripled the traced program's cost here (PLATFORM.md). The reader is woken only when
 /// the ring is a quarter full, so a burst cannot overrun it between timer ticks.
@@ -104,10 +122,7 @@ pub fn count(counter: Counter) {
 /// and stay until balanced descriptors stay in the kernel (issue 18).
 #[inline(always)]
 fn wakeup_flag() -> u64 {
-    const AVAIL_DATA: u64 = 0;
-    // SAFETY: a global written only by the loader.
-    let quarter = unsafe { core::ptr::read_volatile(&raw const FDT_WAKEUP_BYTES) };
-    if EVENTS.query(AVAIL_DATA) > quarter {
+    if EVENTS.query(AVAIL_DATA) > quarter_ring() {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

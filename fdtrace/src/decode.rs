@@ -3,7 +3,8 @@
 use bytes::{Buf as _, Bytes, BytesMut};
 use fdtrace_common::{
     AUX_MAX, CODE_COPIES, CODE_RECORD, EXIT_FDS_MAX, PY_BYTES, PY_FRAMES_MAX, PyFrame,
-    RecordHeader, STACKED_FIXED, StackHeader, UPSTREAM_ADDR_MAX, UpstreamRecord, kind,
+    RecordHeader, STACK_SKIPPED, STACKED_FIXED, StackHeader, UPSTREAM_ADDR_MAX, UpstreamRecord,
+    kind,
 };
 use thiserror::Error;
 
@@ -39,6 +40,8 @@ pub struct StackCapture {
     pub bytes: Bytes,
     /// The stack id the reader recognized this capture as (see `stack::StackMemo`).
     pub known: Option<u32>,
+    /// The probe sent no stack because its ring was more than half full: only `ip` is known.
+    pub skipped: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -117,7 +120,7 @@ pub fn decode_into(
                 stack_len: buf.get_u32_ne(),
                 aux_len: buf.get_u32_ne(),
                 py_count: buf.get_u32_ne(),
-                pad: buf.get_u32_ne(),
+                flags: buf.get_u32_ne(),
             };
             let py_bytes = if regs.py_count > 0 { PY_BYTES } else { 0 };
             let stack_len = regs.stack_len as usize;
@@ -152,6 +155,7 @@ pub fn decode_into(
                 bp: regs.bp,
                 bytes: stack_bytes,
                 known,
+                skipped: regs.flags & STACK_SKIPPED != 0,
             });
             Ok(Record {
                 header,
@@ -245,8 +249,14 @@ pub fn encode(record: &Record) -> Vec<u8> {
         for v in [stack.ip, stack.sp, stack.bp] {
             out.extend_from_slice(&v.to_ne_bytes());
         }
-        for v in [stack.bytes.len(), record.aux.len(), record.py.len(), 0] {
-            out.extend_from_slice(&(v as u32).to_ne_bytes());
+        let flags = if stack.skipped { STACK_SKIPPED } else { 0 };
+        for v in [
+            stack.bytes.len() as u32,
+            record.aux.len() as u32,
+            record.py.len() as u32,
+            flags,
+        ] {
+            out.extend_from_slice(&v.to_ne_bytes());
         }
         let mut aux = [0u8; AUX_MAX];
         aux[..record.aux.len()].copy_from_slice(&record.aux);
@@ -290,6 +300,7 @@ mod tests {
                 bp: 3,
                 bytes: Bytes::from(vec![7; 40]),
                 known: None,
+                skipped: false,
             }),
             aux: Bytes::from_static(aux),
             py,
@@ -310,6 +321,19 @@ mod tests {
         ];
         let rec = stacked(b"/etc/hostname", py);
         assert_eq!(decode(&encode(&rec)).unwrap(), rec);
+    }
+
+    #[test]
+    fn a_stack_skipped_under_load_is_told_from_stacks_off() {
+        let mut rec = stacked(b"/dev/null", vec![]);
+        let stack = rec.stack.as_mut().unwrap();
+        stack.bytes = Bytes::new();
+        stack.skipped = true;
+        let decoded = decode(&encode(&rec)).unwrap();
+        assert!(decoded.stack.as_ref().unwrap().skipped);
+        assert_eq!(decoded, rec);
+        rec.stack.as_mut().unwrap().skipped = false;
+        assert!(!decode(&encode(&rec)).unwrap().stack.unwrap().skipped);
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub struct Losses {
     pub undecodable: u64,
     /// Creations whose user stack could not be read: they have no frames.
     pub stacks_unreadable: u64,
+    /// Creations sent without their stack because the ring was more than half full: they
+    /// have only their syscall's frame, and the table stays exact.
+    #[serde(default)]
+    pub stacks_skipped: u64,
     /// Paths or socket addresses the probes could not read: descriptors without a target.
     pub paths_unreadable: u64,
     /// Forks of traced processes not followed, the traced-process map being full.
@@ -54,6 +58,11 @@ impl Losses {
                 self.stacks_unreadable,
                 "no stack",
                 "stacks unreadable (no frames)",
+            ),
+            reason(
+                self.stacks_skipped,
+                "stacks skipped",
+                "stacks skipped under load (ring over half full; syscall frame only)",
             ),
             reason(
                 self.paths_unreadable,
@@ -105,6 +114,7 @@ impl Losses {
             ring_full: self.ring_full.max(other.ring_full),
             undecodable: self.undecodable.max(other.undecodable),
             stacks_unreadable: self.stacks_unreadable.max(other.stacks_unreadable),
+            stacks_skipped: self.stacks_skipped.max(other.stacks_skipped),
             paths_unreadable: self.paths_unreadable.max(other.paths_unreadable),
             forks_not_followed: self.forks_not_followed.max(other.forks_not_followed),
             selected_not_traced: self.selected_not_traced.max(other.selected_not_traced),

@@ -245,6 +245,7 @@ pub struct Counters {
     pub kept: u64,
     pub keep_failed: u64,
     pub pairs_closed: u64,
+    pub stack_skipped: u64,
 }
 
 /// The probes' own cost so far, from the kernel's BPF statistics.
@@ -544,7 +545,7 @@ impl Probes {
                 .get(&(c as u32), 0)
                 .map_or(0, |v| v.iter().sum())
         };
-        debug_assert_eq!(COUNTERS, 11);
+        debug_assert_eq!(COUNTERS, 12);
         Counters {
             ring_full: sum(Counter::RingFull),
             stack_read_failed: sum(Counter::StackReadFailed),
@@ -557,6 +558,7 @@ impl Probes {
             kept: sum(Counter::Kept),
             keep_failed: sum(Counter::KeepFailed),
             pairs_closed: sum(Counter::PairClosed),
+            stack_skipped: sum(Counter::StackSkipped),
         }
     }
 

@@ -676,6 +676,7 @@ impl Session {
             ring_full: c.ring_full,
             undecodable: self.shared.decode_errors.load(Ordering::Relaxed),
             stacks_unreadable: c.stack_read_failed,
+            stacks_skipped: c.stack_skipped,
             paths_unreadable: c.aux_read_failed,
             forks_not_followed: c.traced_full,
             selected_not_traced: c.not_adopted,

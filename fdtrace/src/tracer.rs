@@ -417,6 +417,11 @@ impl Tracer {
                 self.by_ip.clear();
             }
             self.by_ip.insert((pid, cap.ip), id);
+            // A stack skipped under load says nothing of the site: with stacks on, the
+            // probe's memos are found by (ip, sp) and need the stack's words.
+            if cap.skipped {
+                return id;
+            }
             // With stacks off the probe finds the memo by ip alone (sp 0) and compares nothing.
             let kernel = Memo {
                 site: id,
