@@ -22,10 +22,12 @@ pub fn emulated() -> bool {
 }
 
 /// `FDTRACE_LEARN_MS=N` for fixtures that pause after their first creation so that fdtrace
-/// learns its call site (`tests/fixtures/learn.h`): 300 ms, or 8 s in an emulated guest, where
-/// the first unwind of a debug build takes seconds. Passed through `env`, before the fixture.
+/// learns its call site (`tests/fixtures/learn.h`): 2 s, or 8 s in an emulated guest, where
+/// the first unwind of a debug build takes seconds. (300 ms was enough until a day this VM ran
+/// 6x slower, 2026-12-07: the debug build then learned after about a second.) Passed through
+/// `env`, before the fixture.
 pub fn learn_env() -> String {
-    format!("FDTRACE_LEARN_MS={}", if emulated() { 8000 } else { 300 })
+    format!("FDTRACE_LEARN_MS={}", if emulated() { 8000 } else { 2000 })
 }
 
 /// How long a traced command may take before the test gives up: a minute, or ten in an
