@@ -677,11 +677,13 @@ fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
     );
 }
 
-/// A smaller storm (80,000 events) into the default 16 MiB ring with 4 KiB stacks, every event
-/// sent: as stacked records (4.4 KiB a creation) it is ten times the ring. Stacked records fill
-/// half the ring within milliseconds; past half the probes send creations without their
-/// stacks (counted) rather than lose them. Not one event may be lost, and the table at exit
-/// must be exact. (With 400,000 events this debug-built reader lost a fifth even so.)
+/// A smaller storm (40,000 events) into the default 16 MiB ring with 4 KiB stacks, every event
+/// sent: as stacked records (4.4 KiB a creation) it is five times the ring. Stacked records
+/// fill half the ring within milliseconds; past half the probes send creations without their
+/// stacks (counted) rather than lose them, and the stackless rest (456 bytes a pair) fits the
+/// other half even if the reader took nothing meanwhile, as in a slow emulated guest. Not one
+/// event may be lost, and the table at exit must be exact. (With 400,000 events this
+/// debug-built reader lost a fifth even so.)
 #[test]
 #[ignore = "root"]
 fn a_storm_degrades_to_stackless_records_rather_than_losing_events() {
@@ -691,7 +693,7 @@ fn a_storm_degrades_to_stackless_records_rather_than_losing_events() {
         &[
             fixture.to_str().unwrap(),
             "4",
-            "10000",
+            "5000",
             "8",
             out.to_str().unwrap(),
         ],
@@ -711,7 +713,7 @@ fn a_storm_degrades_to_stackless_records_rather_than_losing_events() {
     let report = run.session.report();
     assert!(
         report.lost.stacks_skipped > 0,
-        "no stack was skipped: the reader kept up with 80,000 stacked events and the test \
+        "no stack was skipped: the reader kept up with 40,000 stacked events and the test \
          proves nothing"
     );
     assert_eq!(
