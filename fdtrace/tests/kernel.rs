@@ -628,30 +628,20 @@ fn check_exchange_failures(options: ProbeOptions) {
     );
 }
 
-/// storm.c's 4 threads open and close as fast as they can into a 64 KiB ring, far more than
-/// the reader can take: events are lost (counted), yet the table at exit must be exactly the
-/// fixture's own /proc/self/fd count, from the bitmap the exit probe copies.
-#[test]
-#[ignore = "root"]
-fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
+/// storm.c's 4 threads, `pairs` open/close pairs each as fast as they can, traced with
+/// `options`: the report, the table fdtrace had for the storm at its exit, and the fixture's
+/// own count of its open descriptors then.
+fn storm(pairs: &str, options: ProbeOptions) -> (fdtrace::report::Report, u64, u64) {
     let fixture = common::build_c("storm.c", &["-O2", "-g", "-pthread"]);
-    let out = out_file("storm");
-    let run = common::run_traced(
-        &[
-            fixture.to_str().unwrap(),
-            "4",
-            "20000",
-            "8",
-            out.to_str().unwrap(),
-        ],
-        ProbeOptions {
-            ring_bytes: 64 << 10,
-            // Every event sent, as recordings do: kept in the kernel, most of the storm would
-            // not cross the ring at all (`cargo xtask bench storm` measures that).
-            keep: false,
-            ..ProbeOptions::default()
-        },
-    );
+    let out = out_file(&format!("storm-{pairs}"));
+    let args = [
+        fixture.to_str().unwrap(),
+        "4",
+        pairs,
+        "8",
+        out.to_str().unwrap(),
+    ];
+    let run = common::run_traced(&args, options);
     assert_eq!(run.exit_code, 0, "storm failed");
     let text = fs::read_to_string(&out).unwrap();
     let _ = fs::remove_file(&out);
@@ -661,17 +651,37 @@ fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("storm printed {text:?}"));
     let report = run.session.report();
+    let open_at_end = report
+        .processes
+        .iter()
+        .find(|p| p.pid == run.pid)
+        .expect("the storm's process")
+        .open_at_end;
+    (report, open_at_end, truth)
+}
+
+/// A storm into a 64 KiB ring, far more than the reader can take: events are lost (counted),
+/// yet the table at exit must be exactly the fixture's own /proc/self/fd count, from the
+/// bitmap the exit probe copies.
+#[test]
+#[ignore = "root"]
+fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
+    let (report, open_at_end, truth) = storm(
+        "20000",
+        ProbeOptions {
+            ring_bytes: 64 << 10,
+            // Every event sent, as recordings do: kept in the kernel, most of the storm would
+            // not cross the ring at all (`cargo xtask bench storm` measures that).
+            keep: false,
+            ..ProbeOptions::default()
+        },
+    );
     assert!(
         report.dropped_events > 0,
         "a 64 KiB ring kept up with 160,000 events: the test proves nothing"
     );
-    let process = report
-        .processes
-        .iter()
-        .find(|p| p.pid == run.pid)
-        .expect("the storm's process");
     assert_eq!(
-        process.open_at_end, truth,
+        open_at_end, truth,
         "{} events lost; corrections {:?}",
         report.dropped_events, report.corrections
     );
@@ -687,30 +697,13 @@ fn a_storm_that_overruns_the_ring_leaves_the_table_exact_at_exit() {
 #[test]
 #[ignore = "root"]
 fn a_storm_degrades_to_stackless_records_rather_than_losing_events() {
-    let fixture = common::build_c("storm.c", &["-O2", "-g", "-pthread"]);
-    let out = out_file("storm-degrade");
-    let run = common::run_traced(
-        &[
-            fixture.to_str().unwrap(),
-            "4",
-            "5000",
-            "8",
-            out.to_str().unwrap(),
-        ],
+    let (report, open_at_end, truth) = storm(
+        "5000",
         ProbeOptions {
             keep: false,
             ..ProbeOptions::default()
         },
     );
-    assert_eq!(run.exit_code, 0, "storm failed");
-    let text = fs::read_to_string(&out).unwrap();
-    let _ = fs::remove_file(&out);
-    let truth: u64 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("storm printed {text:?}"));
-    let report = run.session.report();
     assert!(
         report.lost.stacks_skipped > 0,
         "no stack was skipped: the reader kept up with 40,000 stacked events and the test \
@@ -721,12 +714,7 @@ fn a_storm_degrades_to_stackless_records_rather_than_losing_events() {
         "events lost although {} stacks were skipped",
         report.lost.stacks_skipped
     );
-    let process = report
-        .processes
-        .iter()
-        .find(|p| p.pid == run.pid)
-        .expect("the storm's process");
-    assert_eq!(process.open_at_end, truth, "{:?}", report.corrections);
+    assert_eq!(open_at_end, truth, "{:?}", report.corrections);
     assert_eq!(report.corrections, Corrections::default());
 }
 
