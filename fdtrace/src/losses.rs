@@ -3,7 +3,9 @@
 //! session sends the totals to the model whenever one moves (`Event::Losses`), so the live
 //! views, the reports and a recording's replay all show the same numbers.
 
-use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Running totals, each a reason something is missing from what fdtrace shows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,8 +17,9 @@ pub struct Losses {
     /// Creations whose user stack could not be read: they have no frames.
     pub stacks_unreadable: u64,
     /// Creations sent without their stack because the ring was more than half full: they
-    /// have only their syscall's frame, and the table stays exact.
-    #[serde(default)]
+    /// have only their syscall's frame, and the table stays exact. Absent from recordings
+    /// before format 8 (see [`reading_before_stacks_skipped`]).
+    #[serde(default, deserialize_with = "stacks_skipped")]
     pub stacks_skipped: u64,
     /// Paths or socket addresses the probes could not read: descriptors without a target.
     pub paths_unreadable: u64,
@@ -34,6 +37,29 @@ pub struct Losses {
     /// not in `dropped_at_emfile`.
     #[serde(default)]
     pub unanswered_unknown: u64,
+}
+
+thread_local! {
+    static BEFORE_STACKS_SKIPPED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `read` (a postcard decoding) with [`Losses`] read as recordings before format 8 wrote
+/// them, without `stacks_skipped`. Postcard writes a struct's fields one after the other with
+/// nothing to tell them apart, so the field cannot just be defaulted: it must not be read.
+pub fn reading_before_stacks_skipped<R>(read: impl FnOnce() -> R) -> R {
+    BEFORE_STACKS_SKIPPED.set(true);
+    let read = read();
+    BEFORE_STACKS_SKIPPED.set(false);
+    read
+}
+
+/// `stacks_skipped`, or 0 without reading anything in an older recording.
+fn stacks_skipped<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    if BEFORE_STACKS_SKIPPED.get() {
+        Ok(0)
+    } else {
+        u64::deserialize(d)
+    }
 }
 
 /// One reason: its count, a word or two for the TUI header, and what it means.
@@ -146,6 +172,66 @@ mod tests {
         );
         assert_eq!(l.events(), 9);
         assert!(Losses::default().described().is_empty());
+    }
+
+    /// A format-7 recording's `Losses` (no `stacks_skipped`) followed by the next value: the
+    /// older layout reads back with 0 stacks skipped and leaves the next value intact.
+    #[test]
+    fn losses_of_recordings_before_format_8_read_without_stacks_skipped() {
+        #[derive(Serialize)]
+        struct Format7 {
+            ring_full: u64,
+            undecodable: u64,
+            stacks_unreadable: u64,
+            paths_unreadable: u64,
+            forks_not_followed: u64,
+            selected_not_traced: u64,
+            python_frames_missing: u64,
+            mapping_reports: u64,
+            unanswered_unknown: u64,
+        }
+        let old = Format7 {
+            ring_full: 1,
+            undecodable: 2,
+            stacks_unreadable: 3,
+            paths_unreadable: 4,
+            forks_not_followed: 5,
+            selected_not_traced: 6,
+            python_frames_missing: 7,
+            mapping_reports: 8,
+            unanswered_unknown: 9,
+        };
+        let bytes = postcard::to_stdvec(&(old, 4242u32)).unwrap();
+        let (read, next): (Losses, u32) =
+            reading_before_stacks_skipped(|| postcard::from_bytes(&bytes)).unwrap();
+        assert_eq!(next, 4242);
+        assert_eq!(
+            read,
+            Losses {
+                ring_full: 1,
+                undecodable: 2,
+                stacks_unreadable: 3,
+                stacks_skipped: 0,
+                paths_unreadable: 4,
+                forks_not_followed: 5,
+                selected_not_traced: 6,
+                python_frames_missing: 7,
+                mapping_reports: 8,
+                unanswered_unknown: 9,
+            }
+        );
+        // Today's layout, read as today's.
+        let now = Losses {
+            stacks_skipped: 11,
+            ..read
+        };
+        let bytes = postcard::to_stdvec(&(now, 4242u32)).unwrap();
+        assert_eq!(postcard::from_bytes(&bytes), Ok((now, 4242u32)));
+        // A JSON report from before the field reads it as 0.
+        let mut json = serde_json::to_value(now).unwrap();
+        json.as_object_mut().unwrap().remove("stacks_skipped");
+        let json: Losses = serde_json::from_value(json).unwrap();
+        assert_eq!(json.stacks_skipped, 0);
     }
 
     #[test]

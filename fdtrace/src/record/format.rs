@@ -1,4 +1,6 @@
-//! The recording file format, version 6. Version 5 lacked the state probe's upstream endings
+//! The recording file format, version 8. Version 7 lacked `Losses::stacks_skipped` (read as
+//! 0, see `losses::reading_before_stacks_skipped`); version 6 lacked balanced descriptors
+//! (`Event::Balanced`, the last variant). Version 5 lacked the state probe's upstream endings
 //! and the tables at exit (`Event::UpstreamEnded` and `Event::ExitTable`, the last variants,
 //! so version 5 reads as version 6); version 4 lacked failed outbound connections
 //! (`Event::UpstreamFailed`, so version 4 reads as version 5); version 3
@@ -30,7 +32,7 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"\x89fdtrace";
 /// Bumped on any change an older reader would misread.
-pub const FORMAT_VERSION: u16 = 7;
+pub const FORMAT_VERSION: u16 = 8;
 /// The oldest format this reader still reads.
 pub const OLDEST_READABLE: u16 = 2;
 pub const PRELUDE_LEN: usize = MAGIC.len() + 4;

@@ -123,6 +123,8 @@ fn chunk(bytes: &[u8], verify: bool, version: u16) -> Result<(Chunk, usize), Chu
     }
     let chunk = if version == 2 {
         postcard::from_bytes::<v2::Chunk>(&raw).map(v2::Chunk::upgrade)
+    } else if version < 8 {
+        crate::losses::reading_before_stacks_skipped(|| postcard::from_bytes(&raw))
     } else {
         postcard::from_bytes(&raw)
     };

@@ -270,10 +270,10 @@ fn junk_and_other_versions_are_refused() {
     let mut newer = reader::prelude_of_version(format::FORMAT_VERSION + 1).to_vec();
     newer.extend_from_slice(b"whatever comes next");
     let err = reader::parse(&newer).unwrap_err();
-    assert!(matches!(err, ReadError::Newer(8)));
+    assert!(matches!(err, ReadError::Newer(9)));
     assert_eq!(
         err.to_string(),
-        "was written by a newer fdtrace (format 8; this one reads format 7)"
+        "was written by a newer fdtrace (format 9; this one reads format 8)"
     );
     let mut older = reader::prelude_of_version(1).to_vec();
     older.extend_from_slice(b"closes without reopened");
@@ -281,7 +281,7 @@ fn junk_and_other_versions_are_refused() {
     assert!(matches!(err, ReadError::Older(1)), "{err}");
     assert_eq!(
         err.to_string(),
-        "was written by an older fdtrace (format 1; this one reads formats 2 to 7): report it with that version"
+        "was written by an older fdtrace (format 1; this one reads formats 2 to 8): report it with that version"
     );
     let path = temp("junk");
     std::fs::write(&path, b"not a recording at all").unwrap();
