@@ -175,8 +175,8 @@ mod tests {
     }
 
     /// A format-7 recording's `Losses` (nine fields, no `stacks_skipped`) followed by the next
-    /// value: the
-    /// older layout reads back with 0 stacks skipped and leaves the next value intact.
+    /// value: the older layout reads back with 0 stacks skipped and leaves the next value
+    /// intact.
     #[test]
     fn losses_of_recordings_before_format_8_read_without_stacks_skipped() {
         // Postcard writes a struct as its fields in order: the same bytes as a tuple.
