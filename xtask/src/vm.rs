@@ -44,7 +44,7 @@ const GUEST_CPUS: &str = "2";
 /// sys_exit/sys_enter programs each session loads) for today's 37 root tests on a 2-core host.
 const BOOT_TIMEOUT: Duration = Duration::from_mins(40);
 /// One test binary inside the guest; a hung one is killed so the ones after it still report.
-const BINARY_TIMEOUT_SECS: u64 = 600;
+const BINARY_TIMEOUT_SECS: u64 = 900;
 /// Lines of one binary's output printed on the host; its file keeps the rest.
 const PRINTED_LINES: usize = 200;
 /// Host environment the guest's command gets: virtme-ng's init starts from a fixed one (PATH
@@ -107,6 +107,7 @@ pub fn run(workspace: &Path, selected: &[String]) -> anyhow::Result<()> {
     let vm_dir = target_dir(workspace)?.join("vm-test");
     let build_dir = vm_dir.join("build");
     let binaries = build_tests(workspace, &build_dir)?;
+    share_fixtures(&target_dir(workspace)?, &build_dir)?;
     let listed: usize = binaries.iter().map(|b| b.tests).sum();
     println!(
         "vm-test: ready in {:.1}s: {listed} root tests in {} binaries, kernels {}",
@@ -503,6 +504,26 @@ fn build_tests(workspace: &Path, build_dir: &Path) -> anyhow::Result<Vec<TestBin
         "cargo built no fdtrace test binary with root tests"
     );
     Ok(binaries)
+}
+
+/// Copies the test fixtures the host's root tests built (`target/tmp/fixtures`, when `cargo
+/// xtask test` ran them first) to where the guests' tests look, keeping their times: a test
+/// reuses a fixture built after its sources changed, and gcc and rustc under TCG took minutes
+/// (one Rust fixture passed a test binary's 600 s on a slow day).
+fn share_fixtures(target: &Path, build_dir: &Path) -> anyhow::Result<()> {
+    let built = target.join("tmp/fixtures");
+    if !built.is_dir() {
+        return Ok(());
+    }
+    let shared = build_dir.join("tmp/fixtures");
+    fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
+    run_command(
+        Command::new("cp")
+            .arg("-p")
+            .arg("-r")
+            .arg(built.join("."))
+            .arg(&shared),
+    )
 }
 
 /// One kernel's boot: where its files go and what it shares with the host.

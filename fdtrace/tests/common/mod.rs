@@ -56,36 +56,70 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// Whether `out` was built after every fixture source and header last changed: then it is
+/// not built again. The kernel matrix's guests (`cargo xtask vm-test`) get the host's builds
+/// this way: gcc and rustc under TCG took minutes (a Rust fixture alone passed the 600 s a
+/// test binary may take, on a slow day).
+fn up_to_date(out: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(out) else {
+        return false;
+    };
+    std::fs::read_dir(fixture_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .all(|entry| modified(&entry.path()).is_some_and(|changed| changed <= built))
+}
+
+/// Runs `compiler` (its arguments given, but not the output) to build `out` unless it is up
+/// to date. It writes a file of its own, renamed over `out` when done, so a test running the
+/// binary never sees it half written.
+fn build(mut compiler: Command, out: &Path, src: &Path) -> PathBuf {
+    if up_to_date(out) {
+        return out.to_path_buf();
+    }
+    let partial = out.with_extension(format!(
+        "partial-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let status = compiler
+        .arg("-o")
+        .arg(&partial)
+        .arg(src)
+        .status()
+        .expect("running the compiler");
+    assert!(status.success(), "compiling {} failed", src.display());
+    std::fs::rename(&partial, out).unwrap();
+    out.to_path_buf()
+}
+
+fn fixtures_out() -> PathBuf {
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    out_dir
+}
+
 /// Compiles `tests/fixtures/<source>` with gcc and `flags` into the test target directory,
 /// once per set of flags; returns the binary.
 pub fn build_c(source: &str, flags: &[&str]) -> PathBuf {
-    let src = fixture_dir().join(source);
     let tag: String = flags
         .concat()
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .collect();
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(format!("{}-{tag}", source.trim_end_matches(".c")));
-    let status = Command::new("gcc")
-        .args(flags)
-        .arg("-o")
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("running gcc");
-    assert!(status.success(), "gcc failed on {}", src.display());
-    out
+    let out = fixtures_out().join(format!("{}-{tag}", source.trim_end_matches(".c")));
+    let mut gcc = Command::new("gcc");
+    gcc.args(flags);
+    build(gcc, &out, &fixture_dir().join(source))
 }
 
 /// Compiles `tests/fixtures/<source>` with rustc -O, without frame pointers.
 pub fn build_rust(source: &str) -> PathBuf {
-    let src = fixture_dir().join(source);
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(source.trim_end_matches(".rs"));
-    let status = Command::new("rustc")
+    let out = fixtures_out().join(source.trim_end_matches(".rs"));
+    let mut rustc = Command::new("rustc");
+    rustc
         .args([
             "-O",
             "-g",
@@ -93,15 +127,9 @@ pub fn build_rust(source: &str) -> PathBuf {
             "force-frame-pointers=no",
             "--edition",
             "2024",
-            "-o",
         ])
-        .arg(&out)
-        .arg(&src)
-        .env_remove("RUSTFLAGS")
-        .status()
-        .expect("running rustc");
-    assert!(status.success(), "rustc failed on {}", src.display());
-    out
+        .env_remove("RUSTFLAGS");
+    build(rustc, &out, &fixture_dir().join(source))
 }
 
 /// A command run to completion under a live session.
