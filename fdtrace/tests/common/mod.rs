@@ -22,12 +22,16 @@ pub fn emulated() -> bool {
 }
 
 /// `FDTRACE_LEARN_MS=N` for fixtures that pause after their first creation so that fdtrace
-/// learns its call site (`tests/fixtures/learn.h`): 2 s, or 8 s in an emulated guest, where
-/// the first unwind of a debug build takes seconds. (300 ms was enough until a day this VM ran
-/// 6x slower, 2026-12-07: the debug build then learned after about a second.) Passed through
-/// `env`, before the fixture.
+/// learns its call site (`tests/fixtures/learn.h`): 2 s, or 30 s in an emulated guest, where
+/// the first unwind of a debug build takes seconds. (300 ms and 8 s were enough until a day
+/// this VM ran several times slower, 2026-12-07: the debug build then learned after about a
+/// second here, and 6.1's guest failed the kept-descriptor test.) Passed through `env`,
+/// before the fixture.
 pub fn learn_env() -> String {
-    format!("FDTRACE_LEARN_MS={}", if emulated() { 8000 } else { 2000 })
+    format!(
+        "FDTRACE_LEARN_MS={}",
+        if emulated() { 30_000 } else { 2000 }
+    )
 }
 
 /// How long a traced command may take before the test gives up: a minute, or ten in an
