@@ -510,8 +510,9 @@ fn build_tests(workspace: &Path, build_dir: &Path) -> anyhow::Result<Vec<TestBin
 
 /// Copies the test fixtures the host's root tests built (`target/tmp/fixtures`, when `cargo
 /// xtask test` ran them first) to where the guests' tests look, keeping their times: a test
-/// reuses a fixture built after its sources changed, and gcc and rustc under TCG took minutes
-/// (one Rust fixture passed a test binary's 600 s on a slow day).
+/// reuses a fixture built after its sources changed, and gcc and rustc under TCG take minutes
+/// (the attribution binary was killed at its 600 s while compiling a Rust fixture, on a slow
+/// day).
 fn share_fixtures(target: &Path, build_dir: &Path) -> anyhow::Result<()> {
     let built = target.join("tmp/fixtures");
     if !built.is_dir() {

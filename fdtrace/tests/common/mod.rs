@@ -62,8 +62,8 @@ fn fixture_dir() -> PathBuf {
 
 /// Whether `out` was built after every fixture source and header last changed: then it is
 /// not built again. The kernel matrix's guests (`cargo xtask vm-test`) get the host's builds
-/// this way: gcc and rustc under TCG took minutes (a Rust fixture alone passed the 600 s a
-/// test binary may take, on a slow day).
+/// this way: gcc and rustc under TCG take minutes (the attribution binary was killed at its
+/// 600 s while compiling a Rust fixture, on a slow day; with the host's builds it took 620 s).
 fn up_to_date(out: &Path) -> bool {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let Some(built) = modified(out) else {
