@@ -389,8 +389,9 @@ fn a_churning_fork_loop_keeps_fdtrace_bounded_and_the_report_exact() {
         mb(hwm),
         shown.join(", ")
     );
-    // An emulated guest (`cargo xtask vm-test`) forks several times slower: 364 to 549 in 30 s.
-    let enough = if common::emulated() { 100 } else { 3_000 };
+    // An emulated guest (`cargo xtask vm-test`) forks several times slower: 364 to 549 in 30 s
+    // alone, 94 in 6.1's guest while 6.12's ran beside it (2026-12-07).
+    let enough = if common::emulated() { 50 } else { 3_000 };
     assert!(children >= enough, "only {children} children");
     assert!(hwm <= 150_000_000, "peak RSS {:.1} MB", mb(hwm));
     // Flat while the children run: from a fifth of the way in (probes loaded, first stacks
