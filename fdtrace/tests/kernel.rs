@@ -119,10 +119,9 @@ fn check_every_creation_and_drop(options: ProbeOptions) {
     // listings agree on it, so nonzero `added`/`removed` would mean the run took seconds;
     // `reused` counts creations that returned a number the model still held: a missed close.
     assert_eq!(model.dropped, 0, "records lost");
-    assert_eq!(
+    assert_no_corrections(
         model.corrections,
-        Corrections::default(),
-        "reconciliation or reuse corrected the model"
+        "reconciliation or reuse corrected the model",
     );
 
     // Both checks below report everything they find before the test fails.
@@ -445,10 +444,9 @@ fn threads_racing_on_descriptor_numbers_leave_an_exact_table() {
         }
         let diffs = table_differences(model, run.pid, &listing);
         assert!(diffs.is_empty(), "keep {keep}: {}", diffs.join("\n"));
-        assert_eq!(
+        assert_no_corrections(
             model.corrections,
-            Corrections::default(),
-            "keep {keep}: corrections were needed"
+            &format!("keep {keep}: corrections were needed"),
         );
     }
 }
@@ -486,11 +484,7 @@ fn descriptors_kept_in_the_kernel_leave_exact_tables_and_counts() {
         let diffs = table_differences(model, pid, &read_listing(out));
         assert!(diffs.is_empty(), "pid {pid}: {}", diffs.join("\n"));
     }
-    assert_eq!(
-        model.corrections,
-        Corrections::default(),
-        "corrections were needed"
-    );
+    assert_no_corrections(model.corrections, "corrections were needed");
     let counters = run.session.counters();
     let pairs = pairs_of(&run.events, run.pid);
     eprintln!(
@@ -715,7 +709,7 @@ fn a_storm_degrades_to_stackless_records_rather_than_losing_events() {
         report.lost.stacks_skipped
     );
     assert_eq!(open_at_end, truth, "{:?}", report.corrections);
-    assert_eq!(report.corrections, Corrections::default());
+    assert_no_corrections(report.corrections, "corrections were needed");
 }
 
 /// connect_fail.c fails connections every way a proxy's upstream can (TCP refused, blocking
@@ -807,4 +801,21 @@ fn check_upstream_failures(options: ProbeOptions) {
         .find(|u| u.cause == "permission")
         .unwrap();
     assert_ne!(denied.pid, run.pid, "{denied:?}");
+}
+
+/// No correction at all, on real CPUs. An emulated guest (`cargo xtask vm-test`) may count a
+/// reuse or two, and nothing else: the host can stall one of its vCPUs for longer than the
+/// model waits for a racing close (a second of event time) while the other vCPU runs on, and
+/// then the model counts the number as reused with no close it can see. The tables the tests
+/// compare stay exact there. (A 6.12 guest sharing its host with 6.1's counted one, in each of
+/// the storm and kept-descriptor tests, 2026-12-07.)
+fn assert_no_corrections(corrections: Corrections, what: &str) {
+    if common::emulated() && corrections.added == 0 && corrections.removed == 0 {
+        if corrections.reused > 0 {
+            println!("emulated: {} reused numbers counted", corrections.reused);
+        }
+        assert!(corrections.reused <= 2, "{what}: {corrections:?}");
+        return;
+    }
+    assert_eq!(corrections, Corrections::default(), "{what}");
 }
