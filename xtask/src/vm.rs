@@ -156,10 +156,8 @@ pub fn run(workspace: &Path, selected: &[String]) -> anyhow::Result<()> {
 
     // One guest after the other, each with both vCPUs to itself. Booted at once (tried on
     // 2026-12-07), four vCPUs shared two host CPUs: 6.1's guest, the long pole, ran about 20%
-    // slower per test than alone, so the matrix ended little sooner, while the host stalled
-    // vCPUs long enough that racing threads' closes arrived over a second late (1040 of
-    // 10,022 closes raced a creation in 6.12's guest, against 19 in 6.1's alone) and the
-    // model counted numbers as reused.
+    // slower per test than alone, so the matrix ended little sooner, and the racing tests ran
+    // on vCPUs the host stalled at will.
     let mut outcomes = Vec::new();
     for kernel in &kernels {
         let guest = Guest {
