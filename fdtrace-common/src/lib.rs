@@ -46,12 +46,15 @@ pub mod names {
     /// The same as a raw tracepoint, reading the registers with `bpf_probe_read_kernel`: for
     /// kernels whose verifier refuses the typed program (6.1: "reg type unsupported").
     pub const PROG_SYS_EXIT_RAW: &str = "fdt_sys_exit_raw";
-    /// BTF-typed tracepoint on `sys_exit`, attached before [`PROG_SYS_EXIT`]: keeps creations
-    /// at recognized call sites and their closes in the kernel, and tells the main program
-    /// to skip them.
+    /// BTF-typed tracepoint on `sys_exit`, attached in place of [`PROG_SYS_EXIT`] when
+    /// descriptors are kept: keeps creations at recognized call sites and their closes in
+    /// the kernel, and tail-calls the main program (through [`MAP_SYS_EXIT_NEXT`]) for the
+    /// rest.
     pub const PROG_KEEP: &str = "fdt_keep";
-    /// The same as a raw tracepoint, attached before [`PROG_SYS_EXIT_RAW`].
+    /// The same as a raw tracepoint, in place of [`PROG_SYS_EXIT_RAW`].
     pub const PROG_KEEP_RAW: &str = "fdt_keep_raw";
+    /// Program array of one slot: the `sys_exit` program [`PROG_KEEP`] tail-calls.
+    pub const MAP_SYS_EXIT_NEXT: &str = "FDT_SYS_EXIT_NEXT";
     /// Raw tracepoint on `sys_enter`: the close of a kept descriptor, counted in the kernel
     /// while the descriptor is still open (no other thread can take its number then).
     pub const PROG_KEEP_CLOSE: &str = "fdt_keep_close";

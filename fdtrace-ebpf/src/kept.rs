@@ -53,34 +53,47 @@ pub fn enabled() -> bool {
     unsafe { core::ptr::read_volatile(&raw const FDT_KEEP) != 0 }
 }
 
-/// What `fdt_keep` does with a syscall's return, before `fdt_sys_exit` sees it: keeps a
-/// creation at a recognized call site, or forgets the dead entries at a creation's numbers;
-/// `fdt_sys_exit` then finds a kept creation's entry and skips it (see [`kept_here`]).
-/// (Closes are `close_entered`'s and `close_returned`'s.)
+/// What `fdt_keep` does with a syscall's return: keeps a creation at a recognized call site,
+/// counts the close of a kept descriptor, or forgets the dead entries at a creation's numbers.
+/// True when that is all there is to do: the syscall was kept, counted, or concerns no
+/// traced descriptor; false hands it to `fdt_sys_exit`.
 #[inline(always)]
-pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> Result<(), ()> {
+pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> bool {
     let action = syscalls::action(nr);
-    let creating = ret >= 0 && matches!(action, Action::Create(_) | Action::Depends);
-    if !creating || !enabled() {
-        return Ok(());
+    let failed = ret == -syscalls::EMFILE || ret == -syscalls::ENFILE;
+    // The same dismissals `fdt_sys_exit` makes first, so that the machine's other syscalls
+    // end here.
+    if !failed && action == Action::Ignore {
+        return true;
     }
-    let (tgid, tid) = crate::current();
+    let thread = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((thread >> 32) as u32, thread as u32);
     // SAFETY: a lookup; the value is copied out at once.
     let Some(traced) = (unsafe { TRACED.get(tgid) }).copied() else {
-        return Ok(());
+        return true;
     };
+    let closing = nr == syscalls::CLOSE && ret != -syscalls::EBADF;
+    let creating = ret >= 0 && matches!(action, Action::Create(_) | Action::Depends);
+    if failed || !(closing || creating) || !enabled() {
+        return false;
+    }
     let Some(UserRegs { mut args, regs }) = load() else {
         // Whatever happens, a creation leaves no dead entry at its number behind it: one
         // left there by this thread could pass for this creation's kept entry.
-        forget_stale(tgid, ret as u64, bpf_ktime_get_ns_now());
-        return Err(());
+        if creating {
+            forget_stale(tgid, ret as u64, bpf_ktime_get_ns_now());
+        }
+        return false;
     };
     let ts = bpf_ktime_get_ns_now();
+    if closing {
+        return close_returned(thread, args[0], ts);
+    }
     let Action::Create(aux) = action else {
         if syscalls::depends(nr, &args) == Some(true) {
             forget_stale(tgid, ret as u64, ts);
         }
-        return Ok(());
+        return false;
     };
     if let Aux::FdPair(n) = aux {
         // SAFETY: a user pointer the kernel just wrote two ints through.
@@ -88,7 +101,7 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             forget_stale(tgid, pair[0] as u64, ts);
             forget_stale(tgid, pair[1] as u64, ts);
         }
-        return Ok(());
+        return false;
     }
     let accept = nr == syscalls::ACCEPT4 || nr == syscalls::ACCEPT;
     if !keepable(nr)
@@ -96,7 +109,7 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         || (accept && crate::at_limit(&traced, ts))
     {
         forget_stale(tgid, ret as u64, ts);
-        return Ok(());
+        return false;
     }
     if nr == syscalls::OPENAT2 {
         // As `fdt_sys_exit` does: openat2's flags are in struct open_how (its first u64).
@@ -112,11 +125,12 @@ pub fn try_keep(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         ret,
         args,
     };
-    if !keep(&header, &regs, crate::stack_wanted(&regs, &traced), aux) {
-        // Sent: the dead entry at its number, if any, goes (kept, it went in `keep`).
-        forget_stale(tgid, ret as u64, ts);
+    if keep(&header, &regs, crate::stack_wanted(&regs, &traced), aux) {
+        return true;
     }
-    Ok(())
+    // Sent: the dead entry at its number, if any, goes (kept, it went in `keep`).
+    forget_stale(tgid, ret as u64, ts);
+    false
 }
 
 #[inline(always)]
@@ -347,13 +361,10 @@ pub fn close_entered(fd: u64) {
     }
 }
 
-/// `close(fd)` returns in the current thread: true when its entry was marked at entry and is
-/// now counted as a pair (nothing is sent). Runs in `fdt_sys_exit` itself, so that what it
-/// decides needs no message to that program (two programs of one return can run on two
-/// CPUs since Linux 6.14, whose system call tracepoints are preemptible).
+/// `close(fd)` returned at `ts` in thread `thread` (pid_tgid): true when its entry was marked
+/// at entry and is now counted as a pair (nothing is sent).
 #[inline(never)]
-pub fn close_returned(fd: u64) -> bool {
-    let thread = bpf_get_current_pid_tgid();
+fn close_returned(thread: u64, fd: u64, ts: u64) -> bool {
     let tgid = (thread >> 32) as u32;
     let key = key(tgid, fd);
     // SAFETY: a lookup; the fields are copied out at once.
@@ -366,26 +377,8 @@ pub fn close_returned(fd: u64) -> bool {
     if closing != thread || KEPT.remove(key).is_err() {
         return false;
     }
-    pair(tgid, site, nr, bpf_ktime_get_ns_now().wrapping_sub(created));
+    pair(tgid, site, nr, ts.wrapping_sub(created));
     true
-}
-
-/// Whether `fdt_keep` kept this return of creation `nr` of descriptor `fd` by the current
-/// thread: its entry is there, this thread's and of this syscall, unmarked and unheld. Any
-/// other entry at a number just created is gone after `fdt_keep` (`forget_stale`) unless a
-/// close or a hold keeps it, so a matching one is this creation's. Checked in `fdt_sys_exit`
-/// itself, for the reason `close_returned` gives.
-#[inline(never)]
-pub fn kept_here(fd: u64, nr: u32) -> bool {
-    let thread = bpf_get_current_pid_tgid();
-    let tgid = (thread >> 32) as u32;
-    // SAFETY: a lookup; the fields are copied out at once.
-    let Some((created, tid, knr, closing)) =
-        (unsafe { KEPT.get(key(tgid, fd)) }).map(|k| (k.ts_ns, k.tid, k.nr, k.closing))
-    else {
-        return false;
-    };
-    tid == thread as u32 && knr == nr && closing == 0 && !held(tgid, created)
 }
 
 /// Whether a hold covers a descriptor of `tgid` created at `created`.

@@ -27,7 +27,7 @@ mod python;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -184,18 +184,30 @@ fn btf_user_regs(regs: *const pt_regs) -> UserRegs {
     }
 }
 
-/// Runs before `fdt_sys_exit` on the same tracepoint: keeps a creation at a recognized call
-/// site, or the close of a kept descriptor, in the kernel (see `kept`), and then tells
-/// `fdt_sys_exit` to skip the syscall. A program of its own: inside `fdt_sys_exit` its work
-/// took that program past the 512 bytes of stack 6.1 allows a call chain.
+/// Attached in place of `fdt_sys_exit` when descriptors are kept: keeps a creation at a
+/// recognized call site, or the close of a kept descriptor, in the kernel (see `kept`), and
+/// tail-calls `fdt_sys_exit` for whatever else concerns a traced process. A program of its
+/// own: inside `fdt_sys_exit` its work took that program past the 512 bytes of stack 6.1
+/// allows a call chain, while a tail call starts the next program on a fresh frame.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn fdt_keep(ctx: BtfTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
     let nr = reg!(regs, orig_rax) as u32;
-    match kept::try_keep(nr, ret, || Some(btf_user_regs(regs))) {
-        Ok(()) | Err(()) => 0,
+    if !kept::try_keep(nr, ret, || Some(btf_user_regs(regs))) {
+        send_on(&ctx);
     }
+    0
+}
+
+/// Hands the syscall to `fdt_sys_exit` (or its raw build: the loader puts the one it uses in
+/// the slot). The tail call returns only when it failed, the slot being empty: the event is
+/// then lost, and counted as such.
+#[inline(always)]
+fn send_on<C: EbpfContext>(ctx: &C) {
+    // SAFETY: a context of the tracepoint the program in the slot was loaded for.
+    unsafe { maps::SYS_EXIT_NEXT.tail_call(ctx, 0) };
+    count(Counter::RingFull);
 }
 
 /// On `sys_enter`: the close of a kept descriptor (see `kept::close_entered`). A raw
@@ -214,7 +226,8 @@ pub fn fdt_keep_close(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// The raw-tracepoint build of `fdt_keep`, for kernels on the raw `fdt_sys_exit`.
+/// The raw-tracepoint build of `fdt_keep`, for kernels on the raw `fdt_sys_exit`, which it
+/// tail-calls.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn fdt_keep_raw(ctx: RawTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
@@ -223,9 +236,10 @@ pub fn fdt_keep_raw(ctx: RawTracePointContext) -> i32 {
     let Ok(nr) = (unsafe { bpf_probe_read_kernel(&raw const (*regs).orig_rax) }) else {
         return 0;
     };
-    match kept::try_keep(nr as u32, ret, || raw_user_regs(regs)) {
-        Ok(()) | Err(()) => 0,
+    if !kept::try_keep(nr as u32, ret, || raw_user_regs(regs)) {
+        send_on(&ctx);
     }
+    0
 }
 
 /// The raw-tracepoint build of `fdt_sys_exit`. `pt_regs` is the user register frame, whose
@@ -317,10 +331,8 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
         return sent;
     }
     match syscalls::action(nr) {
+        // Kept creations and closes never get here: `fdt_keep` took them.
         Action::Create(aux) if ret >= 0 => {
-            if kept::enabled() && kept::kept_here(ret as u64, nr) {
-                return Ok(());
-            }
             let mut header = header;
             if nr == syscalls::OPENAT2 {
                 // openat2's flags are in struct open_how (its first u64), not in a register.
@@ -348,9 +360,6 @@ fn try_sys_exit(nr: u32, ret: i64, load: impl FnOnce() -> Option<UserRegs>) -> R
             // that takes the number later is stamped later too, and so applied after this
             // close. (Stamped after the look, a creation could fall between the look and the
             // stamp and be applied first: the kernel matrix's emulated 6.1 caught that.)
-            if kept::enabled() && kept::close_returned(args[0]) {
-                return Ok(());
-            }
             let mut header = header;
             header.args[syscalls::CLOSE_REOPENED] = slot_taken(args[0]);
             // Only a process that hit the limit has connections to look at.

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufBytes},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, ring_buf::RingBufBytes},
 };
 use fdtrace_common::{
     COUNTERS as COUNTER_SLOTS, Counter, ExitStash, Fresh, Kept, Memo, MemoKey, Outbound, PairKey,
@@ -22,6 +22,13 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 /// A quarter of the ring's size, set by userspace at load time with the size.
 #[unsafe(no_mangle)]
 static FDT_WAKEUP_BYTES: u64 = 4 << 20;
+
+/// The `sys_exit` program `fdt_keep` hands what it did not keep to, by tail call: one program
+/// on the tracepoint instead of two, so every syscall on the machine pays one dispatch, and
+/// what the keeping program decided needs no second look (as `fdt_sys_exit` once took, in
+/// the kept-descriptor map, for every kept creation).
+#[map(name = "FDT_SYS_EXIT_NEXT")]
+pub static SYS_EXIT_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map(name = "FDT_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use fdtrace_common::{
@@ -316,37 +316,45 @@ impl Probes {
                 SysExitProgram::RawTp { why }
             }
         };
-        // The keeping program runs first on the tracepoint (programs run in the order they
-        // were attached), so that the main one can skip what it kept. Of the same type as
-        // the main one: where that had to fall back to the raw tracepoint, so must this.
+        // When keeping, the keeping program takes the tracepoint and tail-calls the main one
+        // for what it did not keep. Of the same type as the main one: where that had to fall
+        // back to the raw tracepoint, so must this.
         let keep = options.keep && {
-            let raw = |ebpf: &mut Ebpf, name: &'static str, tracepoint: &str| {
+            let raw = |ebpf: &mut Ebpf, name: &'static str| {
                 program::<RawTracePoint>(ebpf, name)
                     .map_err(|e| e.to_string())
                     .and_then(|prog| prog.load().map_err(|e| e.to_string()))
-                    .and_then(|()| attach(ebpf, name, Some(tracepoint)))
+            };
+            let (keeper, main, tracepoint) = match (&sys_exit, btf.as_ref()) {
+                (SysExitProgram::TpBtf, Ok(_)) => (names::PROG_KEEP, names::PROG_SYS_EXIT, None),
+                _ => (
+                    names::PROG_KEEP_RAW,
+                    names::PROG_SYS_EXIT_RAW,
+                    Some("sys_exit"),
+                ),
             };
             // The close side first: alone it finds nothing to do, while creations kept with
             // no program to close them would be lost.
-            let kept = raw(&mut ebpf, names::PROG_KEEP_CLOSE, "sys_enter").and_then(|()| {
-                match (&sys_exit, btf.as_ref()) {
-                    (SysExitProgram::TpBtf, Ok(btf)) => {
-                        load_typed(&mut ebpf, names::PROG_KEEP, btf)
-                            .and_then(|()| attach(&mut ebpf, names::PROG_KEEP, None))
-                    }
-                    _ => raw(&mut ebpf, names::PROG_KEEP_RAW, "sys_exit"),
-                }
-            });
+            let kept = raw(&mut ebpf, names::PROG_KEEP_CLOSE)
+                .and_then(|()| attach(&mut ebpf, names::PROG_KEEP_CLOSE, Some("sys_enter")))
+                .and_then(|()| match (tracepoint, btf.as_ref()) {
+                    (None, Ok(btf)) => load_typed(&mut ebpf, keeper, btf),
+                    _ => raw(&mut ebpf, keeper),
+                })
+                .and_then(|()| chain(&mut ebpf, main))
+                .and_then(|()| attach(&mut ebpf, keeper, tracepoint));
             kept.map_err(|why| log::warn!("probes: descriptors are not kept in the kernel: {why}"))
                 .is_ok()
         };
-        match &sys_exit {
-            SysExitProgram::TpBtf => attach(&mut ebpf, names::PROG_SYS_EXIT, None),
-            SysExitProgram::RawTp { .. } => {
-                attach(&mut ebpf, names::PROG_SYS_EXIT_RAW, Some("sys_exit"))
+        if !keep {
+            match &sys_exit {
+                SysExitProgram::TpBtf => attach(&mut ebpf, names::PROG_SYS_EXIT, None),
+                SysExitProgram::RawTp { .. } => {
+                    attach(&mut ebpf, names::PROG_SYS_EXIT_RAW, Some("sys_exit"))
+                }
             }
+            .map_err(ProbeError::Unsupported)?;
         }
-        .map_err(ProbeError::Unsupported)?;
         for (name, tp) in [
             (names::PROG_FORK, "sched_process_fork"),
             (names::PROG_EXEC, "sched_process_exec"),
@@ -599,6 +607,25 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, raw: Option<&str>) -> Result<(), 
             .map(drop),
     };
     attached.map_err(|e| kernel_error(name, &e).to_string())
+}
+
+/// Puts the loaded `sys_exit` program `main` in the slot the keeping program tail-calls. The
+/// slot holds it while `ebpf` keeps the array's descriptor (the kernel empties a program
+/// array whose last user reference goes).
+fn chain(ebpf: &mut Ebpf, main: &'static str) -> Result<(), String> {
+    let fd = ebpf
+        .program(main)
+        .ok_or_else(|| format!("{main} is missing from the object"))?
+        .fd()
+        .map_err(|e| e.to_string())?
+        .try_clone()
+        .map_err(|e| e.to_string())?;
+    let map = ebpf
+        .map_mut(names::MAP_SYS_EXIT_NEXT)
+        .ok_or_else(|| format!("{} is missing from the object", names::MAP_SYS_EXIT_NEXT))?;
+    let mut next = ProgramArray::try_from(map).map_err(|e| e.to_string())?;
+    next.set(0, &fd, 0)
+        .map_err(|e| kernel_error(main, &e).to_string())
 }
 
 /// The oldest kernel whose helpers the probes all have: `bpf_task_pt_regs` came in 5.15 (the
