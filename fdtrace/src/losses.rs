@@ -17,7 +17,7 @@ pub struct Losses {
     /// Creations whose user stack could not be read: they have no frames.
     pub stacks_unreadable: u64,
     /// Creations sent without their stack because the ring was more than half full: they
-    /// have only their syscall's frame, and the table stays exact. Absent from recordings
+    /// have their syscall's frame and `tracer::SKIPPED_FRAME`, and the table stays exact. Absent from recordings
     /// before format 8 (see [`reading_before_stacks_skipped`]).
     #[serde(default, deserialize_with = "stacks_skipped")]
     pub stacks_skipped: u64,

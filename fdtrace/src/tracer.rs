@@ -17,7 +17,7 @@ use crate::{
     mmap_events::MapEvent,
     model::{Ended, Errno, Event, FdKind, NO_STACK, NewFd, ProcessInfo, StackId},
     procfs, python,
-    stack::{Frame, RawFrame, StackMemo, Symbolizer, Unwinder},
+    stack::{Frame, Lang, RawFrame, StackMemo, Symbolizer, Unwinder},
 };
 
 const O_CLOEXEC: u64 = 0o2_000_000;
@@ -59,6 +59,10 @@ impl Stacks {
 /// (ASLR), and keyed by addresses this table grew with every short-lived child's stacks.
 type StackKey = (Vec<(Option<Arc<str>>, u64)>, Vec<(u64, u64)>);
 
+/// The frame that stands for the callers of a creation whose stack the probe skipped under
+/// load (the ring over half full): the report names it as the place.
+pub const SKIPPED_FRAME: &str = "[stack skipped under load]";
+
 /// Past this many entries [`Tracer::interned`] starts over: it only spares symbolizing a
 /// stack again (its id comes from `by_location`), and Python frames name code objects by
 /// address, which differ in every process.
@@ -83,7 +87,7 @@ pub struct Tracer {
     /// Stack ids of captures without stack bytes (`--stack-bytes 0`, or a stack the probe could
     /// not read), by process and instruction pointer: the ip is all there is to unwind, and
     /// unwinding it for every record made those records the slowest to ingest.
-    by_ip: HashMap<(u32, u64), StackId>,
+    by_ip: HashMap<(u32, u64, bool), StackId>,
     /// Memos for the probe to recognize call sites by, since the session last took them.
     pub kernel_memos: Vec<(MemoKey, Memo)>,
     /// Processes whose memos were dropped since the session last looked: the probe's go too.
@@ -190,7 +194,7 @@ impl Tracer {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .forget(pid);
-        self.by_ip.retain(|(p, _), _| *p != pid);
+        self.by_ip.retain(|(p, _, _), _| *p != pid);
         self.forgotten_memos.push(pid);
     }
 
@@ -397,7 +401,7 @@ impl Tracer {
         }
         let pid = rec.header.tgid;
         let ip_only = cap.bytes.is_empty() && rec.py.is_empty();
-        if ip_only && let Some(id) = self.by_ip.get(&(pid, cap.ip)) {
+        if ip_only && let Some(id) = self.by_ip.get(&(pid, cap.ip, cap.skipped)) {
             return *id;
         }
         // Python stacks also depend on the interpreter's frames: they are not memoized.
@@ -411,12 +415,12 @@ impl Tracer {
             &cap.bytes,
             native.then_some(&mut reads),
         );
-        let id = self.intern_frames(pid, &unwound.frames, rec);
+        let id = self.intern_frames(pid, &unwound.frames, rec, cap.skipped);
         if ip_only {
             if self.by_ip.len() >= MAX_INTERNED {
                 self.by_ip.clear();
             }
-            self.by_ip.insert((pid, cap.ip), id);
+            self.by_ip.insert((pid, cap.ip, cap.skipped), id);
             // A stack skipped under load says nothing of the site: with stacks on, the
             // probe's memos are found by (ip, sp) and need the stack's words.
             if cap.skipped {
@@ -451,8 +455,17 @@ impl Tracer {
     }
 
     /// The id of an unwound stack (plus the record's Python frames), symbolizing it if new.
-    fn intern_frames(&mut self, pid: u32, frames: &[RawFrame], rec: &Record) -> StackId {
-        if frames.is_empty() && rec.py.is_empty() {
+    /// A stack the probe `skipped` under load ends in [`SKIPPED_FRAME`]: its syscall's frame
+    /// alone would pass for a call site of its own, the libc wrapper, into which every
+    /// skipped creation of the program would merge.
+    fn intern_frames(
+        &mut self,
+        pid: u32,
+        frames: &[RawFrame],
+        rec: &Record,
+        skipped: bool,
+    ) -> StackId {
+        if frames.is_empty() && rec.py.is_empty() && !skipped {
             return NO_STACK;
         }
         let key: StackKey = (
@@ -466,6 +479,7 @@ impl Tracer {
                     };
                     (f.module.clone(), offset)
                 })
+                .chain(skipped.then(|| (Some(Arc::from(SKIPPED_FRAME)), u64::MAX)))
                 .collect(),
             rec.py.iter().map(|f| (f.code, f.instr)).collect(),
         );
@@ -476,7 +490,20 @@ impl Tracer {
         let native = self
             .symbolizer
             .symbolize_with(frames, &|module| unwinder.open_path(module));
-        let symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
+        let mut symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
+        if skipped {
+            symbolized.push(Frame {
+                function: Some(SKIPPED_FRAME.to_string()),
+                file: None,
+                path: None,
+                line: None,
+                module: None,
+                addr: 0,
+                offset: 0,
+                lang: Lang::Native,
+                inlined: false,
+            });
+        }
         // In a Python stack the interpreter's own native frames change as CPython specialises
         // a call site; the Python frames and the rest say where the descriptor came from.
         let python = !rec.py.is_empty();
@@ -767,7 +794,7 @@ mod tests {
             module: None,
             addr,
             offset: addr,
-            lang: crate::stack::Lang::Native,
+            lang: Lang::Native,
             inlined: false,
         };
         let raw = |addr| RawFrame {
@@ -791,6 +818,56 @@ mod tests {
             ..raw(0x7f00_0000_0010)
         }));
         assert_ne!(Location::from(&jit(0x10)), Location::from(&jit(0x20)));
+    }
+
+    #[test]
+    fn a_skipped_stack_is_named_as_such_not_after_its_syscall_wrapper() {
+        // SAFETY: looking up a symbol of the C library this test links.
+        let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
+        let record = |skipped| Record {
+            header: fdtrace_common::RecordHeader {
+                tgid: std::process::id(),
+                ..Default::default()
+            },
+            stack: Some(crate::decode::StackCapture {
+                ip: getpid,
+                skipped,
+                ..Default::default()
+            }),
+            aux: bytes::Bytes::new(),
+            py: Vec::new(),
+        };
+        let mut tracer = Tracer::new();
+        let skipped = tracer.intern(&record(true));
+        let unread = tracer.intern(&record(false));
+        assert_ne!(
+            skipped, unread,
+            "a stack that could not be read was not skipped"
+        );
+        let frames = tracer.stacks.get(skipped);
+        assert!(
+            frames[0]
+                .module
+                .as_deref()
+                .is_some_and(|m| m.starts_with("libc.so")),
+            "{frames:?}"
+        );
+        assert_eq!(
+            frames.last().unwrap().function.as_deref(),
+            Some(SKIPPED_FRAME)
+        );
+        let reports: Vec<_> = frames
+            .iter()
+            .map(crate::report::FrameReport::from)
+            .collect();
+        assert_eq!(crate::report::place(&reports), SKIPPED_FRAME);
+        assert_eq!(tracer.intern(&record(true)), skipped, "found again by ip");
+        assert_eq!(
+            tracer.stacks.get(unread).len(),
+            1,
+            "{:?}",
+            tracer.stacks.get(unread)
+        );
     }
 
     #[test]
