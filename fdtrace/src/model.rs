@@ -874,6 +874,41 @@ pub const MAX_EXITED_BYTES: usize = 4 << 20;
 /// for its creation. The two return microseconds apart, so a second is generous.
 const RACE_WAIT_NS: u64 = 1_000_000_000;
 
+/// Events at a process's descriptor numbers waiting up to [`RACE_WAIT_NS`] for the racing
+/// event that explains them (see [`Model::displaced`]), oldest first at each number.
+#[derive(Debug, Default)]
+struct Waiting(HashMap<(Pid, i32), Vec<u64>>);
+
+impl Waiting {
+    fn add(&mut self, key: (Pid, i32), ts: u64) {
+        self.0.entry(key).or_default().push(ts);
+    }
+
+    /// Takes the oldest event waiting at `key`; false when none was.
+    fn take(&mut self, key: (Pid, i32)) -> bool {
+        let Some(times) = self.0.get_mut(&key) else {
+            return false;
+        };
+        times.remove(0);
+        if times.is_empty() {
+            self.0.remove(&key);
+        }
+        true
+    }
+
+    /// Forgets the events that waited in vain by `now`; returns how many.
+    fn expire(&mut self, now: u64) -> u64 {
+        let mut expired = 0;
+        self.0.retain(|_, times| {
+            let before = times.len();
+            times.retain(|at| now.saturating_sub(*at) < RACE_WAIT_NS);
+            expired += (before - times.len()) as u64;
+            !times.is_empty()
+        });
+        expired
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Model {
     /// Live processes, and the last exited process of each pid until it is folded (see
@@ -916,11 +951,13 @@ pub struct Model {
     /// number inside the syscall, so another thread's creation can take the number and return
     /// first: such a close says so (`reopened`) and explains the displacement, before or
     /// after it in time order. One no close explains within [`RACE_WAIT_NS`] was a missed
-    /// close, counted as a correction.
-    displaced: HashMap<(Pid, i32), u64>,
+    /// close, counted as a correction. Several can wait at one number: two closes of it can
+    /// be in flight at once (A's close, B's creation and close, C's creation, then both
+    /// closes return).
+    displaced: Waiting,
     /// Closes that found their number taken again before the creation that took it reached
     /// the model: that creation will displace the old descriptor, and this explains it.
-    reopened_closes: HashMap<(Pid, i32), u64>,
+    reopened_closes: Waiting,
     pub first_ns: u64,
     pub last_ns: u64,
 }
@@ -1247,11 +1284,8 @@ impl Model {
             // The kernel handed out a number we believed open: its close raced with this
             // creation (see `displaced`), or was never seen.
             let key = (pid, new.fd);
-            if self.reopened_closes.remove(&key).is_none()
-                && self.displaced.insert(key, ts).is_some()
-            {
-                // Displaced twice with no close between: one close was surely missed.
-                self.corrections.reused += 1;
+            if !self.reopened_closes.take(key) {
+                self.displaced.add(key, ts);
             }
         }
     }
@@ -1295,15 +1329,15 @@ impl Model {
             // Whatever the table holds at this number is the creation's that took it (which
             // displaced this close's descriptor already) or this close's own (which that
             // creation will displace): either way it is not to be removed here.
-            if self.displaced.remove(&key).is_none() {
-                self.reopened_closes.insert(key, ts);
+            if !self.displaced.take(key) {
+                self.reopened_closes.add(key, ts);
             }
             return;
         }
         if !self.close(pid, ts, fd) {
             // Nothing to close: this close's descriptor was displaced by a creation (whose own
             // descriptor was closed in between), and this explains it.
-            self.displaced.remove(&key);
+            self.displaced.take(key);
         }
     }
 
@@ -1893,14 +1927,10 @@ impl Model {
     }
 
     fn tick(&mut self, ts: u64) {
-        let before = self.displaced.len();
-        self.displaced
-            .retain(|_, at| ts.saturating_sub(*at) < RACE_WAIT_NS);
-        self.corrections.reused += (before - self.displaced.len()) as u64;
+        self.corrections.reused += self.displaced.expire(ts);
         // A reopened close whose creation displaced nothing (the number was a dup2 target, or
         // the creation was lost) explains nothing.
-        self.reopened_closes
-            .retain(|_, at| ts.saturating_sub(*at) < RACE_WAIT_NS);
+        self.reopened_closes.expire(ts);
         let counts: Vec<(Pid, u64)> = self
             .processes
             .values()

@@ -562,6 +562,31 @@ fn a_close_racing_with_a_creation_of_its_number_keeps_the_new_descriptor() {
     assert_eq!(m.corrections.reused, 0, "both orders are exact");
 }
 
+/// Two closes of 5 in flight at once: A closes 5, B opens 5 and closes it, C opens 5, and only
+/// then do A's and B's closes return (both see the slot taken by C's). Each creation displaced
+/// a descriptor whose close was coming: nothing was missed. (6.12 under emulation returns
+/// closes this late about one time in ten; the model once counted the second displacement
+/// as a missed close.)
+#[test]
+fn two_closes_of_one_number_in_flight_at_once_are_no_correction() {
+    let mut m = attached(64);
+    open(&mut m, P, 2 * MS, 5, 7, false);
+    open(&mut m, P, 3 * MS, 5, 9, false);
+    open(&mut m, P, 4 * MS, 5, 11, false);
+    close(&mut m, 5 * MS, 5, true);
+    close(&mut m, 5 * MS + 1, 5, true);
+    m.apply(&Event::Tick { ts: 5_000 * MS });
+    assert_eq!(m.corrections.reused, 0, "both displacements were explained");
+    assert_eq!(site_open(&m, P, 11), 1, "C's descriptor survives");
+    assert_eq!((site_open(&m, P, 7), site_open(&m, P, 9)), (0, 0));
+    assert_eq!(m.open_count(P), 3, "the table's two first, and 5");
+    // Nothing is left waiting to explain a later displacement: a creation of 5 over C's, whose
+    // close never comes, is still a correction.
+    open(&mut m, P, 5_001 * MS, 5, 13, false);
+    m.apply(&Event::Tick { ts: 7_000 * MS });
+    assert_eq!(m.corrections.reused, 1);
+}
+
 #[test]
 fn a_displaced_descriptor_whose_close_never_comes_is_a_correction() {
     let mut m = attached(64);
