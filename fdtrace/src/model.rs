@@ -1951,6 +1951,11 @@ impl Model {
         }
     }
 
+    /// The time the last tick carried (0 before the first).
+    pub fn last_tick_ns(&self) -> u64 {
+        self.ticks.back().copied().unwrap_or(0)
+    }
+
     /// Seconds until `pid` reaches its soft limit at its current growth, if it is growing.
     pub fn forecast_secs(&self, pid: Pid) -> Option<f64> {
         let p = self.processes.get(&pid)?;
