@@ -996,17 +996,7 @@ mod tests {
     }
 
     fn frame(name: &str, lang: Lang) -> Frame {
-        Frame {
-            function: Some(name.into()),
-            file: None,
-            path: None,
-            line: None,
-            module: None,
-            addr: 0,
-            offset: 0,
-            lang,
-            inlined: false,
-        }
+        Frame::named(name, lang)
     }
 
     #[test]

@@ -492,17 +492,7 @@ impl Tracer {
             .symbolize_with(frames, &|module| unwinder.open_path(module));
         let mut symbolized = python::merge(native, self.python.resolve(pid, &rec.py));
         if skipped {
-            symbolized.push(Frame {
-                function: Some(SKIPPED_FRAME.to_string()),
-                file: None,
-                path: None,
-                line: None,
-                module: None,
-                addr: 0,
-                offset: 0,
-                lang: Lang::Native,
-                inlined: false,
-            });
+            symbolized.push(Frame::named(SKIPPED_FRAME, Lang::Native));
         }
         // In a Python stack the interpreter's own native frames change as CPython specialises
         // a call site; the Python frames and the rest say where the descriptor came from.

@@ -73,6 +73,24 @@ pub struct Frame {
     pub inlined: bool,
 }
 
+impl Frame {
+    /// A frame known by its name alone, placed nowhere: one fdtrace makes up (see
+    /// `tracer::SKIPPED_FRAME`).
+    pub fn named(function: &str, lang: Lang) -> Self {
+        Self {
+            function: Some(function.to_string()),
+            file: None,
+            path: None,
+            line: None,
+            module: None,
+            addr: 0,
+            offset: 0,
+            lang,
+            inlined: false,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Lang {
