@@ -84,9 +84,10 @@ pub struct Tracer {
     /// (an unrolled loop's several calls on one line) are one call site.
     by_location: HashMap<Vec<Location>, StackId>,
     pub stacks: Stacks,
-    /// Stack ids of captures without stack bytes (`--stack-bytes 0`, or a stack the probe could
-    /// not read), by process and instruction pointer: the ip is all there is to unwind, and
-    /// unwinding it for every record made those records the slowest to ingest.
+    /// Stack ids of captures without stack bytes (`--stack-bytes 0`, a stack the probe could
+    /// not read, or one it skipped under load), by process, instruction pointer and whether
+    /// skipped (which adds [`SKIPPED_FRAME`]): the ip is all there is to unwind, and unwinding
+    /// it for every record made those records the slowest to ingest.
     by_ip: HashMap<(u32, u64, bool), StackId>,
     /// Memos for the probe to recognize call sites by, since the session last took them.
     pub kernel_memos: Vec<(MemoKey, Memo)>,
